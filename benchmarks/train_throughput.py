@@ -1,0 +1,79 @@
+"""Training throughput of one depth: tok/s, MFU, step time, peak memory. Random tokens, gpt2 preset by default.
+
+Runs nanoray's trainer through Ray Train with one GPU worker, or with --bare the same loop in this
+process without Ray, so Ray's overhead is the difference. The first report window (torch.compile
+and warm-up) is excluded; the figure is tokens / time over the remaining windows.
+
+    python benchmarks/train_throughput.py --depth 12 --steps 25
+    python benchmarks/train_throughput.py --depth 20 --steps 12 --log-every 3 --bare
+
+Last line: one JSON object with depth, tok_per_s, mfu, step_s, peak_mem_gb, gpu, torch.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from nanoray.data import DataSpec  # noqa: E402
+from nanoray.dial import plan  # noqa: E402
+from nanoray.hardware import device_name  # noqa: E402
+from nanoray.train import LocalSession, MetricsLog, TrainConfig, fit, train  # noqa: E402
+
+
+def steady_state(history: list[dict], skip_windows: int) -> dict:
+    windows = history[skip_windows:]
+    steps = sum(m["window_steps"] for m in windows)
+    seconds = sum(m["step_s"] * m["window_steps"] for m in windows)
+    tokens = steps * (history[0]["tokens"] // history[0]["step"])
+    tok_per_s = tokens / seconds
+    mfu = windows[-1]["mfu"] / windows[-1]["tok_per_s"] * tok_per_s
+    return dict(tok_per_s=round(tok_per_s), mfu=round(mfu, 4), step_s=round(seconds / steps, 4),
+                measured_steps=steps, peak_mem_gb=round(max(m["peak_mem_gb"] for m in history), 2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--steps", type=int, default=25, help="optimizer steps in total, warm-up window included")
+    p.add_argument("--log-every", type=int, default=5, help="steps per timing window")
+    p.add_argument("--skip-windows", type=int, default=1, help="leading windows left out (compile, warm-up)")
+    p.add_argument("--preset", default="gpt2", help="model family (tiny: a CPU smoke run)")
+    p.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-step (default: the dial's)")
+    p.add_argument("--bare", action="store_true", help="run the loop in this process, without Ray")
+    args = p.parse_args()
+    assert args.steps > args.log_every * args.skip_windows, "--steps must leave at least one measured window"
+
+    run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size)
+    config = TrainConfig(plan=run, data=DataSpec(kind="random"), max_steps=args.steps, log_every=args.log_every,
+                         eval_every=0, eval_batches=1, checkpoint_at_end=False)
+    if args.bare:
+        session = LocalSession("cuda" if torch.cuda.is_available() else "cpu", verbose=True)
+        train(config, session)
+        history = session.history
+    else:
+        import ray
+
+        ray.init(log_to_driver=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            log = os.path.join(tmp, "metrics.jsonl")
+            fit(config, name="train-throughput", storage_path=tmp, use_gpu=torch.cuda.is_available(),
+                cpus_per_worker=4 if torch.cuda.is_available() else 1, callbacks=[MetricsLog(log)])
+            history = [json.loads(line) for line in open(log)]
+        ray.shutdown()
+    result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", **steady_state(history, args.skip_windows),
+                  device_batch_size=run.device_batch_size, grad_accum=run.grad_accum,
+                  total_batch_tokens=run.total_batch_tokens, flops_per_token=run.flops_per_token,
+                  gpu=device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu",
+                  torch=torch.__version__)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""The depth dial: one integer in, a whole compute-optimal training run out.
+
+`plan(depth, preset, horizon)` derives width, heads, parameter counts, FLOPs per token, total batch,
+grad accumulation, learning rates, weight decay, schedule lengths, the training horizon and an
+estimate of GPU-hours and cost. Every other stage reads the RunPlan; nothing re-derives these.
+The formulas are nanochat's (reference/nanochat-facts.md §1): the gpt2 preset reproduces its depth
+table exactly.
+
+    python -m nanoray.dial --depth 12                     # the table
+    python -m nanoray.dial --depth 20 --preset gpt2 --json
+    python -m nanoray.dial --depth 4 --preset tiny --ratio 4
+"""
+
+import argparse
+import json
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanoray.hardware import peak_flops
+
+DEFAULT_RATIO = 12.0  # tokens : scaling params of a compute-optimal run (nanochat, Mar 2026)
+BATCH_EXPONENT = 0.383  # B_opt ∝ D^0.383 (Power Lines)
+WIDTH_REF = 768  # AdamW embedding-like LRs scale as (D / 768)^-0.5
+BASE_LR = dict(embedding=0.3, unembedding=0.008, matrix=0.02, scalar=0.5)
+BASE_WEIGHT_DECAY = 0.28  # Muon λ at the reference depth
+WARMDOWN_RATIO = 0.65
+FINAL_LR_FRAC = 0.05
+SHORT_WINDOW_ROUND = 128  # an S layer sees ceil(T/4) tokens, rounded up to a multiple of this
+VOCAB_PAD = 64  # embedding and lm_head rows are padded to a multiple of this
+
+
+class PlanError(ValueError):
+    """Bad input to the dial; the message names the field and the allowed values."""
+
+
+class Preset(BaseModel):
+    """What the dial does not set: the constants of a model family."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str = Field(description="preset name")
+    vocab_size: int = Field(description="tokenizer vocabulary, special tokens included")
+    seq_len: int = Field(description="tokens per training row (context length)")
+    aspect_ratio: int = Field(description="width = aspect_ratio x depth, rounded up to head_dim")
+    head_dim: int = Field(description="channels per attention head")
+    device_batch_size: int = Field(description="rows per worker per micro-step (halved from d20, quartered from d28)")
+    window_pattern: str = Field(description="per-layer attention window, tiled: L = full context, S = quarter")
+    ref_depth: int = Field(description="depth at which the total batch is ref_batch_tokens")
+    ref_batch_tokens: int = Field(description="total batch (tokens) at ref_depth; LRs scale by sqrt(B / this)")
+    warmup_steps: int = Field(description="linear LR warmup steps")
+
+
+PRESETS = {
+    # nanochat's constants. Window pattern L (not nanochat's SSSL): PyTorch's fused SDPA kernels have
+    # no sliding window, so S layers would need an explicit mask and lose the flash path (DESIGN.md).
+    "gpt2": Preset(name="gpt2", vocab_size=32768, seq_len=2048, aspect_ratio=64, head_dim=128,
+                   device_batch_size=32, window_pattern="L", ref_depth=12, ref_batch_tokens=2**19,
+                   warmup_steps=40),
+    # A laptop-sized family: d2-d6 train in minutes on CPU cores.
+    "tiny": Preset(name="tiny", vocab_size=4096, seq_len=256, aspect_ratio=32, head_dim=32,
+                   device_batch_size=16, window_pattern="L", ref_depth=4, ref_batch_tokens=2**13,
+                   warmup_steps=10),
+}
+
+
+class Horizon(BaseModel):
+    """How long to train. Precedence: iterations, then flops, then ratio."""
+
+    model_config = ConfigDict(frozen=True)
+    ratio: float = Field(DEFAULT_RATIO, description="tokens = ratio x scaling params")
+    flops: float | None = Field(None, description="fixed training FLOPs budget (isoFLOP grids)")
+    iterations: int | None = Field(None, description="explicit number of optimizer steps")
+
+    @property
+    def mode(self) -> str:
+        return "iterations" if self.iterations is not None else "flops" if self.flops is not None else "ratio"
+
+
+class CostModel(BaseModel):
+    """Assumptions behind the GPU-hour and dollar estimate."""
+
+    model_config = ConfigDict(frozen=True)
+    gpu: str = Field("H100", description="accelerator whose bf16 peak the estimate uses")
+    mfu: float = Field(0.5, description="assumed model FLOPs utilization")
+    usd_per_gpu_hour: float = Field(2.5, description="price of one GPU-hour")
+
+
+class RunPlan(BaseModel):
+    """Everything a training run needs, derived from (depth, preset, horizon, workers)."""
+
+    model_config = ConfigDict(frozen=True)
+    depth: int
+    preset: str
+    # shapes
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+    seq_len: int
+    window_pattern: str
+    windows: tuple[int, ...] = Field(description="attention window of each layer, in tokens")
+    # accounting
+    total_params: int
+    scaling_params: int = Field(description="transformer matrices + lm_head: the N of tokens = r x N")
+    matmul_params: int
+    flops_per_token: int
+    # horizon and batch
+    horizon_mode: str
+    target_tokens: float = Field(description="tokens the batch and weight-decay rules assume (ratio x N, or FLOPs / F)")
+    total_batch_tokens: int
+    iterations: int
+    tokens: int
+    total_flops: float
+    tokens_per_param: float
+    num_workers: int
+    device_batch_size: int
+    grad_accum: int
+    # optimization
+    batch_lr_scale: float
+    width_lr_scale: float
+    matrix_lr: float
+    embedding_lr: float
+    unembedding_lr: float
+    scalar_lr: float
+    weight_decay: float
+    warmup_steps: int
+    warmdown_steps: int
+    final_lr_frac: float
+    # cost
+    gpu: str
+    assumed_mfu: float
+    gpu_hours: float
+    cost_usd: float
+
+    def model_kwargs(self) -> dict:
+        """The fields that define the network (nanoray.model.ModelConfig)."""
+        return dict(vocab_size=self.vocab_size, seq_len=self.seq_len, n_layer=self.n_layer,
+                    n_embd=self.n_embd, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                    head_dim=self.head_dim, window_pattern=self.window_pattern)
+
+    def table(self) -> str:
+        rows = [
+            ("depth / preset", f"d{self.depth} / {self.preset}"),
+            ("width, heads, head dim", f"{self.n_embd}, {self.n_head}, {self.head_dim}"),
+            ("vocab, seq len, windows", f"{self.vocab_size}, {self.seq_len}, {self.window_pattern}"),
+            ("params total / scaling", f"{self.total_params / 1e6:,.1f}M / {self.scaling_params / 1e6:,.1f}M"),
+            ("FLOPs per token", f"{self.flops_per_token:.3e}"),
+            ("horizon", f"{self.horizon_mode}: {self.tokens / 1e9:.3f}B tokens ({self.tokens_per_param:.1f} per param)"),
+            ("total batch (tokens)", f"{self.total_batch_tokens:,} = 2^{math.log2(self.total_batch_tokens):g}"),
+            ("iterations", f"{self.iterations:,}"),
+            ("workers x device batch x accum", f"{self.num_workers} x {self.device_batch_size} x {self.grad_accum}"),
+            ("LR matrix / emb / unemb / scalar",
+             f"{self.matrix_lr:.4g} / {self.embedding_lr:.4g} / {self.unembedding_lr:.4g} / {self.scalar_lr:.4g}"),
+            ("Muon weight decay", f"{self.weight_decay:.4f}"),
+            ("warmup / warmdown steps", f"{self.warmup_steps} / {self.warmdown_steps}"),
+            ("training FLOPs", f"{self.total_flops:.3e}"),
+            (f"GPU-hours ({self.gpu} @ {self.assumed_mfu:.0%} MFU)", f"{self.gpu_hours:,.2f}"),
+            ("cost", f"${self.cost_usd:,.2f}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise PlanError(f"preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def layer_windows(n_layer: int, seq_len: int, pattern: str) -> tuple[int, ...]:
+    """Window of each layer: the pattern tiled over layers, last layer always full context."""
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise PlanError(f"window_pattern: must be a non-empty string of S and L, got {pattern!r}")
+    short = -(-seq_len // 4 // SHORT_WINDOW_ROUND) * SHORT_WINDOW_ROUND
+    windows = [seq_len if pattern[i % len(pattern)] == "L" else min(short, seq_len) for i in range(n_layer)]
+    windows[-1] = seq_len
+    return tuple(windows)
+
+
+def value_embedding_layers(n_layer: int) -> list[int]:
+    """Layers with a value embedding: every other one, always including the last."""
+    return [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_PAD) * VOCAB_PAD
+
+
+def param_counts(n_layer: int, n_embd: int, n_head: int, vocab_size: int) -> dict[str, int]:
+    """nanochat's parameter groups (facts §1.2); n_kv_head = n_head."""
+    v = padded_vocab(vocab_size)
+    n_ve = len(value_embedding_layers(n_layer))
+    counts = dict(
+        wte=v * n_embd,
+        value_embeds=n_ve * v * n_embd,
+        lm_head=v * n_embd,
+        transformer_matrices=12 * n_layer * n_embd**2 + 12 * n_head * n_ve,
+        scalars=2 * n_layer + 26,
+    )
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def shape(depth: int, preset: Preset) -> tuple[int, int]:
+    """(width, heads): aspect_ratio x depth rounded up to a multiple of the head dim."""
+    width = -(-preset.aspect_ratio * depth // preset.head_dim) * preset.head_dim
+    return width, width // preset.head_dim
+
+
+def scaling_params(depth: int, preset: Preset) -> int:
+    width, heads = shape(depth, preset)
+    counts = param_counts(depth, width, heads, preset.vocab_size)
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def plan(
+    depth: int,
+    preset: str | Preset = "gpt2",
+    horizon: Horizon | None = None,
+    num_workers: int = 1,
+    device_batch_size: int | None = None,
+    total_batch_tokens: int | None = None,
+    cost: CostModel | None = None,
+) -> RunPlan:
+    """Derive the whole run from `depth`. Raises PlanError naming the offending field."""
+    horizon = horizon or Horizon()
+    cost = cost or CostModel()
+    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise PlanError(f"depth: must be an integer >= 1, got {depth!r}")
+    if not horizon.ratio > 0:
+        raise PlanError(f"horizon.ratio: must be > 0, got {horizon.ratio}")
+    if horizon.flops is not None and not horizon.flops > 0:
+        raise PlanError(f"horizon.flops: must be > 0, got {horizon.flops}")
+    if horizon.iterations is not None and horizon.iterations < 1:
+        raise PlanError(f"horizon.iterations: must be >= 1, got {horizon.iterations}")
+    if num_workers < 1:
+        raise PlanError(f"num_workers: must be >= 1, got {num_workers}")
+    if not 0 < cost.mfu <= 1:
+        raise PlanError(f"cost.mfu: must be in (0, 1], got {cost.mfu}")
+
+    n_embd, n_head = shape(depth, preset)
+    counts = param_counts(depth, n_embd, n_head, preset.vocab_size)
+    n_scaling = counts["transformer_matrices"] + counts["lm_head"]
+    n_matmul = n_scaling + 24  # + the smear gate, a 24 -> 1 linear
+    windows = layer_windows(depth, preset.seq_len, preset.window_pattern)
+    flops_per_token = 6 * n_matmul + 12 * n_embd * sum(windows)
+
+    # Target tokens of the horizon, and of the reference depth at the same horizon, for the batch rule.
+    n_ref = scaling_params(preset.ref_depth, preset)
+    if horizon.mode == "ratio":
+        target, ref_target = horizon.ratio * n_scaling, horizon.ratio * n_ref
+    elif horizon.mode == "flops":
+        target, ref_target = horizon.flops / flops_per_token, DEFAULT_RATIO * n_ref
+    else:
+        target, ref_target = DEFAULT_RATIO * n_scaling, DEFAULT_RATIO * n_ref
+    if total_batch_tokens is None:
+        exponent = math.log2(preset.ref_batch_tokens * (target / ref_target) ** BATCH_EXPONENT)
+        total_batch_tokens = 2 ** round(exponent)
+    elif total_batch_tokens < 1:
+        raise PlanError(f"total_batch_tokens: must be >= 1, got {total_batch_tokens}")
+
+    if horizon.mode == "iterations":
+        iterations = horizon.iterations
+    elif horizon.mode == "flops":
+        iterations = round(horizon.flops / (flops_per_token * total_batch_tokens))
+    else:
+        iterations = int(target) // total_batch_tokens
+    if iterations < 1:
+        raise PlanError(f"horizon.{horizon.mode}: gives 0 iterations at depth {depth} "
+                        f"(one step is {total_batch_tokens:,} tokens = {flops_per_token * total_batch_tokens:.3e} FLOPs)")
+
+    # Device batch: halve from d20 and again from d28 (activation memory), then until one micro-step
+    # across all workers fits in the total batch.
+    if device_batch_size is None:
+        device_batch_size = preset.device_batch_size // (1 if depth < 20 else 2 if depth < 28 else 4)
+        while device_batch_size > 1 and device_batch_size * preset.seq_len * num_workers > total_batch_tokens:
+            device_batch_size //= 2
+    elif device_batch_size < 1:
+        raise PlanError(f"device_batch_size: must be >= 1, got {device_batch_size}")
+    micro_tokens = device_batch_size * preset.seq_len * num_workers
+    if total_batch_tokens % micro_tokens:
+        raise PlanError(
+            f"total_batch_tokens: {total_batch_tokens:,} is not divisible by device_batch_size x seq_len x "
+            f"num_workers = {device_batch_size} x {preset.seq_len} x {num_workers} = {micro_tokens:,}")
+
+    batch_scale = math.sqrt(total_batch_tokens / preset.ref_batch_tokens)
+    width_scale = (n_embd / WIDTH_REF) ** -0.5
+    tokens = iterations * total_batch_tokens
+    total_flops = float(flops_per_token) * tokens
+    gpu_hours = total_flops / (cost.mfu * peak_flops(cost.gpu)) / 3600
+    return RunPlan(
+        depth=depth, preset=preset.name, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+        head_dim=preset.head_dim, vocab_size=preset.vocab_size, padded_vocab_size=padded_vocab(preset.vocab_size),
+        seq_len=preset.seq_len, window_pattern=preset.window_pattern, windows=windows,
+        total_params=counts["total"], scaling_params=n_scaling, matmul_params=n_matmul,
+        flops_per_token=flops_per_token, horizon_mode=horizon.mode, target_tokens=target,
+        total_batch_tokens=total_batch_tokens, iterations=iterations, tokens=tokens, total_flops=total_flops,
+        tokens_per_param=tokens / n_scaling, num_workers=num_workers, device_batch_size=device_batch_size,
+        grad_accum=total_batch_tokens // micro_tokens, batch_lr_scale=batch_scale, width_lr_scale=width_scale,
+        matrix_lr=BASE_LR["matrix"] * batch_scale,
+        embedding_lr=BASE_LR["embedding"] * batch_scale * width_scale,
+        unembedding_lr=BASE_LR["unembedding"] * batch_scale * width_scale,
+        scalar_lr=BASE_LR["scalar"] * batch_scale,
+        weight_decay=BASE_WEIGHT_DECAY * batch_scale * ref_target / target,
+        warmup_steps=preset.warmup_steps, warmdown_steps=round(WARMDOWN_RATIO * iterations),
+        final_lr_frac=FINAL_LR_FRAC, gpu=cost.gpu, assumed_mfu=cost.mfu, gpu_hours=gpu_hours,
+        cost_usd=gpu_hours * cost.usd_per_gpu_hour,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanoray.dial", description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, required=True, help="number of transformer layers")
+    p.add_argument("--preset", default="gpt2", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="tokens : scaling params")
+    p.add_argument("--flops", type=float, default=None, help="fixed FLOPs budget (overrides --ratio)")
+    p.add_argument("--iterations", type=int, default=None, help="explicit steps (overrides --flops, --ratio)")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers (GPUs)")
+    p.add_argument("--device-batch-size", type=int, default=None, help="rows per worker per micro-step")
+    p.add_argument("--gpu", default="H100", help="GPU of the cost estimate")
+    p.add_argument("--mfu", type=float, default=0.5, help="assumed MFU of the cost estimate")
+    p.add_argument("--usd-per-gpu-hour", type=float, default=2.5, help="price of one GPU-hour")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    try:
+        run = plan(args.depth, args.preset, Horizon(ratio=args.ratio, flops=args.flops, iterations=args.iterations),
+                   num_workers=args.workers, device_batch_size=args.device_batch_size,
+                   cost=CostModel(gpu=args.gpu, mfu=args.mfu, usd_per_gpu_hour=args.usd_per_gpu_hour))
+    except PlanError as e:
+        p.error(str(e))
+    print(json.dumps(run.model_dump()) if args.json else run.table())
+
+
+if __name__ == "__main__":
+    main()

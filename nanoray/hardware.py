@@ -1,0 +1,40 @@
+"""Accelerator peaks: the denominators of MFU and of the dial's GPU-hour estimate.
+
+Dense bf16 matmul peaks (no sparsity) from the vendors' datasheets, keyed by a substring of
+`torch.cuda.get_device_name()`. More specific names come first (an "H100 PCIe" must not match "H100").
+"""
+
+import torch
+
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200 NVL": 836e12,
+    "H200": 989e12,
+    "B200": 2.25e15,
+    "GB200": 2.5e15,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "4090": 165.2e12,
+    "MI300X": 1.3074e15,
+}
+
+
+def peak_flops(name: str) -> float:
+    """Peak bf16 FLOP/s of the device called `name`; inf when unknown (so MFU reads 0, never a guess)."""
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return float("inf")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that do it natively (SM >= 80), fp32 everywhere else."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,270 @@
+"""The GPT: nanochat's modern architecture (reference/nanochat-facts.md §2), written for torch.compile.
+
+Token embedding -> RMSNorm -> smear (bigram gate) -> L blocks with learned residual/x0 mixing
+-> backout -> RMSNorm -> untied lm_head -> softcap 15 -> cross-entropy. Blocks are pre-norm,
+bias-free and norm-parameter-free: attention with rotary (base 100k), QK-norm (x1.2), value
+embeddings on every other layer, and a ReLU² MLP. Attention runs through PyTorch's fused SDPA.
+
+Dtypes: parameters stay fp32 (the master weights); on a bf16-capable GPU activations are bf16 and
+each Linear casts its weight on the fly; logits and the loss are fp32. On CPU everything is fp32.
+
+Shape legend: B batch, T time (sequence), D model width, H heads, K kv heads, C head dim, V vocab.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from nanoray.dial import layer_windows, padded_vocab, value_embedding_layers
+from nanoray.hardware import compute_dtype
+
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the normed embedding
+VE_GATE_CHANNELS = 12  # value-embedding gates read the first 12 channels of the block input
+SOFTCAP = 15.0
+ROPE_BASE = 100_000
+QK_GAIN = 1.2  # "sharper attention" after QK-norm
+
+
+class ModelConfig(BaseModel):
+    """The network's shape; built from a RunPlan with `ModelConfig(**plan.model_kwargs())`."""
+
+    model_config = ConfigDict(frozen=True)
+    vocab_size: int
+    seq_len: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    window_pattern: str = "L"
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return layer_windows(self.n_layer, self.seq_len, self.window_pattern)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Linear(nn.Linear):
+    """Bias-free Linear whose fp32 master weight is cast to the activation dtype in forward."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary(x_BTHC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; cos/sin are (1, T, 1, C/2)."""
+    x1, x2 = x_BTHC.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for decoding, plus the last normed embedding (for the smear)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.prev_emb: torch.Tensor | None = None
+        self.pos = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, has_value_embedding: bool):
+        super().__init__()
+        self.layer, self.window = layer, config.windows[layer]
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = Linear(config.n_embd, config.n_head * config.head_dim)
+        self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim)
+        self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
+        self.c_proj = Linear(config.n_head * config.head_dim, config.n_embd)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embedding else None
+
+    def forward(self, x_BTD, ve_BTKC, cos, sin, cache: KVCache | None):
+        B, T, _ = x_BTD.shape
+        q = self.c_q(x_BTD).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x_BTD).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x_BTD).view(B, T, self.n_kv_head, self.head_dim)
+        if self.ve_gate is not None:  # ResFormer value embedding, gated per kv head in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x_BTD[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve_BTKC
+        q = norm(apply_rotary(q, cos, sin)) * QK_GAIN
+        k = norm(apply_rotary(k, cos, sin)) * QK_GAIN
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, C) for SDPA
+        gqa = self.n_head != self.n_kv_head
+        if cache is None:
+            if self.window >= T:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, 0, self.window, q.device),
+                                                   enable_gqa=gqa)
+        else:
+            start, end = cache.pos, cache.pos + T
+            cache.k[self.layer, :, :, start:end] = k
+            cache.v[self.layer, :, :, start:end] = v
+            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            if T == 1 and self.window >= end:  # one new token that sees the whole cache: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, end, start, self.window, q.device),
+                                                   enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def window_mask(n_query: int, n_key: int, offset: int, window: int, device) -> torch.Tensor:
+    """Boolean (n_query, n_key) mask: query i (at position offset + i) sees keys in (pos - window, pos]."""
+    pos = torch.arange(n_query, device=device)[:, None] + offset
+    key = torch.arange(n_key, device=device)[None, :]
+    return (key <= pos) & (key > pos - window)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, has_value_embedding: bool):
+        super().__init__()
+        self.attn = Attention(config, layer, has_value_embedding)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, cache):
+        x = x + self.attn(norm(x), ve, cos, sin, cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        L, D, V = config.n_layer, config.n_embd, padded_vocab(config.vocab_size)
+        kv_dim = config.n_kv_head * config.head_dim
+        self.ve_layers = value_embedding_layers(L)
+        self.wte = nn.Embedding(V, D)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in self.ve_layers})
+        self.blocks = nn.ModuleList(Block(config, i, i in self.ve_layers) for i in range(L))
+        self.lm_head = Linear(D, V)
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.rotary_len = 10 * config.seq_len
+        cos, sin = self._rotary(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary(self, length: int, device=None):
+        C = self.config.head_dim
+        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, C, 2, dtype=torch.float32, device=device) / C)
+        freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 42) -> "GPT":
+        """nanochat's init (facts §2). Also recomputes the rotary tables (lost on meta-device builds)."""
+        gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+        L, D = self.config.n_layer, self.config.n_embd
+        s = math.sqrt(3) / math.sqrt(D)
+        self.wte.weight.normal_(0, 0.8, generator=gen)
+        self.lm_head.weight.normal_(0, 0.001, generator=gen)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                lin.weight.uniform_(-s, s, generator=gen)
+            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s, generator=gen)
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.uniform_(0, 0.02, generator=gen)
+        for emb in self.value_embeds.values():
+            emb.weight.uniform_(-s, s, generator=gen)
+        depth_frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        self.smear_gate.weight.uniform_(0, 0.02, generator=gen)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        self.cos, self.sin = self._rotary(self.rotary_len, device=self.wte.weight.device)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_scaling_params(self) -> int:
+        """Transformer matrices + lm_head: the N of tokens = ratio x N."""
+        return sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+
+    def num_matmul_params(self) -> int:
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, Linear))
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per matmul weight + QK^T and AV over each layer's window."""
+        attn = sum(12 * self.config.n_head * self.config.head_dim * min(w, self.config.seq_len)
+                   for w in self.config.windows)
+        return 6 * self.num_matmul_params() + attn
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1)."""
+        B, T = idx_BT.shape
+        dtype = compute_dtype(idx_BT.device)
+        start = cache.pos if cache is not None else 0
+        cos = self.cos[:, start:start + T].to(dtype)
+        sin = self.sin[:, start:start + T].to(dtype)
+
+        x0 = norm(self.wte(idx_BT).to(dtype))
+        # Smear: x_t += lambda * sigmoid(w . x_t[:24]) * x_{t-1}, a cheap learned bigram.
+        gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x0[..., :SMEAR_CHANNELS]))
+        prev = x0[:, :-1]
+        if cache is not None:
+            if cache.prev_emb is not None:
+                prev = torch.cat([cache.prev_emb, prev], dim=1)
+            cache.prev_emb = x0[:, -1:]
+        if prev.size(1) == T:
+            x0 = x0 + gate * prev
+        else:  # first position of a sequence has no predecessor
+            x0 = torch.cat([x0[:, :1], x0[:, 1:] + gate[:, 1:] * prev], dim=1)
+
+        x, backout = x0, None
+        resid, x0_mix = self.resid_lambdas.to(dtype), self.x0_lambdas.to(dtype)
+        for i, block in enumerate(self.blocks):
+            x = resid[i] * x + x0_mix[i] * x0
+            ve = self.value_embeds[str(i)](idx_BT).to(dtype).view(B, T, self.config.n_kv_head, -1) \
+                if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, cache)
+            if i == self.config.n_layer // 2:
+                backout = x
+        x = norm(x - self.backout_lambda.to(dtype) * backout)
+        if cache is not None:
+            cache.pos += T
+
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets_BT is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets_BT.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return loss if loss_reduction == "mean" else loss.view(B, T)
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: int = 42) -> GPT:
+    """Build on the meta device (no wasted init), materialize on `device`, then initialize."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    return model.init_weights(seed)

@@ -1,0 +1,302 @@
+"""The trainer: one loop that runs inside Ray Train (DDP over its workers) or in a plain process.
+
+`train(config, session)` builds the model and optimizers from the RunPlan, resumes from the session's
+latest checkpoint (model, optimizer, step, data position, RNG), then runs grad-accumulated steps with
+torch.compile on GPU, a periodic val loss, and a report every `log_every` steps with step, tokens,
+FLOPs so far, train loss, tok/s and MFU. Checkpoints go through `nanoray.checkpoint`.
+
+`train_loop_per_worker` is the Ray Train entry; `fit()` wraps it in a TorchTrainer.
+
+    python -m nanoray.train --preset tiny --depth 2 --steps 20 --workers 2      # CPU, gloo DDP
+    python -m nanoray.train --depth 12 --steps 100 --gpu                        # one GPU worker
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanoray.checkpoint import load_checkpoint, save_checkpoint
+from nanoray.data import DataSpec, SyntheticTokens, WorkerBatches
+from nanoray.dial import Horizon, RunPlan, plan
+from nanoray.hardware import device_name, peak_flops
+from nanoray.model import ModelConfig, build_model
+from nanoray.optim import apply_schedule, build_optimizers
+
+
+class TrainConfig(BaseModel):
+    """What a training run needs besides the plan."""
+
+    model_config = ConfigDict(frozen=True)
+    plan: RunPlan
+    data: DataSpec = DataSpec()
+    max_steps: int | None = Field(None, description="stop after this many steps (default: plan.iterations)")
+    log_every: int = Field(10, description="report metrics every N steps")
+    eval_every: int = Field(250, description="val loss every N steps, and at the end (0: only at the end)")
+    eval_batches: int = Field(4, description="val micro-batches per worker per evaluation")
+    checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
+    checkpoint_at_end: bool = Field(True, description="checkpoint after the last step")
+    compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
+    seed: int = Field(42, description="model init and RNG seed")
+
+
+class Session:
+    """Where the loop runs. Subclasses say who this worker is and where reports and checkpoints go."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield None
+
+
+class RaySession(Session):
+    """Inside a Ray Train worker: DDP through ray.train.torch, reports and checkpoints through ray.train."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False,
+                                             parallel_strategy_kwargs=dict(gradient_as_bucket_view=True))
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{metrics['step']:06d}"
+                         if checkpoint else None)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+        else:
+            with checkpoint.as_directory() as path:
+                yield path
+
+
+class LocalSession(Session):
+    """A single plain process: metrics kept in `history`, checkpoints copied under `out_dir`."""
+
+    def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None,
+                 verbose: bool = True):
+        self.device, self.out_dir, self.resume_from, self.verbose = torch.device(device), out_dir, resume_from, verbose
+        self.history: list[dict] = []
+        self.checkpoints: list[str] = []
+
+    def report(self, metrics, checkpoint_dir):
+        self.history.append(metrics)
+        if self.verbose:
+            print(json.dumps(metrics), flush=True)
+        if checkpoint_dir and self.out_dir:
+            dest = Path(self.out_dir) / f"step_{metrics['step']:06d}"
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            self.checkpoints.append(str(dest))
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield self.resume_from
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: WorkerBatches, num_batches: int) -> float:
+    """Mean loss (nats/token) over `num_batches` micro-batches per worker, averaged across workers."""
+    total = torch.zeros((), device=batches.device)
+    for _ in range(num_batches):
+        x, y = next(batches)
+        total += model(x, y).float()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item() / num_batches
+
+
+def train(config: TrainConfig, session: Session) -> dict:
+    """Run (or resume) training; returns the last reported metrics."""
+    plan, device = config.plan, session.device
+    end_step = min(config.max_steps or plan.iterations, plan.iterations)
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    model = build_model(ModelConfig(**plan.model_kwargs()), device=device, seed=config.seed)
+    optimizers = build_optimizers(model, plan, compile=use_compile)
+
+    step, position, train_time, val_loss = 0, 0, 0.0, float("nan")
+    with session.latest_checkpoint() as path:
+        if path is not None:
+            meta = load_checkpoint(path, model, optimizers, restore_rng=True)
+            if meta["plan"]["depth"] != plan.depth:
+                raise ValueError(f"{path}: checkpoint of d{meta['plan']['depth']}, this run is d{plan.depth}")
+            step, position = meta["step"], meta["data"]["position"]
+            train_time, val_loss = meta["loop"]["train_time_s"], meta["loop"]["val_loss"]
+
+    wrapped = session.wrap(model)
+    forward = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
+    is_ddp = wrapped is not model
+    source = dict(vocab_size=plan.vocab_size, seq_len=plan.seq_len, kind=config.data.kind, seed=config.data.seed)
+    batches = WorkerBatches(SyntheticTokens(**source, split="train"), plan.device_batch_size,
+                            session.rank, session.world_size, device, position)
+
+    def validate() -> float:
+        val = WorkerBatches(SyntheticTokens(**source, split="val"), plan.device_batch_size,
+                            session.rank, session.world_size, device)
+        return evaluate_loss(forward, val, config.eval_batches)
+
+    peak = peak_flops(device_name(device)) * session.world_size
+    tokens_per_step = plan.total_batch_tokens
+    loss_sum, window_steps, excluded = torch.zeros((), device=device), 0, 0.0
+    window_start = time.perf_counter()
+    metrics: dict = {}
+    while step < end_step:
+        if config.eval_every and step % config.eval_every == 0:
+            t0 = time.perf_counter()
+            val_loss = validate()
+            excluded += time.perf_counter() - t0
+        for micro in range(plan.grad_accum):
+            x, y = next(batches)
+            sync = micro == plan.grad_accum - 1 or not is_ddp
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                loss = forward(x, y)
+                (loss / plan.grad_accum).backward()
+            loss_sum += loss.detach()
+        lr_mult = apply_schedule(optimizers, step, plan)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        if step == 1:  # nanochat: GC pauses cost ~500 ms; nothing cyclic is created after step 1
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+        last = step == end_step
+        save = (config.checkpoint_every and step % config.checkpoint_every == 0) or (last and config.checkpoint_at_end)
+        if not (last or save or step % config.log_every == 0):
+            continue
+        if last:
+            t0 = time.perf_counter()
+            val_loss = validate()
+            excluded += time.perf_counter() - t0
+        train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
+        now = time.perf_counter()
+        dt = now - window_start - excluded
+        train_time += dt
+        tok_per_s = window_steps * tokens_per_step / dt
+        metrics = dict(
+            step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
+            flops=float(step * tokens_per_step * plan.flops_per_token), train_loss=train_loss, val_loss=val_loss,
+            tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
+            step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
+            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+        )
+        checkpoint_dir = None
+        if save and session.rank == 0:
+            checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
+            save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
+                plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=batches.position),
+                loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss), config=config.model_dump()))
+        session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        loss_sum.zero_()
+        window_steps, excluded = 0, 0.0
+        window_start = time.perf_counter() if save else now  # a report's own cost counts, a checkpoint's does not
+    gc.enable()
+    return metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config=TrainConfig(...).model_dump())`."""
+    train(TrainConfig.model_validate(config), RaySession())
+
+
+def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False, cpus_per_worker: float = 1,
+        max_failures: int = 0, callbacks: list | None = None):
+    """Run `config` on `config.plan.num_workers` Ray Train workers; returns the ray.train.Result.
+
+    Re-running with the same (name, storage_path) resumes from that run's latest checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = dict(CPU=cpus_per_worker, GPU=1) if use_gpu else dict(CPU=cpus_per_worker)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.model_dump(),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.plan.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+class MetricsLog:
+    """A Ray Train callback that appends rank 0's metrics of every report to a JSONL file."""
+
+    def __new__(cls, path: str):
+        import ray.train
+
+        class _MetricsLog(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps(metrics[0]) + "\n")
+
+        return _MetricsLog()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanoray.train", description="Train one depth with Ray Train.")
+    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--preset", default="gpt2")
+    p.add_argument("--ratio", type=float, default=12.0)
+    p.add_argument("--steps", type=int, default=None, help="stop after N steps (default: the plan's horizon)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--data", default="markov", help="synthetic token kind: random or markov")
+    p.add_argument("--name", default=None, help="run name (default d<depth>-<preset>); same name resumes")
+    p.add_argument("--storage", default=os.path.abspath("runs/train"), help="Ray Train storage path")
+    args = p.parse_args(argv)
+    run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
+    print(run.table(), flush=True)
+    config = TrainConfig(plan=run, data=DataSpec(kind=args.data), max_steps=args.steps)
+    result = fit(config, args.name or f"d{args.depth}-{args.preset}", args.storage, use_gpu=args.gpu)
+    print(json.dumps(dict(result.metrics or {}, checkpoint=result.checkpoint and result.checkpoint.path)))
+
+
+if __name__ == "__main__":
+    main()
