@@ -143,6 +143,7 @@ def evaluate_loss(model, batches: WorkerBatches, num_batches: int) -> float:
 def train(config: TrainConfig, session: Session) -> dict:
     """Run (or resume) training; returns the last reported metrics."""
     plan, device = config.plan, session.device
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # read at the first CUDA allocation
     end_step = min(config.max_steps or plan.iterations, plan.iterations)
     torch.manual_seed(config.seed)
     if device.type == "cuda":
