@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from nanoray.checkpoint import load_checkpoint, save_checkpoint
 from nanoray.data import DataSpec, SyntheticTokens, WorkerBatches
 from nanoray.dial import Horizon, RunPlan, plan
-from nanoray.hardware import device_name, peak_flops
+from nanoray.hardware import device_name, peak_flops, prefer_cudnn_attention
 from nanoray.model import ModelConfig, build_model
 from nanoray.optim import apply_schedule, build_optimizers
 
@@ -109,7 +109,10 @@ class LocalSession(Session):
 
     def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None,
                  verbose: bool = True):
-        self.device, self.out_dir, self.resume_from, self.verbose = torch.device(device), out_dir, resume_from, verbose
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.out_dir, self.resume_from, self.verbose = device, out_dir, resume_from, verbose
         self.history: list[dict] = []
         self.checkpoints: list[str] = []
 
@@ -150,6 +153,7 @@ def train(config: TrainConfig, session: Session) -> dict:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        prefer_cudnn_attention()
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     model = build_model(ModelConfig(**plan.model_kwargs()), device=device, seed=config.seed)
     optimizers = build_optimizers(model, plan, compile=use_compile)

@@ -1,0 +1,116 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from nanoray.dial import PlanError, CostModel, Horizon, get_preset, plan
+
+# nanochat-facts §1.8 (SSSL windows, r = 12): depth -> (D, H, total M, scaling M, FLOPs/tok, log2 B, iters, λ)
+NANOCHAT_TABLE = {
+    8: (512, 4, 125.8, 41.9, 2.96e8, 18, 1920, 0.520),
+    12: (768, 6, 286.3, 110.1, 7.60e8, 19, 2520, 0.280),
+    20: (1280, 10, 896.5, 435.2, 2.89e9, 20, 4980, 0.100),
+    24: (1536, 12, 1384, 729.8, 4.78e9, 20, 8352, 0.060),
+}
+NANOCHAT = get_preset("gpt2").model_copy(update={"window_pattern": "SSSL"})
+
+
+@pytest.mark.parametrize("depth", sorted(NANOCHAT_TABLE))
+def test_reproduces_nanochat_table(depth):
+    D, H, total, scaling, flops, log2b, iters, wd = NANOCHAT_TABLE[depth]
+    p = plan(depth, NANOCHAT)
+    assert (p.n_embd, p.n_head, p.head_dim) == (D, H, 128)
+    assert p.total_params / 1e6 == pytest.approx(total, rel=2e-3)
+    assert p.scaling_params / 1e6 == pytest.approx(scaling, rel=2e-3)
+    assert p.flops_per_token == pytest.approx(flops, rel=5e-3)
+    assert p.total_batch_tokens == 2**log2b
+    assert p.iterations == iters
+    assert p.weight_decay == pytest.approx(wd, abs=6e-4)
+    assert p.tokens == iters * 2**log2b
+
+
+def test_d12_and_d20_exact_values():
+    d12 = plan(12, NANOCHAT)
+    assert d12.scaling_params == 12 * 12 * 768**2 + 12 * 6 * 6 + 32768 * 768 == 110_100_912
+    windows = 3 * 2048 + 9 * 512  # SSSL over 12 layers: layers 3, 7, 11 are L
+    assert d12.flops_per_token == 6 * (110_100_912 + 24) + 12 * 768 * windows
+    assert (d12.matrix_lr, d12.embedding_lr, d12.unembedding_lr, d12.scalar_lr) == (0.02, 0.3, 0.008, 0.5)
+    assert (d12.warmup_steps, d12.warmdown_steps) == (40, round(0.65 * 2520))
+    assert (d12.device_batch_size, d12.grad_accum) == (32, 8)
+    d20 = plan(20, NANOCHAT)
+    s_b, s_d = math.sqrt(2), (1280 / 768) ** -0.5
+    assert d20.matrix_lr == pytest.approx(0.02 * s_b)
+    assert d20.embedding_lr == pytest.approx(0.3 * s_b * s_d)
+    assert d20.unembedding_lr == pytest.approx(0.008 * s_b * s_d)
+    assert d20.weight_decay == pytest.approx(0.28 * s_b * d12.scaling_params / d20.scaling_params)
+    assert (d20.device_batch_size, d20.grad_accum) == (16, 2**20 // (16 * 2048))
+
+
+def test_default_preset_uses_full_windows():
+    p = plan(12)
+    assert p.window_pattern == "L" and set(p.windows) == {2048}
+    assert p.flops_per_token == 6 * (p.scaling_params + 24) + 12 * 768 * 12 * 2048
+
+
+def test_odd_depth_width_rounds_up_to_head_dim():
+    assert plan(25).n_embd == 1664  # 64 * 25 = 1600 -> 1664
+
+
+def test_horizon_precedence_and_modes():
+    ratio = plan(12, horizon=Horizon(ratio=20))
+    assert ratio.horizon_mode == "ratio" and ratio.iterations == int(20 * ratio.scaling_params) // ratio.total_batch_tokens
+    flops = plan(12, horizon=Horizon(ratio=20, flops=1e18))
+    assert flops.horizon_mode == "flops"
+    assert flops.iterations == round(1e18 / (flops.flops_per_token * flops.total_batch_tokens))
+    iters = plan(12, horizon=Horizon(ratio=20, flops=1e18, iterations=7))
+    assert iters.horizon_mode == "iterations" and iters.iterations == 7 and iters.tokens == 7 * 2**19
+
+
+def test_grad_accum_over_workers():
+    assert [plan(12, num_workers=w).grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    # d8 has B = 2^18: with 8 workers one micro-step of 32 rows would overshoot, so device batch halves.
+    p = plan(8, num_workers=8)
+    assert p.device_batch_size * 2048 * 8 * p.grad_accum == p.total_batch_tokens == 2**18
+
+
+def test_cost_estimate():
+    p = plan(12, cost=CostModel(gpu="H100", mfu=0.5, usd_per_gpu_hour=2.0))
+    assert p.gpu_hours == pytest.approx(p.total_flops / (0.5 * 989e12) / 3600)
+    assert p.cost_usd == pytest.approx(2.0 * p.gpu_hours)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(depth=0), "depth"),
+    (dict(depth=-3), "depth"),
+    (dict(depth=12, horizon=Horizon(ratio=0)), "horizon.ratio"),
+    (dict(depth=12, horizon=Horizon(ratio=-1)), "horizon.ratio"),
+    (dict(depth=12, horizon=Horizon(flops=-5)), "horizon.flops"),
+    (dict(depth=12, horizon=Horizon(flops=1e3)), "horizon.flops"),
+    (dict(depth=12, horizon=Horizon(iterations=0)), "horizon.iterations"),
+    (dict(depth=12, preset="gpt3"), "preset"),
+    (dict(depth=12, device_batch_size=24), "total_batch_tokens"),
+    (dict(depth=12, num_workers=3), "total_batch_tokens"),
+    (dict(depth=12, num_workers=0), "num_workers"),
+    (dict(depth=12, cost=CostModel(mfu=1.5)), "cost.mfu"),
+])
+def test_bad_input_names_the_field(kwargs, field):
+    with pytest.raises(PlanError, match=f"^{field}:"):
+        plan(**kwargs)
+
+
+def test_cli_json_and_errors():
+    out = subprocess.run([sys.executable, "-m", "nanoray.dial", "--depth", "12", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    for key in ("depth n_layer n_embd n_head vocab_size seq_len scaling_params flops_per_token total_batch_tokens "
+                "tokens iterations grad_accum matrix_lr embedding_lr unembedding_lr weight_decay gpu_hours cost_usd").split():
+        assert key in data
+    assert data["n_embd"] == 768
+    table = subprocess.run([sys.executable, "-m", "nanoray.dial", "--depth", "4", "--preset", "tiny"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "GPU-hours" in table and "d4 / tiny" in table
+    bad = subprocess.run([sys.executable, "-m", "nanoray.dial", "--depth", "12", "--preset", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "preset: unknown preset 'nope'" in bad.stderr
