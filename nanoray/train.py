@@ -168,8 +168,6 @@ def train(config: TrainConfig, session: Session) -> dict:
             train_time, val_loss = meta["loop"]["train_time_s"], meta["loop"]["val_loss"]
 
     wrapped = session.wrap(model)
-    if use_compile and os.environ.get("NANORAY_COORDINATE_DESCENT", "0") == "1":
-        torch._inductor.config.coordinate_descent_tuning = True  # experiment: tune reduction kernels
     forward = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
     is_ddp = wrapped is not model
     source = dict(vocab_size=plan.vocab_size, seq_len=plan.seq_len, kind=config.data.kind, seed=config.data.seed)

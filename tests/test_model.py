@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from nanoray.dial import get_preset, plan
+from nanoray.model import GPT, KVCache, ModelConfig, build_model, window_mask
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**dict(plan(3, "tiny").model_kwargs(), **overrides))
+
+
+def randomized(config: ModelConfig, seed: int = 0) -> GPT:
+    """A model whose zero-initialized projections and gates are perturbed, so every path carries signal."""
+    model = build_model(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_shapes_and_dtypes():
+    config = tiny_config()
+    model = build_model(config)
+    idx = torch.randint(config.vocab_size, (2, 17))
+    logits = model(idx)
+    assert logits.shape == (2, 17, config.vocab_size) and logits.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 on CPU
+    assert logits.abs().max() <= 15.0  # softcap
+    loss = model(idx, idx)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert model(idx, idx, loss_reduction="none").shape == (2, 17)
+
+
+@pytest.mark.parametrize("depth, preset", [(2, "tiny"), (5, "tiny"), (12, "gpt2"), (20, "gpt2"), (7, "gpt2")])
+def test_model_accounting_agrees_with_dial(depth, preset):
+    p = plan(depth, preset)
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**p.model_kwargs()))
+    assert model.num_scaling_params() == p.scaling_params
+    assert model.num_matmul_params() == p.matmul_params
+    assert model.flops_per_token() == p.flops_per_token
+    assert model.num_params() == p.total_params
+
+
+def test_sliding_window_flops_agree_with_dial():
+    sssl = get_preset("gpt2").model_copy(update={"window_pattern": "SSSL"})
+    p = plan(12, sssl)
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**p.model_kwargs()))
+    assert model.config.windows == p.windows and model.flops_per_token() == p.flops_per_token
+
+
+def test_causality():
+    config = tiny_config()
+    model = randomized(config)
+    idx = torch.randint(config.vocab_size, (1, 24))
+    changed = idx.clone()
+    changed[0, 15:] = (changed[0, 15:] + 1) % config.vocab_size
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-5)
+    assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL"])
+def test_kv_cache_decode_equals_full_forward(pattern):
+    config = tiny_config(seq_len=256 if pattern == "L" else 512, window_pattern=pattern)
+    model = randomized(config)
+    T = 150 if pattern == "SL" else 40  # with SL the short window (128) is exceeded
+    idx = torch.randint(config.vocab_size, (2, T))
+    full = model(idx)
+    cache = KVCache(config, batch_size=2, max_len=T, device="cpu", dtype=torch.float32)
+    pieces = [model(idx[:, :11], cache=cache)]  # prefill, then one token at a time
+    pieces += [model(idx[:, t:t + 1], cache=cache) for t in range(11, T)]
+    assert cache.pos == T
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_window_mask():
+    mask = window_mask(3, 6, offset=3, window=2, device="cpu")
+    assert mask.tolist() == [[False, False, True, True, False, False],
+                             [False, False, False, True, True, False],
+                             [False, False, False, False, True, True]]
+
+
+def test_init_is_deterministic_and_nanochat_like():
+    config = tiny_config()
+    a, b = build_model(config, seed=1), build_model(config, seed=1)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert a.blocks[0].attn.c_proj.weight.abs().sum() == 0 and a.blocks[0].mlp.c_proj.weight.abs().sum() == 0
+    assert a.wte.weight.std().item() == pytest.approx(0.8, rel=0.05)
+    assert a.resid_lambdas[0].item() == pytest.approx(1.15) and a.x0_lambdas[-1].item() == pytest.approx(0.05)
+    assert a.backout_lambda.item() == pytest.approx(0.2) and a.smear_lambda.item() == 0
+    assert [str(i) for i in (0, 2)] == list(a.value_embeds.keys())  # L=3: every other layer incl. the last
