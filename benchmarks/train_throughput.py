@@ -54,7 +54,7 @@ def main() -> None:
     config = TrainConfig(plan=run, data=DataSpec(kind="random"), max_steps=args.steps, log_every=args.log_every,
                          eval_every=0, eval_batches=1, checkpoint_at_end=False)
     if args.bare:
-        session = LocalSession("cuda" if torch.cuda.is_available() else "cpu", verbose=True)
+        session = LocalSession("cuda" if torch.cuda.is_available() else "cpu")
         train(config, session)
         history = session.history
     else:

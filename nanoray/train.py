@@ -7,8 +7,9 @@ FLOPs so far, train loss, tok/s and MFU. Checkpoints go through `nanoray.checkpo
 
 `train_loop_per_worker` is the Ray Train entry; `fit()` wraps it in a TorchTrainer.
 
-    python -m nanoray.train --preset tiny --depth 2 --steps 20 --workers 2      # CPU, gloo DDP
-    python -m nanoray.train --depth 12 --steps 100 --gpu                        # one GPU worker
+    python -m nanoray.train                                   # CPU: tiny d2 on a local Ray (~2 min)
+    python -m nanoray.train --depth 4 --workers 2             # CPU: two workers, gloo DDP
+    python -m nanoray.train --depth 12 --workers 8            # GPUs: gpt2 d12, one GPU per worker
 """
 
 import argparse
@@ -107,19 +108,16 @@ class RaySession(Session):
 class LocalSession(Session):
     """A single plain process: metrics kept in `history`, checkpoints copied under `out_dir`."""
 
-    def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None,
-                 verbose: bool = True):
+    def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.out_dir, self.resume_from, self.verbose = device, out_dir, resume_from, verbose
+        self.device, self.out_dir, self.resume_from = device, out_dir, resume_from
         self.history: list[dict] = []
         self.checkpoints: list[str] = []
 
     def report(self, metrics, checkpoint_dir):
         self.history.append(metrics)
-        if self.verbose:
-            print(json.dumps(metrics), flush=True)
         if checkpoint_dir and self.out_dir:
             dest = Path(self.out_dir) / f"step_{metrics['step']:06d}"
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
@@ -141,6 +139,13 @@ def evaluate_loss(model, batches: WorkerBatches, num_batches: int) -> float:
         dist.all_reduce(total)
         total /= dist.get_world_size()
     return total.item() / num_batches
+
+
+def progress_line(m: dict) -> str:
+    eta = (m["iterations"] - m["step"]) * m["step_s"]
+    return (f"d{m['depth']} step {m['step']}/{m['iterations']} ({m['step'] / m['iterations']:.0%}) | "
+            f"loss {m['train_loss']:.4f} | val {m['val_loss']:.4f} | {m['tok_per_s']:,.0f} tok/s | "
+            f"MFU {m['mfu']:.1%} | {m['step_s']:.3f} s/step | ETA {eta / 60:.1f} min")
 
 
 def train(config: TrainConfig, session: Session) -> dict:
@@ -233,6 +238,8 @@ def train(config: TrainConfig, session: Session) -> dict:
             save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
                 plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=batches.position),
                 loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss), config=config.model_dump()))
+        if session.rank == 0:
+            print(progress_line(metrics), flush=True)
         session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -256,6 +263,8 @@ def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False
     """
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from nanoray.train import train_loop_per_worker  # by reference, also when this file runs as __main__
 
     resources = dict(CPU=cpus_per_worker, GPU=1) if use_gpu else dict(CPU=cpus_per_worker)
     trainer = TorchTrainer(
@@ -285,21 +294,21 @@ class MetricsLog:
 
 
 def main(argv: list[str] | None = None) -> None:
+    gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m nanoray.train", description="Train one depth with Ray Train.")
-    p.add_argument("--depth", type=int, required=True)
-    p.add_argument("--preset", default="gpt2")
-    p.add_argument("--ratio", type=float, default=12.0)
+    p.add_argument("--depth", type=int, default=12 if gpu else 2)
+    p.add_argument("--preset", default="gpt2" if gpu else "tiny")
+    p.add_argument("--ratio", type=float, default=12.0 if gpu else 2.0, help="tokens : scaling params")
     p.add_argument("--steps", type=int, default=None, help="stop after N steps (default: the plan's horizon)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
     p.add_argument("--data", default="markov", help="synthetic token kind: random or markov")
-    p.add_argument("--name", default=None, help="run name (default d<depth>-<preset>); same name resumes")
+    p.add_argument("--name", default=None, help="run name (default d<depth>-<preset>); the same name resumes")
     p.add_argument("--storage", default=os.path.abspath("runs/train"), help="Ray Train storage path")
     args = p.parse_args(argv)
     run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
     print(run.table(), flush=True)
-    config = TrainConfig(plan=run, data=DataSpec(kind=args.data), max_steps=args.steps)
-    result = fit(config, args.name or f"d{args.depth}-{args.preset}", args.storage, use_gpu=args.gpu)
+    config = TrainConfig(plan=run, data=DataSpec(kind=args.data), max_steps=args.steps, log_every=10 if gpu else 20)
+    result = fit(config, args.name or f"d{args.depth}-{args.preset}", args.storage, use_gpu=gpu)
     print(json.dumps(dict(result.metrics or {}, checkpoint=result.checkpoint and result.checkpoint.path)))
 
 

@@ -21,7 +21,7 @@ def tiny_run(iterations: int, workers: int = 1, **kwargs) -> TrainConfig:
 
 
 def test_loss_falls_on_a_tiny_model():
-    session = LocalSession("cpu", verbose=False)
+    session = LocalSession("cpu")
     last = train(tiny_run(24, log_every=4, eval_every=12), session)
     losses = [m["train_loss"] for m in session.history]
     assert losses[0] > 7.5 and losses[-1] < 3.5  # ln(4096) = 8.3; the Markov stream is learnable
@@ -30,12 +30,12 @@ def test_loss_falls_on_a_tiny_model():
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = LocalSession("cpu", out_dir=str(tmp_path / "a"), verbose=False)
+    straight = LocalSession("cpu", out_dir=str(tmp_path / "a"))
     train(tiny_run(6, checkpoint_every=3), straight)
-    first = LocalSession("cpu", out_dir=str(tmp_path / "b"), verbose=False)
+    first = LocalSession("cpu", out_dir=str(tmp_path / "b"))
     train(tiny_run(6, max_steps=3, checkpoint_every=3), first)
     assert read_meta(first.checkpoints[-1])["step"] == 3
-    resumed = LocalSession("cpu", out_dir=str(tmp_path / "b"), resume_from=first.checkpoints[-1], verbose=False)
+    resumed = LocalSession("cpu", out_dir=str(tmp_path / "b"), resume_from=first.checkpoints[-1])
     train(tiny_run(6, checkpoint_every=3), resumed)
     assert [m["step"] for m in resumed.history] == [4, 6]
     a, b = Path(straight.checkpoints[-1]), Path(resumed.checkpoints[-1])
@@ -83,7 +83,7 @@ def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
 
     # Two DDP workers with one micro-batch each == one worker accumulating both micro-batches, up to float
     # summation order (which Adam's sign-like steps on tiny scalar grads amplify to a few percent at most).
-    local = LocalSession("cpu", out_dir=str(tmp_path / "local"), verbose=False)
+    local = LocalSession("cpu", out_dir=str(tmp_path / "local"))
     train(tiny_run(6), local)
     local_weights = load_file(Path(local.checkpoints[-1]) / "model.safetensors")
     for name, value in local_weights.items():
