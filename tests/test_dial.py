@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nanoray.dial import PlanError, CostModel, Horizon, get_preset, plan
+from nanoray.dial import CostModel, Horizon, PlanError, get_preset, plan, training_memory_gib
 
 # nanochat-facts §1.8 (SSSL windows, r = 12): depth -> (D, H, total M, scaling M, FLOPs/tok, log2 B, iters, λ)
 NANOCHAT_TABLE = {
@@ -38,7 +38,7 @@ def test_d12_and_d20_exact_values():
     assert d12.flops_per_token == 6 * (110_100_912 + 24) + 12 * 768 * windows
     assert (d12.matrix_lr, d12.embedding_lr, d12.unembedding_lr, d12.scalar_lr) == (0.02, 0.3, 0.008, 0.5)
     assert (d12.warmup_steps, d12.warmdown_steps) == (40, round(0.65 * 2520))
-    assert (d12.device_batch_size, d12.grad_accum) == (32, 8)
+    assert (d12.device_batch_size, d12.grad_accum) == (64, 4)
     d20 = plan(20, NANOCHAT)
     s_b, s_d = math.sqrt(2), (1280 / 768) ** -0.5
     assert d20.matrix_lr == pytest.approx(0.02 * s_b)
@@ -69,10 +69,20 @@ def test_horizon_precedence_and_modes():
 
 
 def test_grad_accum_over_workers():
-    assert [plan(12, num_workers=w).grad_accum for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    # d8 has B = 2^18: with 8 workers one micro-step of 32 rows would overshoot, so device batch halves.
+    assert [plan(12, num_workers=w).grad_accum for w in (1, 2, 4, 8)] == [4, 2, 1, 1]
+    assert plan(12, num_workers=8).device_batch_size == 32  # 8 x 64 rows would overshoot 2^19 tokens
     p = plan(8, num_workers=8)
     assert p.device_batch_size * 2048 * 8 * p.grad_accum == p.total_batch_tokens == 2**18
+
+
+def test_device_batch_fits_gpu_memory():
+    assert [plan(d).device_batch_size for d in (12, 14, 20, 26, 32)] == [64, 32, 16, 8, 4]
+    # the estimate reproduces the peaks measured on an H100 (benchmarks/RESULTS.md)
+    gpt2 = get_preset("gpt2")
+    for depth, rows, measured in [(12, 32, 29.5), (12, 64, 54.8), (20, 16, 44.2)]:
+        p = plan(depth)
+        assert training_memory_gib(rows, depth, p.n_embd, p.total_params, gpt2) == pytest.approx(measured, rel=0.03)
+    assert plan(4, "tiny").device_batch_size == 16  # no memory rule on the CPU preset
 
 
 def test_cost_estimate():
