@@ -93,3 +93,17 @@ def test_init_is_deterministic_and_nanochat_like():
     assert a.resid_lambdas[0].item() == pytest.approx(1.15) and a.x0_lambdas[-1].item() == pytest.approx(0.05)
     assert a.backout_lambda.item() == pytest.approx(0.2) and a.smear_lambda.item() == 0
     assert [str(i) for i in (0, 2)] == list(a.value_embeds.keys())  # L=3: every other layer incl. the last
+
+
+def test_fused_qkv_matches_separate_projections():
+    config = tiny_config()
+    model = randomized(config)
+    attn = model.blocks[1].attn
+    x = torch.randn(2, 9, config.n_embd, requires_grad=True)
+    q, k, v = attn.c_q(x), attn.c_k(x), attn.c_v(x)
+    w = torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight])
+    fused = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(fused, torch.cat([q, k, v], dim=-1))
+    # and the model's gradients land on the three separate parameters
+    model(torch.randint(config.vocab_size, (2, 9)), torch.randint(config.vocab_size, (2, 9))).backward()
+    assert all(getattr(attn, n).weight.grad is not None for n in ("c_q", "c_k", "c_v"))
