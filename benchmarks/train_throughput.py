@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from nanoray.data import DataSpec  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
 from nanoray.hardware import device_name  # noqa: E402
-from nanoray.train import LocalSession, MetricsLog, TrainConfig, fit, train  # noqa: E402
+from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train  # noqa: E402
 
 
 def steady_state(history: list[dict], skip_windows: int) -> dict:
@@ -64,7 +64,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             log = os.path.join(tmp, "metrics.jsonl")
             fit(config, name="train-throughput", storage_path=tmp, use_gpu=torch.cuda.is_available(),
-                cpus_per_worker=4 if torch.cuda.is_available() else 1, callbacks=[MetricsLog(log)])
+                cpus_per_worker=4 if torch.cuda.is_available() else 1, callbacks=[metrics_log(log)])
             history = [json.loads(line) for line in open(log)]
         ray.shutdown()
     result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", **steady_state(history, args.skip_windows),

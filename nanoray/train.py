@@ -207,7 +207,7 @@ def train(config: TrainConfig, session: Session) -> dict:
         model.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
-        if step == 1:  # nanochat: GC pauses cost ~500 ms; nothing cyclic is created after step 1
+        if gc.isenabled():  # nanochat: GC pauses cost ~500 ms, and nothing cyclic is made after the first step
             gc.collect()
             gc.freeze()
             gc.disable()
@@ -279,18 +279,19 @@ def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False
     return trainer.fit()
 
 
-class MetricsLog:
-    """A Ray Train callback that appends rank 0's metrics of every report to a JSONL file."""
+def metrics_log(path: str):
+    """A Ray Train callback that appends rank 0's metrics of every report to the JSONL file `path`.
 
-    def __new__(cls, path: str):
-        import ray.train
+    It runs in the Train controller, which sits on the node that called fit(), so `path` is local there.
+    """
+    import ray.train
 
-        class _MetricsLog(ray.train.UserCallback):
-            def after_report(self, run_context, metrics, checkpoint):
-                with open(path, "a") as f:
-                    f.write(json.dumps(metrics[0]) + "\n")
+    class MetricsLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
 
-        return _MetricsLog()
+    return MetricsLog()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
 from nanoray.model import ModelConfig, build_model
 from nanoray.optim import build_optimizers
-from nanoray.train import LocalSession, MetricsLog, TrainConfig, fit, train
+from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train
 
 MARKOV = DataSpec(kind="markov")
 
@@ -67,7 +67,7 @@ def test_checkpoint_roundtrip_is_atomic_and_checked(tmp_path):
 def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
     storage, log1, log2 = str(tmp_path / "runs"), str(tmp_path / "m1.jsonl"), str(tmp_path / "m2.jsonl")
     result = fit(tiny_run(6, workers=2, max_steps=4, checkpoint_every=2), "ddp", storage, cpus_per_worker=1,
-                 callbacks=[MetricsLog(log1)])
+                 callbacks=[metrics_log(log1)])
     assert [json.loads(line)["step"] for line in open(log1)] == [2, 4]
     assert result.metrics["step"] == 4 and result.metrics["tokens"] == 4 * 4096
     with result.checkpoint.as_directory() as d:
@@ -75,7 +75,7 @@ def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
 
     # Same name and storage: Ray Train hands the step-4 checkpoint back, and the run finishes steps 5-6.
     result = fit(tiny_run(6, workers=2, checkpoint_every=2), "ddp", storage, cpus_per_worker=1,
-                 callbacks=[MetricsLog(log2)])
+                 callbacks=[metrics_log(log2)])
     assert [json.loads(line)["step"] for line in open(log2)] == [6]
     with result.checkpoint.as_directory() as d:
         ddp_weights = load_file(Path(d) / "ckpt" / "model.safetensors") if (Path(d) / "ckpt").exists() \
