@@ -1,0 +1,150 @@
+"""The BPE tokenizer: trained with rustbpe, encoded with tiktoken, saved as readable text.
+
+Byte-level BPE with nanochat's split pattern (GPT-4's, but digit runs split in groups of 1-2) and
+nanochat's nine special tokens after the merges (`<|bos|>` first). On disk, a tokenizer is a folder:
+
+    tokenizer.json     {"pattern": ..., "special_tokens": {name: id}, "vocab_size": ...}
+    ranks.tiktoken     one "<base64 token bytes> <rank>" line per ordinary token (tiktoken's format)
+
+    python -m nanoray.tokenizer train --source stdlib --vocab-size 4096 --out runs/tokenizer
+"""
+
+import argparse
+import base64
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import rustbpe
+import tiktoken
+import torch
+
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
+                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
+SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+CONFIG, RANKS = "tokenizer.json", "ranks.tiktoken"
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus what training needs: the BOS id and every token's byte length."""
+
+    def __init__(self, encoding: tiktoken.Encoding):
+        self.encoding = encoding
+        self.bos_id = encoding.encode_single_token("<|bos|>")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, doc_cap: int = 10_000,
+              max_chars: int | None = None) -> "Tokenizer":
+        """Learn vocab_size - 9 byte-level tokens from `texts` (each cropped to doc_cap characters)."""
+        if vocab_size < MIN_VOCAB:
+            raise ValueError(f"vocab_size: must be >= {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                             f"tokens), got {vocab_size}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(_capped(texts, doc_cap, max_chars), vocab_size - len(SPECIAL_TOKENS),
+                                    pattern=SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        return cls.from_ranks(ranks)
+
+    @classmethod
+    def from_ranks(cls, ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN) -> "Tokenizer":
+        specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        return cls(tiktoken.Encoding(name="nanoray", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=specials))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Ordinary text to ids (special-token strings in `text` are treated as plain text)."""
+        ids = self.encoding.encode_ordinary(text)
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_batch(self, texts: list[str], bos: bool = False, num_threads: int = 4) -> list[list[int]]:
+        batch = self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        return [[self.bos_id, *ids] for ids in batch] if bos else batch
+
+    def encode_special(self, name: str) -> int:
+        return self.encoding.encode_single_token(name)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+    def token_bytes(self) -> torch.Tensor:
+        """int32 (vocab_size,): UTF-8 byte length of each token's raw bytes, 0 for special tokens (for bpb)."""
+        special = set(self.encoding._special_tokens.values())
+        return torch.tensor([0 if i in special else len(self.encoding.decode_single_token_bytes(i))
+                             for i in range(self.vocab_size)], dtype=torch.int32)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the two text files; atomic per file (temp name, then rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ranks = self.encoding._mergeable_ranks
+        lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n"
+                        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+        config = dict(pattern=self.encoding._pat_str, special_tokens=self.encoding._special_tokens,
+                      vocab_size=self.vocab_size)
+        for name, text in ((RANKS, lines), (CONFIG, json.dumps(config, indent=2))):
+            tmp = directory / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, directory / name)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        directory = Path(directory)
+        if not (directory / CONFIG).exists() or not (directory / RANKS).exists():
+            raise FileNotFoundError(f"{directory}: no tokenizer here (expected {CONFIG} and {RANKS}); "
+                                    f"train one with: python -m nanoray.tokenizer train --out {directory}")
+        config = json.loads((directory / CONFIG).read_text())
+        ranks = {}
+        for lineno, line in enumerate((directory / RANKS).read_text().splitlines(), start=1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{directory / RANKS}:{lineno}: expected '<base64> <rank>', got {line[:80]!r}") from e
+        tokenizer = cls(tiktoken.Encoding(name="nanoray", pat_str=config["pattern"], mergeable_ranks=ranks,
+                                          special_tokens=config["special_tokens"]))
+        if tokenizer.vocab_size != config["vocab_size"]:
+            raise ValueError(f"{directory}: {tokenizer.vocab_size} tokens on disk, {CONFIG} says {config['vocab_size']}")
+        return tokenizer
+
+
+def _capped(texts: Iterable[str], doc_cap: int, max_chars: int | None) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        text = text[:doc_cap]
+        if max_chars is not None and total + len(text) > max_chars:
+            return
+        total += len(text)
+        yield text
+
+
+def main(argv: list[str] | None = None) -> None:
+    from nanoray.corpus import read_source  # the corpus sources live with the data pipeline
+
+    p = argparse.ArgumentParser(prog="python -m nanoray.tokenizer", description="Train a BPE tokenizer.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train on a corpus source and save beside the data")
+    t.add_argument("--source", default="stdlib", help="corpus source, e.g. stdlib, files:<glob>, parquet:<dir>")
+    t.add_argument("--vocab-size", type=int, default=4096, help=f"tokens including specials (>= {MIN_VOCAB})")
+    t.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
+    t.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
+    t.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(argv)
+    try:
+        tokenizer = Tokenizer.train(read_source(args.source, split="train"), args.vocab_size,
+                                    doc_cap=args.doc_cap, max_chars=args.max_chars)
+    except ValueError as e:
+        p.error(str(e))
+    tokenizer.save(args.out)
+    print(json.dumps(dict(out=str(args.out), vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id)))
+
+
+if __name__ == "__main__":
+    main()
