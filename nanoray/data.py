@@ -1,4 +1,4 @@
-"""Token sources for the trainer.
+"""Token sources for the trainer, and BOS-aligned best-fit packing of documents into rows.
 
 A source hands each worker batches of rows of seq_len + 1 tokens (inputs = row[:-1], targets = row[1:])
 and a position: the number of micro-batches this worker has consumed. The position goes into every
@@ -10,6 +10,10 @@ uniform tokens (throughput benchmarks); `markov` rows follow a fixed random perm
 probability 0.9, so a model can learn them and the loss visibly falls (tests, demos).
 """
 
+import bisect
+from collections.abc import Iterable, Iterator
+
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,3 +69,68 @@ class WorkerBatches:
         index = self.position * self.world_size + self.rank
         self.position += 1
         return self.source.batch(index, self.batch_size, self.device)
+
+
+class BestFitPacker:
+    """Packs tokenized documents (each starting with BOS) into rows of exactly `row_len` tokens.
+
+    nanochat's BOS-aligned best fit: keep at least `buffer_docs` documents; fill a row with the longest
+    buffered document that still fits whole, again and again; when none fits, crop the shortest one to
+    fill the row exactly and drop its tail. No padding, every row starts at a document start (so with
+    BOS), and only the dropped tails are lost (`cropped_tokens`).
+    """
+
+    def __init__(self, row_len: int, buffer_docs: int = 1000):
+        self.row_len, self.buffer_docs = row_len, buffer_docs
+        self._lengths: list[int] = []  # sorted; _docs[i] has length _lengths[i]
+        self._docs: list[list[int]] = []
+        self.docs_in = self.tokens_in = self.tokens_out = self.cropped_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def add(self, doc: list[int]) -> None:
+        if not doc:
+            return
+        i = bisect.bisect_right(self._lengths, len(doc))
+        self._lengths.insert(i, len(doc))
+        self._docs.insert(i, doc)
+        self.docs_in += 1
+        self.tokens_in += len(doc)
+
+    def ready(self) -> bool:
+        return len(self._docs) >= self.buffer_docs
+
+    def pop_row(self) -> np.ndarray:
+        """One row from the buffer (call while ready(), or to drain at the end of a stream)."""
+        row, space = [], self.row_len
+        while space and self._docs:
+            i = bisect.bisect_right(self._lengths, space) - 1
+            if i >= 0:  # the longest document that fits whole
+                del self._lengths[i]
+                doc = self._docs.pop(i)
+            else:  # none fits: crop the shortest to fill the row exactly
+                del self._lengths[0]
+                doc = self._docs.pop(0)
+                self.cropped_tokens += len(doc) - space
+                doc = doc[:space]
+            row.extend(doc)
+            space -= len(doc)
+        self.tokens_out += len(row)
+        return np.asarray(row, dtype=np.int32)
+
+
+def pack_rows(docs: Iterable[list[int]], row_len: int, buffer_docs: int = 1000,
+              packer: BestFitPacker | None = None) -> Iterator[np.ndarray]:
+    """Stream full rows of `row_len` tokens out of a stream of tokenized documents.
+
+    At the end of the stream the buffer is drained; a last row that cannot be filled is dropped.
+    """
+    packer = BestFitPacker(row_len, buffer_docs) if packer is None else packer
+    for doc in docs:
+        packer.add(doc)
+        while packer.ready():
+            yield packer.pop_row()
+    while packer.tokens_in - packer.tokens_out - packer.cropped_tokens >= row_len:
+        yield packer.pop_row()
+

@@ -141,6 +141,23 @@ def evaluate_loss(model, batches: WorkerBatches, num_batches: int) -> float:
     return total.item() / num_batches
 
 
+@torch.no_grad()
+def evaluate_bpb(model, batches: WorkerBatches, token_bytes: torch.Tensor, num_batches: int) -> float:
+    """Bits per byte: nats summed over targets that stand for bytes (special tokens and ignored targets
+    count none) over ln 2 x those bytes; summed across workers. Independent of the tokenizer's vocab."""
+    token_bytes = token_bytes.to(batches.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=batches.device)  # nats, bytes
+    for _ in range(num_batches):
+        x, y = next(batches)
+        nats = model(x, y, loss_reduction="none")
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        sums[0] += nats[nbytes > 0].double().sum()
+        sums[1] += nbytes.sum()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / (math.log(2) * sums[1])).item()
+
+
 def progress_line(m: dict) -> str:
     eta = (m["iterations"] - m["step"]) * m["step_s"]
     return (f"d{m['depth']} step {m['step']}/{m['iterations']} ({m['step'] / m['iterations']:.0%}) | "

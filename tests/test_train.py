@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,24 @@ def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
     local_weights = load_file(Path(local.checkpoints[-1]) / "model.safetensors")
     for name, value in local_weights.items():
         assert (ddp_weights[name] - value).abs().max() <= 0.05 * value.abs().max() + 1e-5, name
+
+
+def test_evaluate_bpb_counts_only_byte_tokens():
+    from nanoray.data import SyntheticTokens, WorkerBatches
+    from nanoray.train import evaluate_bpb
+
+    run = plan(2, "tiny")
+    model = build_model(ModelConfig(**run.model_kwargs()))
+    source = SyntheticTokens(run.vocab_size, run.seq_len, kind="markov")
+    ones = torch.ones(run.vocab_size, dtype=torch.int32)
+    x, y = source.batch(0, 2)
+    mean_loss = model(x, y).item()
+    bpb = evaluate_bpb(model, WorkerBatches(source, 2, 0, 1, "cpu"), ones, num_batches=1)
+    assert bpb == pytest.approx(mean_loss / math.log(2), rel=1e-5)  # one byte per token: bpb = loss / ln 2
+    # tokens with zero bytes (the special tokens) drop out of both sums
+    lengths = torch.randint(1, 5, (run.vocab_size,), dtype=torch.int32)
+    lengths[:100] = 0
+    per_token = model(x, y, loss_reduction="none")
+    counted = lengths[y] > 0
+    expected = per_token[counted].sum().item() / (math.log(2) * lengths[y].sum().item())
+    assert evaluate_bpb(model, WorkerBatches(source, 2, 0, 1, "cpu"), lengths, 1) == pytest.approx(expected, rel=1e-5)
