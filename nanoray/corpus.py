@@ -5,19 +5,32 @@ document goes to `val` when the CRC32 of its key (file path + chunk number, or t
 the first VAL_PERCENT of the range, so the split is deterministic, disjoint and stable as a corpus grows.
 
 Sources (more come with the Ray Data pipeline):
-    stdlib          CPython's own library sources and pydoc_data topics: every Python has them (~30 MB)
-    files:<glob>    text files from disk, chunked into documents at blank lines
+    stdlib            CPython's own library sources and pydoc_data topics: every Python has them (~30 MB)
+    files:<glob>      text files from disk, chunked into documents at blank lines
+    parquet:<dir|glob>  parquet shards with a `text` column (one document per row); a directory with
+                      train/ and val/ inside (as write_shards makes) keeps that split
+
+`write_shards` turns any source into parquet shards (`text` column, zstd, row groups of 1024 docs):
+
+    python -m nanoray.corpus --source stdlib --out runs/data/stdlib     # -> train/*.parquet, val/*.parquet
 """
 
+import argparse
 import glob
+import json
 import os
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 VAL_PERCENT = 2
 CHUNK_CHARS = 8_000  # files are cut into documents of about this size, at blank lines
-SOURCES = ("stdlib", "files:<glob>")
+SOURCES = ("stdlib", "files:<glob>", "parquet:<dir|glob>")
+ROW_GROUP_DOCS = 1024
 SPLITS = ("train", "val")
 
 
@@ -59,6 +72,15 @@ def stdlib_files() -> list[str]:
                   if f"{os.sep}site-packages{os.sep}" not in p and f"{os.sep}dist-packages{os.sep}" not in p)
 
 
+def _stdlib(split: str, skipped: list | None) -> Iterator[str]:
+    import pydoc_data.topics
+
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        if split_of(f"pydoc_data:{name}") == split:
+            yield text
+    yield from _read_files(stdlib_files(), split, skipped)
+
+
 def read_source(spec: str, split: str = "train", skipped: list | None = None) -> Iterator[str]:
     """Documents of `split` from the source `spec` (checked now, read lazily). Unreadable files are
     skipped and, with their reason, appended to `skipped`."""
@@ -72,13 +94,87 @@ def read_source(spec: str, split: str = "train", skipped: list | None = None) ->
         if not paths:
             raise FileNotFoundError(f"source {spec!r}: no files match {pattern!r}")
         return _read_files(paths, split, skipped)
+    if spec.startswith("parquet:"):
+        location = spec.removeprefix("parquet:")
+        if os.path.isdir(os.path.join(location, split)):  # written by write_shards: the split is on disk
+            return _read_parquet(parquet_paths(os.path.join(location, split)), None, skipped)
+        return _read_parquet(parquet_paths(location), split, skipped)
     raise ValueError(f"source: unknown source {spec!r}; allowed: {', '.join(SOURCES)}")
 
 
-def _stdlib(split: str, skipped: list | None) -> Iterator[str]:
-    import pydoc_data.topics
+def parquet_paths(location: str) -> list[str]:
+    """Shards under a directory (recursively) or matching a glob, sorted."""
+    pattern = os.path.join(location, "**", "*.parquet") if os.path.isdir(location) else location
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"parquet source {location!r}: no .parquet files there")
+    return paths
 
-    for name, text in sorted(pydoc_data.topics.topics.items()):
-        if split_of(f"pydoc_data:{name}") == split:
-            yield text
-    yield from _read_files(stdlib_files(), split, skipped)
+
+def _read_parquet(paths: list[str], split: str | None, skipped: list | None) -> Iterator[str]:
+    """Rows of the `text` column (of `split`, or all when None), one row group at a time. A corrupt
+    shard or one without a `text` column raises, naming the file; empty documents are skipped."""
+    for path in paths:
+        try:
+            shard = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        if "text" not in shard.schema_arrow.names:
+            raise ValueError(f"{path}: no 'text' column (columns: {', '.join(shard.schema_arrow.names)})")
+        row = 0
+        for group in range(shard.num_row_groups):
+            for text in shard.read_row_group(group, columns=["text"]).column("text").to_pylist():
+                key, row = f"{os.path.basename(path)}#{row}", row + 1
+                if not text or not text.strip():
+                    if skipped is not None:
+                        skipped.append((key, "empty document"))
+                    continue
+                if split is None or split_of(key) == split:
+                    yield text
+
+
+def write_shards(docs: Iterable[str], out_dir: str | os.PathLike, docs_per_shard: int = 8 * ROW_GROUP_DOCS) -> list[Path]:
+    """Write documents as parquet shards shard_00000.parquet, ... (each written to a temp name, then renamed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, batch = [], []
+
+    def flush():
+        path = out_dir / f"shard_{len(written):05d}.parquet"
+        tmp = out_dir / f".{path.name}.tmp"
+        pq.write_table(pa.table({"text": batch}), tmp, row_group_size=ROW_GROUP_DOCS, compression="zstd")
+        os.replace(tmp, path)
+        written.append(path)
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == docs_per_shard:
+            flush()
+            batch = []
+    if batch:
+        flush()
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanoray.corpus", description="Write a corpus source as parquet shards.")
+    p.add_argument("--source", default="stdlib", help=f"one of {', '.join(SOURCES)}")
+    p.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
+    p.add_argument("--docs-per-shard", type=int, default=8 * ROW_GROUP_DOCS)
+    args = p.parse_args(argv)
+    summary = {}
+    for split in SPLITS:
+        skipped: list = []
+        try:
+            shards = write_shards(read_source(args.source, split, skipped), Path(args.out) / split, args.docs_per_shard)
+        except (ValueError, FileNotFoundError) as e:
+            p.error(str(e))
+        summary[split] = dict(shards=len(shards), skipped=len(skipped))
+        for what, why in skipped[:10]:
+            print(f"skipped {what}: {why}")
+    print(json.dumps(dict(out=args.out, **summary)))
+
+
+if __name__ == "__main__":
+    main()
+

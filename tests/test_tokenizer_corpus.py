@@ -95,3 +95,36 @@ def test_chunking():
     text = "\n\n".join(f"paragraph {i} " + "x" * 90 for i in range(100))
     chunks = chunk_text(text, size=1000)
     assert "\n\n".join(chunks) == text and all(len(c) <= 1000 for c in chunks)
+
+
+def test_parquet_shards_roundtrip_and_bad_shards(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoray.corpus import write_shards
+
+    docs = [f"document number {i} " + "text " * (i % 7) for i in range(2500)]
+    shards = write_shards(docs, tmp_path / "all", docs_per_shard=1000)
+    assert [p.name for p in shards] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
+    assert not list((tmp_path / "all").glob(".*.tmp"))
+    train = list(read_source(f"parquet:{tmp_path}/all", "train"))
+    val = list(read_source(f"parquet:{tmp_path}/all", "val"))
+    assert sorted(train + val) == sorted(docs) and 0 < len(val) < len(train)
+    # a directory with train/ and val/ keeps the split that is on disk
+    write_shards(["a train doc"], tmp_path / "split" / "train")
+    write_shards(["a val doc"], tmp_path / "split" / "val")
+    assert list(read_source(f"parquet:{tmp_path}/split", "val")) == ["a val doc"]
+    # empty documents are a counted skip; a shard without `text`, or a corrupt one, names the file
+    pq.write_table(pa.table({"text": ["", "  ", "kept"]}), tmp_path / "empty.parquet")
+    skipped = []
+    assert list(read_source(f"parquet:{tmp_path}/empty.parquet", "train", skipped)) + \
+        list(read_source(f"parquet:{tmp_path}/empty.parquet", "val")) == ["kept"]
+    assert [why for _, why in skipped] == ["empty document", "empty document"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "notext.parquet")
+    with pytest.raises(ValueError, match=r"notext.parquet: no 'text' column \(columns: body\)"):
+        list(read_source(f"parquet:{tmp_path}/notext.parquet"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="corrupt.parquet: not a readable parquet file"):
+        list(read_source(f"parquet:{tmp_path}/corrupt.parquet"))
+    with pytest.raises(FileNotFoundError, match="no .parquet files"):
+        read_source(f"parquet:{tmp_path}/nothing-here")
