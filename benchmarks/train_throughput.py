@@ -52,7 +52,7 @@ def main() -> None:
 
     run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size)
     config = TrainConfig(plan=run, data=DataSpec(kind="random"), max_steps=args.steps, log_every=args.log_every,
-                         eval_every=0, eval_batches=1, checkpoint_at_end=False)
+                         eval_every=0, eval_tokens=1, checkpoint_at_end=False)
     if args.bare:
         session = LocalSession("cuda" if torch.cuda.is_available() else "cpu")
         train(config, session)

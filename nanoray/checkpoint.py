@@ -56,9 +56,14 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
         torch.save(rng_state(), tmp / RNG)
         meta = dict(meta, model=model.config.model_dump())
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
+        old = None
+        if path.exists():  # move the old one aside first: there is always a complete checkpoint on disk
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

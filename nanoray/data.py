@@ -5,7 +5,8 @@ and a position: the number of micro-batches this worker has consumed. The positi
 checkpoint, so a resumed run continues with the next unseen batch.
 
 `SyntheticTokens` is the in-process source: deterministic rows computed from (seed, split, batch
-index), so any position can be resumed exactly, on any device, with no I/O. `random` rows are
+index), so any position can be resumed exactly with no I/O (`random` rows are drawn on the target
+device, so a CPU and a GPU run see different streams). `random` rows are
 uniform tokens (throughput benchmarks); `markov` rows follow a fixed random permutation with
 probability 0.9, so a model can learn them and the loss visibly falls (tests, demos).
 """
@@ -39,7 +40,7 @@ class SyntheticTokens:
     def batch(self, index: int, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number `index` as (inputs, targets), each (batch_size, seq_len) int64 on `device`."""
         gen_device = torch.device(device) if self.kind == "random" else torch.device("cpu")
-        gen = torch.Generator(device=gen_device).manual_seed(self.seed * 1_000_003 + index)
+        gen = torch.Generator(device=gen_device).manual_seed((self.seed << 40) + index)  # disjoint per stream
         shape = (batch_size, self.seq_len + 1)
         if self.kind == "random":
             rows = torch.randint(self.vocab_size, shape, generator=gen, device=gen_device)

@@ -3,8 +3,9 @@
 `plan(depth, preset, horizon)` derives width, heads, parameter counts, FLOPs per token, total batch,
 grad accumulation, learning rates, weight decay, schedule lengths, the training horizon and an
 estimate of GPU-hours and cost. Every other stage reads the RunPlan; nothing re-derives these.
-The formulas are nanochat's (reference/nanochat-facts.md §1): the gpt2 preset reproduces its depth
-table exactly.
+The formulas are nanochat's (reference/nanochat-facts.md §1): with nanochat's SSSL windows the gpt2
+preset reproduces its depth table exactly (our gpt2 default is full windows, L, so its FLOPs per token
+are higher: 8.87e8 vs 7.60e8 at d12).
 
     python -m nanoray.dial --depth 12                     # the table
     python -m nanoray.dial --depth 20 --preset gpt2 --json
@@ -115,7 +116,7 @@ class RunPlan(BaseModel):
     flops_per_token: int
     # horizon and batch
     horizon_mode: str
-    target_tokens: float = Field(description="tokens the batch and weight-decay rules assume (ratio x N, or FLOPs / F)")
+    target_tokens: float = Field(description="ratio x scaling params: the tokens the batch and weight-decay rules assume")
     total_batch_tokens: int
     iterations: int
     tokens: int
@@ -261,14 +262,11 @@ def plan(
     windows = layer_windows(depth, preset.seq_len, preset.window_pattern)
     flops_per_token = 6 * n_matmul + 12 * n_embd * sum(windows)
 
-    # Target tokens of the horizon, and of the reference depth at the same horizon, for the batch rule.
+    # The batch and weight-decay rules compare r x N with the reference depth's r x N, in every horizon
+    # mode (as nanochat does): r cancels, so B and λ depend only on N / N_ref, and a FLOPs budget or a
+    # step count changes only the number of iterations.
     n_ref = scaling_params(preset.ref_depth, preset)
-    if horizon.mode == "ratio":
-        target, ref_target = horizon.ratio * n_scaling, horizon.ratio * n_ref
-    elif horizon.mode == "flops":
-        target, ref_target = horizon.flops / flops_per_token, DEFAULT_RATIO * n_ref
-    else:
-        target, ref_target = DEFAULT_RATIO * n_scaling, DEFAULT_RATIO * n_ref
+    target, ref_target = horizon.ratio * n_scaling, horizon.ratio * n_ref
     if total_batch_tokens is None:
         exponent = math.log2(preset.ref_batch_tokens * (target / ref_target) ** BATCH_EXPONENT)
         total_batch_tokens = 2 ** round(exponent)

@@ -107,7 +107,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, C) for SDPA
         gqa = self.n_head != self.n_kv_head
         if cache is None:
-            if self.window >= T:
+            if self.window >= T - 1:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, 0, self.window, q.device),
@@ -117,7 +117,7 @@ class Attention(nn.Module):
             cache.k[self.layer, :, :, start:end] = k
             cache.v[self.layer, :, :, start:end] = v
             k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
-            if T == 1 and self.window >= end:  # one new token that sees the whole cache: no mask needed
+            if T == 1 and self.window >= end - 1:  # one new token that sees the whole cache: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, end, start, self.window, q.device),
@@ -126,10 +126,11 @@ class Attention(nn.Module):
 
 
 def window_mask(n_query: int, n_key: int, offset: int, window: int, device) -> torch.Tensor:
-    """Boolean (n_query, n_key) mask: query i (at position offset + i) sees keys in (pos - window, pos]."""
+    """Boolean (n_query, n_key) mask: query i (at position offset + i) sees keys in [pos - window, pos],
+    like FlashAttention's window_size=(window, 0)."""
     pos = torch.arange(n_query, device=device)[:, None] + offset
     key = torch.arange(n_key, device=device)[None, :]
-    return (key <= pos) & (key > pos - window)
+    return (key <= pos) & (key >= pos - window)
 
 
 class MLP(nn.Module):

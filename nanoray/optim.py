@@ -133,14 +133,13 @@ def lr_multiplier(step: int, plan: RunPlan) -> float:
 
 
 def muon_momentum(step: int, plan: RunPlan) -> float:
-    """0.85 -> 0.97 over the first 400 steps (or until warmdown starts), 0.97 -> 0.90 over warmdown."""
+    """0.85 -> 0.97 over the first 400 steps; 0.97 -> 0.90 over the warmdown; 0.97 in between."""
+    if step < MOMENTUM_WARMUP_STEPS:
+        return MOMENTUM_START + (MOMENTUM_PEAK - MOMENTUM_START) * step / MOMENTUM_WARMUP_STEPS
     warmdown_start = plan.iterations - plan.warmdown_steps
     if step >= warmdown_start and plan.warmdown_steps > 0:
         frac = (step - warmdown_start) / plan.warmdown_steps
         return MOMENTUM_PEAK + (MOMENTUM_END - MOMENTUM_PEAK) * frac
-    warmup = min(MOMENTUM_WARMUP_STEPS, warmdown_start)
-    if step < warmup:
-        return MOMENTUM_START + (MOMENTUM_PEAK - MOMENTUM_START) * step / warmup
     return MOMENTUM_PEAK
 
 

@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, description="stop after this many steps (default: plan.iterations)")
     log_every: int = Field(10, description="report metrics every N steps")
     eval_every: int = Field(250, description="val loss every N steps, and at the end (0: only at the end)")
-    eval_batches: int = Field(4, description="val micro-batches per worker per evaluation")
+    eval_tokens: int = Field(2**20, description="val tokens per evaluation, whatever the batch shape (comparable across depths)")
     checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
     checkpoint_at_end: bool = Field(True, description="checkpoint after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
@@ -84,7 +84,7 @@ class RaySession(Session):
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, move_to_device=False,
-                                             parallel_strategy_kwargs=dict(gradient_as_bucket_view=True))
+                                             parallel_strategy_kwargs=dict(gradient_as_bucket_view=True, broadcast_buffers=False))
 
     def report(self, metrics, checkpoint_dir):
         import ray.train
@@ -168,6 +168,8 @@ def progress_line(m: dict) -> str:
 def train(config: TrainConfig, session: Session) -> dict:
     """Run (or resume) training; returns the last reported metrics."""
     plan, device = config.plan, session.device
+    if session.world_size != plan.num_workers:
+        raise ValueError(f"plan.num_workers is {plan.num_workers} but the session has {session.world_size} workers")
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # read at the first CUDA allocation
     end_step = min(config.max_steps or plan.iterations, plan.iterations)
     torch.manual_seed(config.seed)
@@ -184,8 +186,13 @@ def train(config: TrainConfig, session: Session) -> dict:
     with session.latest_checkpoint() as path:
         if path is not None:
             meta = load_checkpoint(path, model, optimizers, restore_rng=True)
-            if meta["plan"]["depth"] != plan.depth:
-                raise ValueError(f"{path}: checkpoint of d{meta['plan']['depth']}, this run is d{plan.depth}")
+            # The data position counts micro-batches of this shape, so the shape must not change.
+            for key in ("depth", "num_workers", "device_batch_size", "total_batch_tokens", "iterations"):
+                if meta["plan"][key] != getattr(plan, key):
+                    raise ValueError(f"{path}: checkpoint has plan.{key} = {meta['plan'][key]}, this run has "
+                                     f"{getattr(plan, key)}; resume with the plan it was saved with")
+            if meta["data"]["kind"] != config.data.kind or meta["data"]["seed"] != config.data.seed:
+                raise ValueError(f"{path}: checkpoint read data {meta['data']}, this run reads {config.data}")
             step, position = meta["step"], meta["data"]["position"]
             train_time, val_loss = meta["loop"]["train_time_s"], meta["loop"]["val_loss"]
 
@@ -199,71 +206,74 @@ def train(config: TrainConfig, session: Session) -> dict:
     def validate() -> float:
         val = WorkerBatches(SyntheticTokens(**source, split="val"), plan.device_batch_size,
                             session.rank, session.world_size, device)
-        return evaluate_loss(forward, val, config.eval_batches)
+        return evaluate_loss(forward, val, max(1, config.eval_tokens // (plan.device_batch_size * plan.seq_len
+                                                                          * session.world_size)))
 
     peak = peak_flops(device_name(device)) * session.world_size
     tokens_per_step = plan.total_batch_tokens
     loss_sum, window_steps, excluded = torch.zeros((), device=device), 0, 0.0
     window_start = time.perf_counter()
     metrics: dict = {}
-    while step < end_step:
-        if config.eval_every and step % config.eval_every == 0:
-            t0 = time.perf_counter()
-            val_loss = validate()
-            excluded += time.perf_counter() - t0
-        for micro in range(plan.grad_accum):
-            x, y = next(batches)
-            sync = micro == plan.grad_accum - 1 or not is_ddp
-            with contextlib.nullcontext() if sync else wrapped.no_sync():
-                loss = forward(x, y)
-                (loss / plan.grad_accum).backward()
-            loss_sum += loss.detach()
-        lr_mult = apply_schedule(optimizers, step, plan)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
-        if gc.isenabled():  # nanochat: GC pauses cost ~500 ms, and nothing cyclic is made after the first step
-            gc.collect()
-            gc.freeze()
-            gc.disable()
+    try:
+        while step < end_step:
+            if config.eval_every and step % config.eval_every == 0:
+                t0 = time.perf_counter()
+                val_loss = validate()
+                excluded += time.perf_counter() - t0
+            for micro in range(plan.grad_accum):
+                x, y = next(batches)
+                sync = micro == plan.grad_accum - 1 or not is_ddp
+                with contextlib.nullcontext() if sync else wrapped.no_sync():
+                    loss = forward(x, y)
+                    (loss / plan.grad_accum).backward()
+                loss_sum += loss.detach()
+            lr_mult = apply_schedule(optimizers, step, plan)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            if gc.isenabled():  # nanochat: GC pauses cost ~500 ms, and nothing cyclic is made after the first step
+                gc.collect()
+                gc.freeze()
+                gc.disable()
 
-        last = step == end_step
-        save = (config.checkpoint_every and step % config.checkpoint_every == 0) or (last and config.checkpoint_at_end)
-        if not (last or save or step % config.log_every == 0):
-            continue
-        if last:
-            t0 = time.perf_counter()
-            val_loss = validate()
-            excluded += time.perf_counter() - t0
-        train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
-        now = time.perf_counter()
-        dt = now - window_start - excluded
-        train_time += dt
-        tok_per_s = window_steps * tokens_per_step / dt
-        metrics = dict(
-            step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
-            flops=float(step * tokens_per_step * plan.flops_per_token), train_loss=train_loss, val_loss=val_loss,
-            tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
-            step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
-            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
-        )
-        checkpoint_dir = None
-        if save and session.rank == 0:
-            checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
-            save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
-                plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=batches.position),
-                loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss), config=config.model_dump()))
-        if session.rank == 0:
-            print(progress_line(metrics), flush=True)
-        session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        loss_sum.zero_()
-        window_steps, excluded = 0, 0.0
-        window_start = time.perf_counter() if save else now  # a report's own cost counts, a checkpoint's does not
-    gc.enable()
+            last = step == end_step
+            save = (config.checkpoint_every and step % config.checkpoint_every == 0) or (last and config.checkpoint_at_end)
+            if not (last or save or step % config.log_every == 0):
+                continue
+            if last:
+                t0 = time.perf_counter()
+                val_loss = validate()
+                excluded += time.perf_counter() - t0
+            train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
+            now = time.perf_counter()
+            dt = now - window_start - excluded
+            train_time += dt
+            tok_per_s = window_steps * tokens_per_step / dt
+            metrics = dict(
+                step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
+                flops=float(step * tokens_per_step * plan.flops_per_token), train_loss=train_loss, val_loss=val_loss,
+                tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
+                step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
+                peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+            )
+            checkpoint_dir = None
+            if save and session.rank == 0:
+                checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
+                save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
+                    plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=batches.position),
+                    loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss), config=config.model_dump()))
+            if session.rank == 0:
+                print(progress_line(metrics), flush=True)
+            session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            loss_sum.zero_()
+            window_steps, excluded = 0, 0.0
+            window_start = time.perf_counter() if save else now  # a report's own cost counts, a checkpoint's does not
+    finally:
+        gc.enable()
     return metrics
 
 

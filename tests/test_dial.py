@@ -68,6 +68,18 @@ def test_horizon_precedence_and_modes():
     assert iters.horizon_mode == "iterations" and iters.iterations == 7 and iters.tokens == 7 * 2**19
 
 
+def test_flops_and_iterations_modes_keep_nanochats_batch_and_weight_decay():
+    for depth, flops in [(10, 1e19), (20, 1e18), (12, 2.15e18)]:
+        ratio = plan(depth, NANOCHAT)
+        budget = plan(depth, NANOCHAT, Horizon(flops=flops))
+        assert (budget.total_batch_tokens, budget.weight_decay) == (ratio.total_batch_tokens, ratio.weight_decay)
+        assert budget.iterations == round(flops / (budget.flops_per_token * budget.total_batch_tokens))
+    assert plan(20, NANOCHAT, Horizon(flops=1e18)).total_batch_tokens == 2**20
+    assert plan(10, NANOCHAT, Horizon(flops=1e19)).weight_decay == pytest.approx(0.44, abs=5e-3)
+    fixed = plan(20, NANOCHAT, Horizon(iterations=10))
+    assert (fixed.total_batch_tokens, fixed.weight_decay) == (2**20, plan(20, NANOCHAT).weight_decay)
+
+
 def test_grad_accum_over_workers():
     assert [plan(12, num_workers=w).grad_accum for w in (1, 2, 4, 8)] == [4, 2, 1, 1]
     assert plan(12, num_workers=8).device_batch_size == 32  # 8 x 64 rows would overshoot 2^19 tokens

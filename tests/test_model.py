@@ -78,9 +78,9 @@ def test_kv_cache_decode_equals_full_forward(pattern):
 
 def test_window_mask():
     mask = window_mask(3, 6, offset=3, window=2, device="cpu")
-    assert mask.tolist() == [[False, False, True, True, False, False],
-                             [False, False, False, True, True, False],
-                             [False, False, False, False, True, True]]
+    assert mask.tolist() == [[False, True, True, True, False, False],  # like FA's window_size=(2, 0)
+                             [False, False, True, True, True, False],
+                             [False, False, False, True, True, True]]
 
 
 def test_init_is_deterministic_and_nanochat_like():

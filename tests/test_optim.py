@@ -1,11 +1,12 @@
 import copy
+import math
 
 import pytest
 import torch
 
 from nanoray.dial import Horizon, plan
 from nanoray.model import build_model, ModelConfig
-from nanoray.optim import (Muon, apply_schedule, build_optimizers, lr_multiplier, muon_momentum,
+from nanoray.optim import (POLAR_EXPRESS, Muon, apply_schedule, build_optimizers, lr_multiplier, muon_momentum,
                            muon_weight_decay, polar_express)
 
 
@@ -24,9 +25,10 @@ def test_schedules_match_nanochat():
     assert lr_multiplier(39, p) == 1.0 and lr_multiplier(350, p) == 1.0
     assert lr_multiplier(999, p) == pytest.approx(1 / 650 + (1 - 1 / 650) * 0.05)
     assert lr_multiplier(1000, p) == pytest.approx(0.05)
-    assert muon_momentum(350, p) == pytest.approx(0.97) and muon_momentum(1000, p) == pytest.approx(0.90)
-    # momentum warmup is 400 steps, cut short where the warmdown starts first (here at 350)
-    assert muon_momentum(0, p) == 0.85 and muon_momentum(175, p) == pytest.approx(0.91)
+    # momentum: the 400-step warmup wins over an early warmdown (here starting at 350), as in nanochat
+    assert muon_momentum(0, p) == 0.85 and muon_momentum(175, p) == pytest.approx(0.9025)
+    assert muon_momentum(350, p) == pytest.approx(0.955) and muon_momentum(400, p) == pytest.approx(0.97 - 0.07 * 50 / 650)
+    assert muon_momentum(1000, p) == pytest.approx(0.90)
     long = plan(12, horizon=Horizon(iterations=2000))
     assert muon_momentum(200, long) == pytest.approx(0.91) and muon_momentum(400, long) == 0.97
     assert muon_weight_decay(0, p) == pytest.approx(p.weight_decay)
@@ -81,3 +83,60 @@ def test_muon_state_dict_roundtrip():
     opt.step()
     opt2.step()
     assert torch.equal(w, w2)
+
+
+def reference_muon(p, g, buf, v, lr, mu, wd):
+    """nanochat-facts §3 Muon steps 1-8, written out for one matrix in float64."""
+    rows, cols = p.shape
+    buf = mu * buf + (1 - mu) * g
+    u = (1 - mu) * g + mu * buf
+    u = u * ((u.norm() / math.sqrt(rows)) / u.norm(dim=1, keepdim=True))  # MuonEq
+    x = u.T if rows > cols else u
+    x = x / (1.01 * x.norm() + 1e-6)
+    for a, b, c in POLAR_EXPRESS:
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    u = x.T if rows > cols else x
+    u = u * math.sqrt(min(rows, cols)) / u.norm()  # Muon+
+    v = 0.9 * v + 0.1 * (u**2).mean(dim=1 if rows >= cols else 0, keepdim=True)  # NorMuon
+    scaled = u / v.sqrt()
+    u = scaled * (u.norm() / scaled.norm())
+    lr_eff = lr * max(1.0, rows / cols) ** 0.5
+    p = p - lr_eff * u - lr_eff * wd * p * (u * p >= 0)  # cautious weight decay
+    return p, buf, v
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (48, 16)])
+def test_muon_matches_reference_steps(shape):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    opt = Muon([w], lr=0.05, momentum=0.9, weight_decay=0.3)
+    p, buf = w.detach().double().clone(), torch.zeros(shape, dtype=torch.float64)
+    v = torch.zeros((shape[0], 1) if shape[0] >= shape[1] else (1, shape[1]), dtype=torch.float64)
+    for _ in range(3):
+        g = torch.randn(shape, generator=gen)
+        w.grad = g
+        opt.step()
+        p, buf, v = reference_muon(p, g.double(), buf, v, 0.05, 0.9, 0.3)
+        torch.testing.assert_close(w.detach().double(), p, atol=1e-5, rtol=1e-4)
+
+
+def test_adamw_groups_match_nanochat_table():
+    p = plan(12, "gpt2")
+    with torch.device("meta"):
+        from nanoray.model import GPT
+        model = GPT(ModelConfig(**p.model_kwargs()))
+    adamw, _ = build_optimizers(model, p)
+    groups = [(g["params"], g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in adamw.param_groups]
+    expected = [
+        ([model.lm_head.weight], p.unembedding_lr, (0.8, 0.96), 0.01),
+        ([model.wte.weight], p.embedding_lr, (0.8, 0.995), 0.001),
+        (list(model.value_embeds.parameters()), p.embedding_lr * 0.5, (0.8, 0.995), 0.01),
+        ([model.resid_lambdas], p.scalar_lr * 0.01, (0.8, 0.95), 0.05),
+        ([model.x0_lambdas], p.scalar_lr, (0.96, 0.95), 0.0),
+        ([model.smear_gate.weight, model.smear_lambda, model.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+    ]
+    assert len(groups) == len(expected)
+    for (params, lr, betas, eps, wd), (want_params, want_lr, want_betas, want_wd) in zip(groups, expected):
+        assert [id(x) for x in params] == [id(x) for x in want_params]
+        assert (lr, betas, eps, wd) == (pytest.approx(want_lr), want_betas, 1e-10, want_wd)

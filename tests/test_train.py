@@ -16,9 +16,9 @@ from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train
 MARKOV = DataSpec(kind="markov")
 
 
-def tiny_run(iterations: int, workers: int = 1, **kwargs) -> TrainConfig:
-    run = plan(2, "tiny", Horizon(iterations=iterations), num_workers=workers, device_batch_size=8)
-    return TrainConfig(plan=run, data=MARKOV, **dict(dict(log_every=2, eval_every=0, eval_batches=2), **kwargs))
+def tiny_run(iterations: int, workers: int = 1, device_batch_size: int = 8, **kwargs) -> TrainConfig:
+    run = plan(2, "tiny", Horizon(iterations=iterations), num_workers=workers, device_batch_size=device_batch_size)
+    return TrainConfig(plan=run, data=MARKOV, **dict(dict(log_every=2, eval_every=0, eval_tokens=2 * 8 * 256), **kwargs))
 
 
 def test_loss_falls_on_a_tiny_model():
@@ -67,28 +67,30 @@ def test_checkpoint_roundtrip_is_atomic_and_checked(tmp_path):
 
 def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
     storage, log1, log2 = str(tmp_path / "runs"), str(tmp_path / "m1.jsonl"), str(tmp_path / "m2.jsonl")
-    result = fit(tiny_run(6, workers=2, max_steps=4, checkpoint_every=2), "ddp", storage, cpus_per_worker=1,
+    # 2 workers x 4 rows x 2 micro-steps: DDP's no_sync path runs on the first micro-step of each step
+    result = fit(tiny_run(6, workers=2, device_batch_size=4, max_steps=4, checkpoint_every=2), "ddp", storage,
+                 cpus_per_worker=1,
                  callbacks=[metrics_log(log1)])
     assert [json.loads(line)["step"] for line in open(log1)] == [2, 4]
     assert result.metrics["step"] == 4 and result.metrics["tokens"] == 4 * 4096
     with result.checkpoint.as_directory() as d:
-        assert read_meta(Path(d))["step"] == 4 and read_meta(Path(d))["data"]["position"] == 4
+        assert read_meta(Path(d))["step"] == 4 and read_meta(Path(d))["data"]["position"] == 8
 
     # Same name and storage: Ray Train hands the step-4 checkpoint back, and the run finishes steps 5-6.
-    result = fit(tiny_run(6, workers=2, checkpoint_every=2), "ddp", storage, cpus_per_worker=1,
+    result = fit(tiny_run(6, workers=2, device_batch_size=4, checkpoint_every=2), "ddp", storage, cpus_per_worker=1,
                  callbacks=[metrics_log(log2)])
     assert [json.loads(line)["step"] for line in open(log2)] == [6]
     with result.checkpoint.as_directory() as d:
         ddp_weights = load_file(Path(d) / "ckpt" / "model.safetensors") if (Path(d) / "ckpt").exists() \
             else load_file(Path(d) / "model.safetensors")
 
-    # Two DDP workers with one micro-batch each == one worker accumulating both micro-batches, up to float
-    # summation order (which Adam's sign-like steps on tiny scalar grads amplify to a few percent at most).
+    # Two DDP workers with two micro-batches each == one worker accumulating all four, up to float
+    # summation order (which Adam's sign-like steps on tiny grads amplify: up to ~1.3% in norm here).
     local = LocalSession("cpu", out_dir=str(tmp_path / "local"))
-    train(tiny_run(6), local)
+    train(tiny_run(6, device_batch_size=4), local)
     local_weights = load_file(Path(local.checkpoints[-1]) / "model.safetensors")
     for name, value in local_weights.items():
-        assert (ddp_weights[name] - value).abs().max() <= 0.05 * value.abs().max() + 1e-5, name
+        assert (ddp_weights[name] - value).norm() <= 0.03 * value.norm() + 1e-6, name
 
 
 def test_evaluate_bpb_counts_only_byte_tokens():
