@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
     print(run.table(), flush=True)
-    config = TrainConfig(plan=run, data=DataSpec(kind=args.data), max_steps=args.steps, log_every=10 if gpu else 20)
+    config = TrainConfig(plan=run, data=DataSpec(kind=args.data), max_steps=args.steps, log_every=10 if gpu else 20,
+                         eval_tokens=2**20 if gpu else 2**16)
     result = fit(config, args.name or f"d{args.depth}-{args.preset}", args.storage, use_gpu=gpu)
     print(json.dumps(dict(result.metrics or {}, checkpoint=result.checkpoint and result.checkpoint.path)))
 
