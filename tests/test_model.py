@@ -107,3 +107,68 @@ def test_fused_qkv_matches_separate_projections():
     # and the model's gradients land on the three separate parameters
     model(torch.randint(config.vocab_size, (2, 9)), torch.randint(config.vocab_size, (2, 9))).backward()
     assert all(getattr(attn, n).weight.grad is not None for n in ("c_q", "c_k", "c_v"))
+
+
+def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """nanochat-facts §2, written out plainly (explicit softmax attention, no SDPA), for the fp32 CPU path."""
+    cfg = model.config
+    B, T = idx.shape
+    H, K, C, L = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_layer
+
+    def rms(x):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+
+    def rope(t):  # rotate-half, by -theta
+        angles = torch.outer(torch.arange(T, dtype=torch.float32), 1.0 / 100_000 ** (torch.arange(0, C, 2) / C))
+        cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+        t1, t2 = t[..., :C // 2], t[..., C // 2:]
+        return torch.cat([t1 * cos + t2 * sin, t2 * cos - t1 * sin], dim=-1)
+
+    emb = rms(model.wte.weight[idx])
+    gate = model.smear_lambda * torch.sigmoid(emb[..., :24] @ model.smear_gate.weight.T)
+    x = emb.clone()
+    x[:, 1:] = emb[:, 1:] + gate[:, 1:] * emb[:, :-1]
+    x0, cached = x, None
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i, block in enumerate(model.blocks):
+        a = block.attn
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        h = rms(x)
+        q = (h @ a.c_q.weight.T).view(B, T, H, C)
+        k = (h @ a.c_k.weight.T).view(B, T, K, C)
+        v = (h @ a.c_v.weight.T).view(B, T, K, C)
+        if a.ve_gate is not None:
+            ve = model.value_embeds[str(i)].weight[idx].view(B, T, K, C)
+            v = v + 3 * torch.sigmoid(h[..., :12] @ a.ve_gate.weight.T)[..., None] * ve
+        q, k = rms(rope(q)) * 1.2, rms(rope(k)) * 1.2
+        scores = torch.einsum("bthc,bshc->bhts", q, k) / C**0.5
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = torch.einsum("bhts,bshc->bthc", att, v).reshape(B, T, H * C)
+        x = x + y @ a.c_proj.weight.T
+        x = x + torch.relu(rms(x) @ block.mlp.c_fc.weight.T).square() @ block.mlp.c_proj.weight.T
+        if i == L // 2:
+            cached = x
+    x = rms(x - model.backout_lambda * cached)
+    return 15 * torch.tanh((x @ model.lm_head.weight.T)[..., :cfg.vocab_size] / 15)
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_forward_matches_plain_reference(depth):
+    config = ModelConfig(**plan(depth, "tiny").model_kwargs())
+    model = randomized(config, seed=depth)
+    idx = torch.randint(config.vocab_size, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference_forward(model, idx), atol=1e-4, rtol=1e-4)
+
+
+def test_init_scales():
+    config = ModelConfig(**plan(4, "tiny").model_kwargs())
+    model = build_model(config, seed=0)
+    s = 3**0.5 / config.n_embd**0.5
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
+    for w in (attn.c_q.weight, attn.c_k.weight, attn.c_v.weight, model.value_embeds["1"].weight):
+        assert w.abs().max() <= s and w.std().item() == pytest.approx(1 / config.n_embd**0.5, rel=0.05)
+    assert mlp.c_fc.weight.abs().max() <= 0.4 * s and mlp.c_fc.weight.abs().max() > 0.35 * s
+    for w in (attn.ve_gate.weight, model.smear_gate.weight):
+        assert w.min() >= 0 and w.max() <= 0.02
