@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, description="stop after this many steps (default: plan.iterations)")
     log_every: int = Field(10, description="report metrics every N steps")
     eval_every: int = Field(250, description="val loss every N steps, and at the end (0: only at the end)")
-    eval_tokens: int = Field(2**20, description="val tokens per evaluation, whatever the batch shape (comparable across depths)")
+    eval_tokens: int = Field(2**20, description="val tokens per evaluation, whatever the batch shape")
     checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
     checkpoint_at_end: bool = Field(True, description="checkpoint after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
@@ -83,8 +83,8 @@ class RaySession(Session):
     def wrap(self, model):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, move_to_device=False,
-                                             parallel_strategy_kwargs=dict(gradient_as_bucket_view=True, broadcast_buffers=False))
+        ddp_options = dict(gradient_as_bucket_view=True, broadcast_buffers=False)  # the only buffers: rotary tables
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_options)
 
     def report(self, metrics, checkpoint_dir):
         import ray.train
@@ -239,7 +239,8 @@ def train(config: TrainConfig, session: Session) -> dict:
                 gc.disable()
 
             last = step == end_step
-            save = (config.checkpoint_every and step % config.checkpoint_every == 0) or (last and config.checkpoint_at_end)
+            save = (last and config.checkpoint_at_end) or (
+                config.checkpoint_every and step % config.checkpoint_every == 0)
             if not (last or save or step % config.log_every == 0):
                 continue
             if last:
@@ -263,7 +264,8 @@ def train(config: TrainConfig, session: Session) -> dict:
                 checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
                 save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
                     plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=batches.position),
-                    loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss), config=config.model_dump()))
+                    loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss),
+                    config=config.model_dump()))
             if session.rank == 0:
                 print(progress_line(metrics), flush=True)
             session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
