@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoray.dial import RunPlan
 from nanoray.model import GPT, ModelConfig, build_model
 
 WEIGHTS, OPTIMIZER, RNG, META = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json"
@@ -101,7 +100,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     model = build_model(ModelConfig(**meta["model"]), device=device)
     load_checkpoint(path, model)
     return model.eval(), meta
-
-
-def plan_of(meta: dict) -> RunPlan:
-    return RunPlan(**meta["plan"])

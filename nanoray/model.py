@@ -75,7 +75,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.prev_emb: torch.Tensor | None = None
         self.pos = 0
-        self.max_len = max_len
 
 
 class Attention(nn.Module):
