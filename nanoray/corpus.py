@@ -27,6 +27,7 @@ import base64
 import glob
 import gzip
 import html
+import http.client
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -145,8 +147,8 @@ DICTD_DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/
 _MARKS = {"^": "\u0302", "=": "\u0304", "'": "\u0301", "`": "\u0300", '"': "\u0308", "~": "\u0303",
           ".": "\u0323", ",": "\u0327", "*": "\u030a", "-": ""}
 _GCIDE_SYMBOLS = {"ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "eth": "ð", "thorn": "þ", "yogh": "ȝ", "ng": "ŋ",
-                  "th": "th", "imac": "ī", "aum": "ä", "asl": "ā", "add": "ä", "udd": "ü", "deg": "°", "sect": "§",
-                  "pounds": "£", "root": "√", "flat": "♭", "sharp": "♯"}
+                  "th": "th", "imac": "ī", "aum": "ä", "asl": "ā", "add": "ä", "udd": "ü", "deg": "°",
+                  "sect": "§", "pounds": "£", "root": "√", "flat": "♭", "sharp": "♯"}
 
 
 def _dictd_number(digits: str) -> int:
@@ -189,7 +191,8 @@ def gcide_text(entry: str) -> str:
 def _gcide(root: str, paths: list[str], skipped: list | None) -> Iterator[tuple[str, str]]:
     for index in paths:
         name = _relative(root, index).removesuffix(".index")
-        raw_index, data = _read_bytes(index, skipped), _read_bytes(index.removesuffix(".index") + ".dict.dz", skipped)
+        raw_index = _read_bytes(index, skipped)
+        data = _read_bytes(index.removesuffix(".index") + ".dict.dz", skipped)
         if raw_index is None or data is None:
             continue
         spans, metadata = set(), set()  # metadata: 00-database-info, 00-gcide-url, ... and their aliases
@@ -264,10 +267,13 @@ def _pod_code(m: re.Match) -> str:
         return ""
     if code == "E":  # E<gt>, E<eacute>, E<0x201E>, E<075> (octal), E<181>
         named = {"lt": "<", "gt": ">", "sol": "/", "verbar": "|"}
+        if inner in named:
+            return named[inner]
         number = re.fullmatch(r"(0x[0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*)", inner)
-        if number and int(inner, 16 if number[1] else 8 if number[2] else 10) < 0x110000:
-            return chr(int(inner, 16 if number[1] else 8 if number[2] else 10))
-        return named.get(inner) or html.unescape(f"&{inner};")
+        if number:
+            value = int(inner, 16 if number[1] else 8 if number[2] else 10)
+            return chr(value) if value < 0x110000 else ""
+        return html.unescape(f"&{inner};")
     if code == "L":
         return inner.split("|", 1)[0]
     return inner
@@ -315,7 +321,7 @@ def austen_chapters(lines: list[str]) -> list[str]:
     chapters: list[list[str]] = [[]]
     after_heading = False
     for line in lines:
-        heading = re.match(r"chapter\b", line, re.I) is not None
+        heading = re.fullmatch(r"chapter\s+[0-9ivxlc]+\.?\s*", line, re.I) is not None  # CHAPTER XII, Chapter 3
         if heading and after_heading:
             chapters.append([])
         after_heading |= heading
@@ -352,16 +358,20 @@ def _kernel_doc_skipped(path: str) -> bool:
     return "translations" in parts or "devicetree" in parts or any(p.startswith("sphinx") for p in parts)
 
 
-# package -> (globs under the root, paths to leave out, extractor)
+class DebianSource(NamedTuple):
+    patterns: list[str]  # globs under the root
+    extract: Callable[[str, list[str], list | None], Iterator[tuple[str, str]]]  # (root, paths, skipped) -> docs
+    leave_out: Callable[[str], bool] | None = None  # paths (relative to the root) to leave out
+
+
 DEBIAN_DOCS = {
-    "dict-gcide": (["usr/share/dictd/gcide.index"], None, _gcide),
-    "wordnet-base": (["usr/share/wordnet/data.noun", "usr/share/wordnet/data.verb", "usr/share/wordnet/data.adj",
-                      "usr/share/wordnet/data.adv"], None, _wordnet),
-    "linux-doc": (["usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz",
-                   "usr/share/doc/linux-doc-*/Documentation/**/*.txt.gz"], _kernel_doc_skipped, _text_files()),
-    "python3-doc": (["usr/share/doc/python3*/html/_sources/**/*.rst.txt"], None, _text_files()),
-    "perl-doc": (["usr/share/perl/*/pod/*.pod"], None, _text_files(pod_text)),
-    "r-cran-janeaustenr": (["usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"], None, _austen),
+    "dict-gcide": DebianSource(["usr/share/dictd/gcide.index"], _gcide),
+    "wordnet-base": DebianSource([f"usr/share/wordnet/data.{pos}" for pos in ("noun", "verb", "adj", "adv")], _wordnet),
+    "linux-doc": DebianSource([f"usr/share/doc/linux-doc-*/Documentation/**/*.{kind}.gz" for kind in ("rst", "txt")],
+                              _text_files(), _kernel_doc_skipped),
+    "python3-doc": DebianSource(["usr/share/doc/python3*/html/_sources/**/*.rst.txt"], _text_files()),
+    "perl-doc": DebianSource(["usr/share/perl/*/pod/*.pod"], _text_files(pod_text)),
+    "r-cran-janeaustenr": DebianSource(["usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"], _austen),
 }
 
 
@@ -372,9 +382,11 @@ def _relative(root: str, path: str) -> str:
 def debian_files(root: str) -> dict[str, list[str]]:
     """The files of each Debian package present under root, by real path (symlinked copies count once)."""
     found = {}
-    for package, (patterns, leave_out, _) in DEBIAN_DOCS.items():
-        real = {os.path.realpath(p) for pattern in patterns for p in glob.glob(os.path.join(root, pattern), recursive=True)}
-        paths = sorted(p for p in real if os.path.isfile(p) and not (leave_out and leave_out(_relative(root, p))))
+    for package, source in DEBIAN_DOCS.items():
+        real = {os.path.realpath(path) for pattern in source.patterns
+                for path in glob.glob(os.path.join(root, pattern), recursive=True)}
+        paths = sorted(p for p in real if os.path.isfile(p)
+                       and not (source.leave_out and source.leave_out(_relative(root, p))))
         if paths:
             found[package] = paths
     return found
@@ -391,7 +403,7 @@ def _debian_docs(root: str, split: str, skipped: list | None) -> Iterator[str]:
             if package not in found:
                 _skip(skipped, f"debian-docs:{package}", f"not installed under {root}")
                 continue
-            for key, doc in DEBIAN_DOCS[package][2](root, found[package], skipped):
+            for key, doc in DEBIAN_DOCS[package].extract(root, found[package], skipped):
                 if split_of(key) == split:
                     yield doc
     return docs()
@@ -543,7 +555,8 @@ def read_source(spec: str, split: str = "train", skipped: list | None = None) ->
     raise ValueError(f"source: unknown source {spec!r}; allowed: {', '.join(SOURCES)}")
 
 
-def write_shards(docs: Iterable[str], out_dir: str | os.PathLike, docs_per_shard: int = 8 * ROW_GROUP_DOCS) -> list[Path]:
+def write_shards(docs: Iterable[str], out_dir: str | os.PathLike,
+                 docs_per_shard: int = 8 * ROW_GROUP_DOCS) -> list[Path]:
     """Write documents as parquet shards shard_00000.parquet, ... (each written to a temp name, then renamed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -574,12 +587,16 @@ def fetch_url(url: str, out) -> None:
         shutil.copyfileobj(response, out, 1 << 20)
 
 
+# network errors, timeouts and HTTP errors (OSError), a body cut short, a response that is not parquet
+RETRIED = (OSError, http.client.HTTPException, ValueError)
+
+
 def with_retries(what: str, attempt: Callable[[], object], tries: int = 5, sleep=time.sleep):
     """attempt() until it succeeds, waiting 2, 4, 8, ... s between tries (nanochat's backoff)."""
     for i in range(1, tries + 1):
         try:
             return attempt()
-        except (OSError, ValueError) as e:  # URLError, timeouts, HTTP errors, a file that is not parquet
+        except RETRIED as e:
             if i == tries:
                 raise OSError(f"{what}: failed after {tries} tries ({type(e).__name__}: {e})") from e
             print(f"{what}: {type(e).__name__}: {e}; retrying in {2 ** i} s", file=sys.stderr)
@@ -596,6 +613,14 @@ def download_plan(files: list[str], shards: int) -> dict[str, list[str]]:
     return {"train": files[:min(shards, len(files) - 1)], "val": files[-1:]}
 
 
+def _parquet_magic(path: Path) -> bool:
+    """A parquet file starts and ends with PAR1 (an error page or a cut-off body does not)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(os.path.getsize(path) - 4, 4))
+        return head == b"PAR1" and f.read(4) == b"PAR1"
+
+
 def download_file(url: str, path: Path, fetch=fetch_url, sleep=time.sleep) -> bool:
     """Fetch url to path through a temp file and a rename (never a half file under the real name).
     A file already there is kept; returns whether it was fetched."""
@@ -608,11 +633,8 @@ def download_file(url: str, path: Path, fetch=fetch_url, sleep=time.sleep) -> bo
         try:
             with open(tmp, "wb") as out:
                 fetch(url, out)
-            if path.suffix == ".parquet":
-                with open(tmp, "rb") as f:
-                    head, _ = f.read(4), f.seek(-4, os.SEEK_END)
-                    if head != b"PAR1" or f.read(4) != b"PAR1":
-                        raise ValueError("the response is not a parquet file")
+            if path.suffix == ".parquet" and not _parquet_magic(tmp):
+                raise ValueError("the response is not a parquet file")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -654,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "download":
         try:
             print(json.dumps(download(args.source, args.shards, args.out)))
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             p.error(str(e))
         return
     summary = {}

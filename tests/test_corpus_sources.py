@@ -59,7 +59,8 @@ def rdb(objects: list[bytes]) -> bytes:
 GCIDE_ENTRIES = [
     ("00-database-info", "00-database-info\n   This file was converted from the original database.\n"),
     ("Apple", 'Apple \\Ap"ple\\ ([a^]p"p\'l), n. [AS. [ae]ppel.]\n   1. The fleshy pome or fruit of a rosaceous\n'
-              '      tree ({Pyrus malus}).\n      [1913 Webster]\n\n   2. Any tree bearing apples.\n      [1913 Webster]\n'),
+              '      tree ({Pyrus malus}).\n      [1913 Webster]\n\n'
+              '   2. Any tree bearing apples.\n      [1913 Webster]\n'),
     ("Encyclopedia", "Encyclopedia \\En*cy`clo*p[ae]\"di*a\\, n.\n   A work in which the arts are treated; as, the\n"
                      "   Encyclop[ae]dia Britannica; a caf['e] of learning.\n   [1913 Webster]\n"),
     ("Broken", "Broken \\Bro\"ken\\, a.\n   Not whole; caf\x92e.\n"),
@@ -193,7 +194,8 @@ def test_debian_docs_real_packages():
     files = corpus.debian_files("/")
     if "r-cran-janeaustenr" not in files:
         pytest.skip("r-cran-janeaustenr not installed")
-    chapters = [doc for _, doc in corpus.DEBIAN_DOCS["r-cran-janeaustenr"][2]("/", files["r-cran-janeaustenr"], [])]
+    austen = corpus.DEBIAN_DOCS["r-cran-janeaustenr"]
+    chapters = [doc for _, doc in austen.extract("/", files["r-cran-janeaustenr"], [])]
     assert len(chapters) == 269 and chapters[0].startswith("EMMA") and 3.9e6 < sum(map(len, chapters)) < 4.1e6
 
 
@@ -355,6 +357,8 @@ def test_download_retries_and_atomic_writes(tmp_path):
     assert sleeps[3:] == [2, 4, 8, 16] and list((tmp_path / "new").iterdir()) == []  # nothing half-written
     with pytest.raises(ValueError, match="expected hf:<org>/<name>"):
         download("parquet:org/name", 1, tmp_path, files=files)
+    with pytest.raises(SystemExit):
+        corpus.main(["download", "hf:no-org", "--shards", "1", "--out", str(tmp_path)])
 
 
 def test_download_over_http(tmp_path, monkeypatch):
