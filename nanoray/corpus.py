@@ -23,7 +23,6 @@ the shards are sorted and the last one is val (nanochat's rule); a single shard 
 """
 
 import argparse
-import base64
 import glob
 import gzip
 import html
@@ -654,8 +653,8 @@ def download(spec: str, shards: int, out_dir: str | os.PathLike, files: list[str
             repo, repo_type="dataset"), sleep=sleep)
     plan = download_plan(files, shards)
     fetched = 0
-    for split, files in plan.items():
-        for file in files:
+    for split, names in plan.items():
+        for file in names:
             url = f"{base_url}/datasets/{repo}/resolve/main/{urllib.parse.quote(file)}"
             fetched += download_file(url, Path(out_dir) / split / os.path.basename(file), fetch, sleep)
     return dict(out=str(out_dir), train=len(plan["train"]), val=len(plan["val"]), fetched=fetched)
