@@ -1,6 +1,6 @@
 """Token sources for the trainer, and BOS-aligned best-fit packing of documents into rows.
 
-A source hands each worker batches of rows of seq_len + 1 tokens (inputs = row[:-1], targets = row[1:])
+Real text streams through Ray Data (nanoray/stream.py); this module holds what needs no Ray. A source hands each worker batches of rows of seq_len + 1 tokens (inputs = row[:-1], targets = row[1:])
 and a position: the number of micro-batches this worker has consumed. The position goes into every
 checkpoint, so a resumed run continues with the next unseen batch.
 
@@ -16,17 +16,31 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SYNTHETIC_KINDS = ("random", "markov")
+DATA_KINDS = (*SYNTHETIC_KINDS, "corpus")
 
 
 class DataSpec(BaseModel):
-    """Which token source the trainer reads."""
+    """Which tokens the trainer reads: a synthetic stream, or a corpus through the Ray Data stream."""
 
     model_config = ConfigDict(frozen=True)
-    kind: str = Field("random", description=f"one of {SYNTHETIC_KINDS}")
-    seed: int = Field(0, description="seed of the synthetic stream")
+    kind: str = Field("random", description=f"one of {DATA_KINDS}")
+    seed: int = Field(0, description="seed of the synthetic stream, or of the corpus's shard order")
+    source: str = Field("stdlib", description="corpus source (kind corpus): stdlib, files:<glob>, "
+                        "parquet:<dir|glob|s3://...>, hf:<org/name>, debian-docs")
+    data_dir: str | None = Field(None, description="where a prepared corpus lives (default runs/data/<source>)")
+    epochs: int | None = Field(None, description="passes over the corpus allowed (default: enough for the plan)")
+    actors: int = Field(1, description="tokenizer actors feeding the workers")
+    cpus_per_actor: float = Field(1.0, description="logical CPUs per tokenizer actor")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in DATA_KINDS:
+            raise ValueError(f"data.kind: unknown kind {kind!r}; allowed: {', '.join(DATA_KINDS)}")
+        return kind
 
 
 class SyntheticTokens:

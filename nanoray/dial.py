@@ -55,6 +55,8 @@ class Preset(BaseModel):
     ref_depth: int = Field(description="depth at which the total batch is ref_batch_tokens")
     ref_batch_tokens: int = Field(description="total batch (tokens) at ref_depth; LRs scale by sqrt(B / this)")
     warmup_steps: int = Field(description="linear LR warmup steps")
+    split_long_docs: bool = Field(False, description="data: cut documents longer than a row into row-sized "
+                                  "pieces instead of cropping them (short contexts lose most tokens to crops)")
 
 
 PRESETS = {
@@ -66,7 +68,7 @@ PRESETS = {
     # A laptop-sized family: d2-d6 train in minutes on CPU cores.
     "tiny": Preset(name="tiny", vocab_size=4096, seq_len=256, aspect_ratio=32, head_dim=32,
                    device_batch_size=16, gpu_memory_gib=None, window_pattern="L", ref_depth=4, ref_batch_tokens=2**13,
-                   warmup_steps=10),
+                   warmup_steps=10, split_long_docs=True),
 }
 
 
@@ -109,6 +111,7 @@ class RunPlan(BaseModel):
     seq_len: int
     window_pattern: str
     windows: tuple[int, ...] = Field(description="attention window of each layer, in tokens")
+    split_long_docs: bool = Field(False, description="data: documents longer than a row are cut, not cropped")
     # accounting
     total_params: int
     scaling_params: int = Field(description="transformer matrices + lm_head: the N of tokens = r x N")
@@ -309,6 +312,7 @@ def plan(
         depth=depth, preset=preset.name, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
         head_dim=preset.head_dim, vocab_size=preset.vocab_size, padded_vocab_size=padded_vocab(preset.vocab_size),
         seq_len=preset.seq_len, window_pattern=preset.window_pattern, windows=windows,
+        split_long_docs=preset.split_long_docs,
         total_params=counts["total"], scaling_params=n_scaling, matmul_params=n_matmul,
         flops_per_token=flops_per_token, horizon_mode=horizon.mode, target_tokens=target,
         total_batch_tokens=total_batch_tokens, iterations=iterations, tokens=tokens, total_flops=total_flops,

@@ -15,6 +15,7 @@ FLOPs so far, train loss, tok/s and MFU. Checkpoints go through `nanoray.checkpo
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -27,12 +28,15 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanoray.checkpoint import load_checkpoint, save_checkpoint
-from nanoray.data import DataSpec, SyntheticTokens, WorkerBatches
+from nanoray.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from nanoray.data import SYNTHETIC_KINDS, DataSpec, SyntheticTokens, WorkerBatches
 from nanoray.dial import Horizon, RunPlan, plan
 from nanoray.hardware import device_name, peak_flops, prefer_cudnn_attention
 from nanoray.model import ModelConfig, build_model
 from nanoray.optim import apply_schedule, build_optimizers
+from nanoray.stream import (StreamBatches, StreamPosition, StreamSpec, build_dataset, epochs_for, local_rows,
+                            prepare_data, rebatch, to_device)
+from nanoray.tokenizer import Tokenizer
 
 
 class TrainConfig(BaseModel):
@@ -51,15 +55,65 @@ class TrainConfig(BaseModel):
     seed: int = Field(42, description="model init and RNG seed")
 
 
+class Corpus:
+    """A corpus ready to stream (made on the driver by `prepare_corpus`): train and val streams, the
+    tokenizer, and how many val rows every evaluation reads."""
+
+    def __init__(self, train: StreamSpec, val: StreamSpec, tokenizer: Tokenizer, val_rows: int):
+        self.train, self.val, self.tokenizer, self.val_rows = train, val, tokenizer, val_rows
+
+    def datasets(self, storage_path: str, name: str) -> dict:
+        """Ray Datasets for TorchTrainer, as callables: Train calls them at every (re)start of the worker
+        group, so the train stream always begins where the run's latest checkpoint left it."""
+        train, val, tokenizer, rows = self.train, self.val, self.tokenizer, self.val_rows
+        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name)),
+                "val": lambda: build_dataset(val, tokenizer, limit_rows=rows)}
+
+
+def prepare_corpus(config: "TrainConfig") -> Corpus:
+    """Shards and tokenizer for `config.data` (made once, then reused), and the streams over them."""
+    plan, data = config.plan, config.data
+    spec, tokenizer_dir = prepare_data(data.source, plan.vocab_size, data.data_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size != plan.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} tokens, plan.vocab_size is "
+                         f"{plan.vocab_size}")
+    train = StreamSpec(source=spec, split="train", seq_len=plan.seq_len, seed=data.seed,
+                       epochs=data.epochs or epochs_for(spec, plan.tokens), split_long_docs=plan.split_long_docs,
+                       actors=data.actors, cpus_per_actor=data.cpus_per_actor)
+    val = train.model_copy(update=dict(split="val", epochs=1))
+    per_step = plan.device_batch_size * plan.num_workers
+    return Corpus(train, val, tokenizer, val_rows=max(1, config.eval_tokens // (per_step * plan.seq_len)) * per_step)
+
+
+def latest_position(storage_path: str, name: str) -> StreamPosition:
+    """The data position in the latest checkpoint of Ray Train run `name` (empty for a new run)."""
+    import ray.train
+
+    try:
+        result = ray.train.Result.from_path(os.path.join(storage_path, name))
+    except (RuntimeError, FileNotFoundError):  # no run there yet
+        return StreamPosition()
+    if result.checkpoint is None:
+        return StreamPosition()
+    with result.checkpoint.as_directory() as path:
+        return StreamPosition.from_json(read_meta(path)["data"]["position"])
+
+
 class Session:
     """Where the loop runs. Subclasses say who this worker is and where reports and checkpoints go."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device
+    tokenizer: Tokenizer | None = None  # with a corpus
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    def batches(self, split: str, batch_size: int, position: StreamPosition | None = None):
+        """This worker's rows of a corpus split, as numpy batches {tokens, slot, unit, row, ...}."""
+        raise ValueError("data.kind 'corpus' needs a session with a corpus (fit(), or LocalSession(corpus=...))")
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         raise NotImplementedError
@@ -72,13 +126,20 @@ class Session:
 class RaySession(Session):
     """Inside a Ray Train worker: DDP through ray.train.torch, reports and checkpoints through ray.train."""
 
-    def __init__(self):
+    def __init__(self, tokenizer: Tokenizer | None = None):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.tokenizer = tokenizer
+
+    def batches(self, split, batch_size, position=None):
+        import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)
+
+        return ray.train.get_dataset_shard(split).iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                              drop_last=True, prefetch_batches=4)
 
     def wrap(self, model):
         import ray.train.torch
@@ -108,13 +169,23 @@ class RaySession(Session):
 class LocalSession(Session):
     """A single plain process: metrics kept in `history`, checkpoints copied under `out_dir`."""
 
-    def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None):
+    def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None,
+                 corpus: Corpus | None = None):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.out_dir, self.resume_from = device, out_dir, resume_from
+        self.device, self.out_dir, self.resume_from, self.corpus = device, out_dir, resume_from, corpus
+        self.tokenizer = corpus and corpus.tokenizer
         self.history: list[dict] = []
         self.checkpoints: list[str] = []
+
+    def batches(self, split, batch_size, position=None):
+        if self.corpus is None:
+            return super().batches(split, batch_size, position)
+        if split == "train":
+            return rebatch(local_rows(self.corpus.train, self.corpus.tokenizer, position), batch_size)
+        rows = rebatch(local_rows(self.corpus.val, self.corpus.tokenizer), batch_size)
+        return itertools.islice(rows, self.corpus.val_rows // batch_size)
 
     def report(self, metrics, checkpoint_dir):
         self.history.append(metrics)
@@ -129,12 +200,13 @@ class LocalSession(Session):
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: WorkerBatches, num_batches: int) -> float:
-    """Mean loss (nats/token) over `num_batches` micro-batches per worker, averaged across workers."""
-    total = torch.zeros((), device=batches.device)
-    for _ in range(num_batches):
-        x, y = next(batches)
-        total += model(x, y).float()
+def evaluate_loss(model, batches, num_batches: int) -> float:
+    """Mean loss (nats/token) over the first `num_batches` (inputs, targets) of `batches` on each worker,
+    averaged across workers."""
+    total = None
+    for x, y in itertools.islice(batches, num_batches):
+        loss = model(x, y).float()
+        total = loss if total is None else total + loss
     if dist.is_initialized():
         dist.all_reduce(total)
         total /= dist.get_world_size()
@@ -142,13 +214,14 @@ def evaluate_loss(model, batches: WorkerBatches, num_batches: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches: WorkerBatches, token_bytes: torch.Tensor, num_batches: int) -> float:
-    """Bits per byte: nats summed over targets that stand for bytes (special tokens and ignored targets
-    count none) over ln 2 x those bytes; summed across workers. Independent of the tokenizer's vocab."""
-    token_bytes = token_bytes.to(batches.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=batches.device)  # nats, bytes
-    for _ in range(num_batches):
-        x, y = next(batches)
+def evaluate_bpb(model, batches, token_bytes: torch.Tensor, num_batches: int) -> float:
+    """Bits per byte over the first `num_batches` (inputs, targets) of `batches`: nats summed over targets
+    that stand for bytes (special tokens and ignored targets count none) over ln 2 x those bytes; summed
+    across workers. Independent of the tokenizer's vocab."""
+    sums = None  # nats, bytes
+    for x, y in itertools.islice(batches, num_batches):
+        if sums is None:
+            token_bytes, sums = token_bytes.to(x.device), torch.zeros(2, dtype=torch.float64, device=x.device)
         nats = model(x, y, loss_reduction="none")
         nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
         sums[0] += nats[nbytes > 0].double().sum()
@@ -161,7 +234,9 @@ def evaluate_bpb(model, batches: WorkerBatches, token_bytes: torch.Tensor, num_b
 def progress_line(m: dict) -> str:
     eta = (m["iterations"] - m["step"]) * m["step_s"]
     return (f"d{m['depth']} step {m['step']}/{m['iterations']} ({m['step'] / m['iterations']:.0%}) | "
-            f"loss {m['train_loss']:.4f} | val {m['val_loss']:.4f} | {m['tok_per_s']:,.0f} tok/s | "
+            f"loss {m['train_loss']:.4f} | val {m['val_loss']:.4f}"
+            + (f" ({m['val_bpb']:.4f} bpb)" if not math.isnan(m.get("val_bpb", math.nan)) else "")
+            + f" | {m['tok_per_s']:,.0f} tok/s | "
             f"MFU {m['mfu']:.1%} | {m['step_s']:.3f} s/step | ETA {eta / 60:.1f} min")
 
 
@@ -182,32 +257,66 @@ def train(config: TrainConfig, session: Session) -> dict:
     model = build_model(ModelConfig(**plan.model_kwargs()), device=device, seed=config.seed)
     optimizers = build_optimizers(model, plan, compile=use_compile)
 
-    step, position, train_time, val_loss = 0, 0, 0.0, float("nan")
+    corpus = config.data.kind == "corpus"
+    step, position, train_time, val_loss, val_bpb = 0, None, 0.0, float("nan"), float("nan")
     with session.latest_checkpoint() as path:
         if path is not None:
             meta = load_checkpoint(path, model, optimizers, restore_rng=True)
-            # The data position counts micro-batches of this shape, so the shape must not change.
-            for key in ("depth", "num_workers", "device_batch_size", "total_batch_tokens", "iterations"):
+            # A synthetic position counts micro-batches of this shape, so the shape must not change; a
+            # corpus position names rows, so any worker count and device batch can go on from it.
+            keys = ("depth", "total_batch_tokens", "iterations") + (() if corpus else ("num_workers", "device_batch_size"))
+            for key in keys:
                 if meta["plan"][key] != getattr(plan, key):
                     raise ValueError(f"{path}: checkpoint has plan.{key} = {meta['plan'][key]}, this run has "
                                      f"{getattr(plan, key)}; resume with the plan it was saved with")
-            if meta["data"]["kind"] != config.data.kind or meta["data"]["seed"] != config.data.seed:
-                raise ValueError(f"{path}: checkpoint read data {meta['data']}, this run reads {config.data}")
+            for key in ("kind", "seed", "source"):
+                if meta["data"].get(key) != getattr(config.data, key):
+                    raise ValueError(f"{path}: checkpoint read data.{key} = {meta['data'].get(key)!r}, this run "
+                                     f"reads {getattr(config.data, key)!r}")
             step, position = meta["step"], meta["data"]["position"]
             train_time, val_loss = meta["loop"]["train_time_s"], meta["loop"]["val_loss"]
+            val_bpb = meta["loop"].get("val_bpb", float("nan"))
 
     wrapped = session.wrap(model)
     forward = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
     is_ddp = wrapped is not model
-    source = dict(vocab_size=plan.vocab_size, seq_len=plan.seq_len, kind=config.data.kind, seed=config.data.seed)
-    batches = WorkerBatches(SyntheticTokens(**source, split="train"), plan.device_batch_size,
-                            session.rank, session.world_size, device, position)
+    eval_batches = max(1, config.eval_tokens // (plan.device_batch_size * plan.seq_len * session.world_size))
+    if corpus:
+        position = StreamPosition.from_json(position)
+        batches = StreamBatches(session.batches("train", plan.device_batch_size, position), device, position)
+        token_bytes = session.tokenizer.token_bytes()
+        val_set: list = []  # read once, at the first evaluation, then kept on the device
 
-    def validate() -> float:
-        val = WorkerBatches(SyntheticTokens(**source, split="val"), plan.device_batch_size,
-                            session.rank, session.world_size, device)
-        return evaluate_loss(forward, val, max(1, config.eval_tokens // (plan.device_batch_size * plan.seq_len
-                                                                          * session.world_size)))
+        def validate() -> tuple[float, float]:
+            if not val_set:
+                val_set.extend(to_device(b, device) for b in session.batches("val", plan.device_batch_size))
+                if not val_set:
+                    raise ValueError(f"data: the val split of {config.data.source} has no full batch of "
+                                     f"{plan.device_batch_size} rows for each of {session.world_size} workers")
+            return (evaluate_loss(forward, iter(val_set), len(val_set)),
+                    evaluate_bpb(forward, iter(val_set), token_bytes, len(val_set)))
+    else:
+        source = dict(vocab_size=plan.vocab_size, seq_len=plan.seq_len, kind=config.data.kind, seed=config.data.seed)
+        batches = WorkerBatches(SyntheticTokens(**source, split="train"), plan.device_batch_size,
+                                session.rank, session.world_size, device, position or 0)
+
+        def validate() -> tuple[float, float]:
+            val = WorkerBatches(SyntheticTokens(**source, split="val"), plan.device_batch_size,
+                                session.rank, session.world_size, device)
+            return evaluate_loss(forward, val, eval_batches), float("nan")
+
+    def data_position():
+        """Where the whole run is in its data: for a corpus, the union of every worker's position."""
+        if not corpus:
+            return batches.position
+        states = [batches.position.to_json()]
+        if dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, batches.position.to_json())
+        merged = StreamPosition()
+        for state in states:
+            merged = merged.merge(StreamPosition.from_json(state))
+        return merged.to_json()
 
     peak = peak_flops(device_name(device)) * session.world_size
     tokens_per_step = plan.total_batch_tokens
@@ -218,7 +327,7 @@ def train(config: TrainConfig, session: Session) -> dict:
         while step < end_step:
             if config.eval_every and step % config.eval_every == 0:
                 t0 = time.perf_counter()
-                val_loss = validate()
+                val_loss, val_bpb = validate()
                 excluded += time.perf_counter() - t0
             for micro in range(plan.grad_accum):
                 x, y = next(batches)
@@ -245,7 +354,7 @@ def train(config: TrainConfig, session: Session) -> dict:
                 continue
             if last:
                 t0 = time.perf_counter()
-                val_loss = validate()
+                val_loss, val_bpb = validate()
                 excluded += time.perf_counter() - t0
             train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
             now = time.perf_counter()
@@ -255,17 +364,21 @@ def train(config: TrainConfig, session: Session) -> dict:
             metrics = dict(
                 step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
                 flops=float(step * tokens_per_step * plan.flops_per_token), train_loss=train_loss, val_loss=val_loss,
+                val_bpb=val_bpb,
                 tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
                 step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
             )
             checkpoint_dir = None
+            where = data_position() if save else None  # every rank takes part in gathering it
             if save and session.rank == 0:
                 checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
-                save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
-                    plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=batches.position),
-                    loop=dict(train_time_s=train_time, val_loss=val_loss, train_loss=train_loss),
+                saved = save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
+                    plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=where),
+                    loop=dict(train_time_s=train_time, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss),
                     config=config.model_dump()))
+                if session.tokenizer is not None:  # serving and evaluation need it beside the weights
+                    session.tokenizer.save(Path(saved) / "tokenizer")
             if session.rank == 0:
                 print(progress_line(metrics), flush=True)
             session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
@@ -280,8 +393,11 @@ def train(config: TrainConfig, session: Session) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config=TrainConfig(...).model_dump())`."""
-    train(TrainConfig.model_validate(config), RaySession())
+    """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config=TrainConfig(...).model_dump())`,
+    plus the tokenizer under "_tokenizer" when the data is a corpus."""
+    config = dict(config)
+    tokenizer = config.pop("_tokenizer", None)
+    train(TrainConfig.model_validate(config), RaySession(tokenizer))
 
 
 def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False, cpus_per_worker: float = 1,
@@ -296,9 +412,20 @@ def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False
     from nanoray.train import train_loop_per_worker  # by reference, also when this file runs as __main__
 
     resources = dict(CPU=cpus_per_worker, GPU=1) if use_gpu else dict(CPU=cpus_per_worker)
+    loop_config, datasets, dataset_config = config.model_dump(), None, None
+    if config.data.kind == "corpus":
+        corpus = prepare_corpus(config)
+        loop_config["_tokenizer"] = corpus.tokenizer
+        datasets = corpus.datasets(storage_path, name)
+        # Rows in the order the stream makes them: a run and its resumption read the same sequence.
+        ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True
+        dataset_config = ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=ingest)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config.model_dump(),
+        train_loop_config=loop_config,
+        datasets=datasets,
+        dataset_config=dataset_config,
         scaling_config=ray.train.ScalingConfig(num_workers=config.plan.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
@@ -331,13 +458,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratio", type=float, default=12.0 if gpu else 2.0, help="tokens : scaling params")
     p.add_argument("--steps", type=int, default=None, help="stop after N steps (default: the plan's horizon)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
-    p.add_argument("--data", default="markov", help="synthetic token kind: random or markov")
+    p.add_argument("--data", default="stdlib", help="a corpus source (stdlib, files:<glob>, parquet:<dir|glob|"
+                   "s3://...>, hf:<org/name>, debian-docs) or synthetic tokens (random, markov)")
+    p.add_argument("--data-dir", default=None, help="where the corpus's shards and tokenizer go (default "
+                   "runs/data/<source>)")
+    p.add_argument("--tokenizer-actors", type=int, default=1, help="Ray Data actors tokenizing the corpus")
     p.add_argument("--name", default=None, help="run name (default d<depth>-<preset>); the same name resumes")
     p.add_argument("--storage", default=os.path.abspath("runs/train"), help="Ray Train storage path")
     args = p.parse_args(argv)
     run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
     print(run.table(), flush=True)
-    config = TrainConfig(plan=run, data=DataSpec(kind=args.data), max_steps=args.steps, log_every=10 if gpu else 20,
+    data = (DataSpec(kind=args.data) if args.data in SYNTHETIC_KINDS else
+            DataSpec(kind="corpus", source=args.data, data_dir=args.data_dir, actors=args.tokenizer_actors))
+    config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=10 if gpu else 20,
                          eval_tokens=2**20 if gpu else 2**16)
     result = fit(config, args.name or f"d{args.depth}-{args.preset}", args.storage, use_gpu=gpu)
     print(json.dumps(dict(result.metrics or {}, checkpoint=result.checkpoint and result.checkpoint.path)))

@@ -1,0 +1,428 @@
+"""The token stream: parquet shards -> tokenized, BOS-aligned best-fit rows -> Ray Train workers.
+
+    prepare_data("stdlib", vocab_size=4096)     # shards + tokenizer under runs/data/stdlib, made once
+    train_dataset(spec, tokenizer, position)    # a Ray Dataset of rows of seq_len + 1 tokens
+
+Slots and units. The train stream is a sequence of *slots*: slot s reads shard `slot_file(s)`, which
+walks the shards in a fresh seeded order every epoch. A slot's *units* are its shard's row groups
+(1024 documents each, as our shards are written). A Ray Data actor (`TokenizePack`) takes one slot
+at a time and yields, per unit, the unit's documents tokenized (tiktoken, batched, BOS first) and
+packed best-fit into rows. Packing never crosses a unit, so a unit's rows are a pure function of the
+unit: the same rows whatever actor or node made them, in whatever order.
+
+Position. Every row carries its id (slot, unit, row) and its unit's and slot's sizes. Each worker
+records the ids it consumed in a `StreamPosition`; at a checkpoint the workers' positions are
+merged into one (union), kept compact as ranges of finished slots plus the few slots in flight.
+A resumed run builds its dataset from that position: finished slots and units are never read,
+consumed rows of units in flight are dropped after packing. So it continues with exactly the rows
+not yet consumed, whatever the number of workers (DESIGN.md: data position).
+
+Validation reads the val split once, in shard order, and keeps the first `rows` rows.
+"""
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanoray.corpus import ROW_GROUP_DOCS, ParquetShards, parquet_shards, read_source, split_of, write_shards
+from nanoray.data import pack_rows
+from nanoray.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_TOKEN_LOW = 2.5  # a low guess of text bytes per token, to size the number of epochs generously
+KEPT_FRACTION_LOW = 0.5  # a low guess of the tokens that survive best-fit cropping
+
+
+class StreamSpec(BaseModel):
+    """What a token stream reads and how it cuts rows (everything but the tokenizer and position)."""
+
+    model_config = ConfigDict(frozen=True)
+    source: str = Field(description="a parquet-backed source: parquet:<dir|glob|s3://...> or hf:<org/name>")
+    split: str = Field("train", description="train or val")
+    seq_len: int = Field(description="tokens per row, plus one (inputs and shifted targets)")
+    seed: int = Field(0, description="seed of each epoch's shard order")
+    epochs: int = Field(1, description="passes over the shards the stream may make")
+    split_long_docs: bool = Field(False, description="cut documents longer than a row into row-sized pieces")
+    actors: int = Field(1, description="tokenizer actors")
+    cpus_per_actor: float = Field(1.0, description="logical CPUs each tokenizer actor holds")
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Position
+
+
+def _ranges_add(ranges: list[list[int]], value: int) -> None:
+    """Insert `value` into sorted, disjoint, non-adjacent half-open ranges [a, b), merging neighbours."""
+    i = 0
+    while i < len(ranges) and ranges[i][1] < value:
+        i += 1
+    if i < len(ranges) and ranges[i][0] <= value < ranges[i][1]:
+        return
+    if i < len(ranges) and ranges[i][1] == value:
+        ranges[i][1] += 1
+        if i + 1 < len(ranges) and ranges[i + 1][0] == ranges[i][1]:
+            ranges[i][1] = ranges.pop(i + 1)[1]
+    elif i < len(ranges) and ranges[i][0] == value + 1:
+        ranges[i][0] = value
+    else:
+        ranges.insert(i, [value, value + 1])
+
+
+def _in_ranges(ranges: list[list[int]], value: int) -> bool:
+    return any(a <= value < b for a, b in ranges)
+
+
+def _ranges_size(ranges: list[list[int]]) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+class _Slot:
+    """A slot in flight: its unit count, finished units, and the consumed rows (as ranges) of its units
+    in flight."""
+
+    def __init__(self, units: int, done=(), rows=None, unit_rows=None):
+        self.units, self.done = units, set(done)
+        self.rows: dict[int, list[list[int]]] = {int(u): [list(r) for r in rs] for u, rs in (rows or {}).items()}
+        self.unit_rows: dict[int, int] = {int(u): n for u, n in (unit_rows or {}).items()}
+
+    def add(self, unit: int, rows, unit_rows: int) -> None:
+        if unit in self.done:
+            return
+        consumed = self.rows.setdefault(unit, [])
+        for row in rows:
+            _ranges_add(consumed, row)
+        self.unit_rows[unit] = unit_rows
+        if _ranges_size(consumed) == unit_rows:
+            self.finish(unit)
+
+    def finish(self, unit: int) -> None:
+        self.rows.pop(unit, None)
+        self.unit_rows.pop(unit, None)
+        self.done.add(unit)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.units
+
+
+class StreamPosition:
+    """Which rows of a stream have been consumed, compact: finished slots as ranges, plus per slot in
+    flight its finished units and the consumed rows of its units in flight. Merging is a union, so
+    positions from any number of workers combine into one."""
+
+    def __init__(self, done_slots: list[list[int]] | None = None, slots: dict | None = None):
+        self.done_slots = [list(r) for r in done_slots or []]
+        self.slots = {int(k): _Slot(**v) for k, v in (slots or {}).items()}
+
+    def consumed(self, slot: int, unit: int, row: int) -> bool:
+        if _in_ranges(self.done_slots, slot):
+            return True
+        s = self.slots.get(slot)
+        return s is not None and (unit in s.done or _in_ranges(s.rows.get(unit, []), row))
+
+    def add(self, slot: int, unit: int, rows, unit_rows: int, slot_units: int) -> None:
+        """Record rows `rows` of (slot, unit) as consumed."""
+        if _in_ranges(self.done_slots, slot):
+            return
+        s = self.slots.setdefault(slot, _Slot(slot_units))
+        s.add(unit, rows, unit_rows)
+        self._close(slot)
+
+    def _close(self, slot: int) -> None:
+        if self.slots[slot].complete:
+            del self.slots[slot]
+            _ranges_add(self.done_slots, slot)
+
+    def merge(self, other: "StreamPosition") -> "StreamPosition":
+        """The union of two positions (what either has consumed), as a new position."""
+        merged = StreamPosition.from_json(self.to_json())
+        for a, b in other.done_slots:
+            for slot in range(a, b):
+                merged.slots.pop(slot, None)
+                _ranges_add(merged.done_slots, slot)
+        for slot, theirs in other.slots.items():
+            if _in_ranges(merged.done_slots, slot):
+                continue
+            mine = merged.slots.setdefault(slot, _Slot(theirs.units))
+            for unit in theirs.done:
+                mine.finish(unit)
+            for unit, ranges in theirs.rows.items():
+                mine.add(unit, (row for a, b in ranges for row in range(a, b)), theirs.unit_rows[unit])
+            merged._close(slot)
+        return merged
+
+    def first_open_slot(self) -> int:
+        return self.done_slots[0][1] if self.done_slots and self.done_slots[0][0] == 0 else 0
+
+    def skip_table(self) -> dict[int, tuple[set[int], dict[int, set[int]]]]:
+        """For each slot in flight: (finished units, consumed rows per unit in flight)."""
+        return {slot: (set(s.done), {u: {row for a, b in r for row in range(a, b)} for u, r in s.rows.items()})
+                for slot, s in self.slots.items()}
+
+    def to_json(self) -> dict:
+        return dict(done_slots=[list(r) for r in self.done_slots],
+                    slots={str(slot): dict(units=s.units, done=sorted(s.done),
+                                           rows={str(u): [list(r) for r in rs] for u, rs in sorted(s.rows.items())},
+                                           unit_rows={str(u): n for u, n in sorted(s.unit_rows.items())})
+                           for slot, s in sorted(self.slots.items())})
+
+    @classmethod
+    def from_json(cls, state: dict | None) -> "StreamPosition":
+        state = state or {}
+        return cls(state.get("done_slots"), state.get("slots"))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StreamPosition) and self.to_json() == other.to_json()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slots, units and rows
+
+
+def slot_file(slot: int, num_files: int, split: str, seed: int) -> int:
+    """The shard a slot reads: train walks the shards in a fresh seeded order every epoch, val in order."""
+    if split == "val":
+        return slot
+    epoch, i = divmod(slot, num_files)
+    return int(np.random.default_rng([seed, epoch]).permutation(num_files)[i])
+
+
+def split_long(docs: list[list[int]], row_len: int, bos_id: int) -> list[list[int]]:
+    """Cut documents longer than a row into pieces that fit one, each starting with BOS."""
+    out = []
+    for doc in docs:
+        if len(doc) <= row_len:
+            out.append(doc)
+            continue
+        body = doc[1:]
+        out.extend([bos_id, *body[i:i + row_len - 1]] for i in range(0, len(body), row_len - 1))
+    return out
+
+
+class TokenizePack:
+    """Ray Data actor: one slot in, one batch of packed rows out per unit (row group) of its shard.
+
+    `skip` (from a resumed position) names, per slot in flight, the units already finished (not read)
+    and the rows already consumed (packed again, then dropped).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, spec: StreamSpec, shards: ParquetShards,
+                 skip: dict[int, tuple[set[int], dict[int, set[int]]]] | None = None):
+        self.tokenizer, self.spec, self.shards, self.skip = tokenizer, spec, shards, skip or {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for slot, path in zip(batch["slot"], batch["path"]):
+            yield from self.slot_rows(int(slot), str(path))
+
+    def slot_rows(self, slot: int, path: str) -> Iterator[dict[str, np.ndarray]]:
+        try:
+            shard = pq.ParquetFile(path, filesystem=self.shards.filesystem)
+        except Exception as e:  # pyarrow raises several types for unreadable files
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        if "text" not in shard.schema_arrow.names:
+            raise ValueError(f"{path}: no 'text' column (columns: {', '.join(shard.schema_arrow.names)})")
+        units = shard.num_row_groups
+        done, consumed = self.skip.get(slot, (set(), {}))
+        first_row = 0
+        for unit in range(units):
+            num_docs = shard.metadata.row_group(unit).num_rows
+            if unit not in done:
+                rows = self.unit_rows(path, shard.read_row_group(unit, columns=["text"]).column("text").to_pylist(),
+                                      first_row)
+                keep = [i for i in range(len(rows)) if i not in consumed.get(unit, ())]
+                if keep:
+                    yield dict(tokens=rows[keep], slot=np.full(len(keep), slot, dtype=np.int64),
+                               unit=np.full(len(keep), unit, dtype=np.int32), row=np.asarray(keep, dtype=np.int32),
+                               unit_rows=np.full(len(keep), len(rows), dtype=np.int32),
+                               slot_units=np.full(len(keep), units, dtype=np.int32))
+            first_row += num_docs
+
+    def unit_rows(self, path: str, texts: list, first_row: int) -> np.ndarray:
+        """One unit's documents -> packed rows, (n, row_len) int32."""
+        name, docs = os.path.basename(path), []
+        for i, text in enumerate(texts):
+            if self.shards.row_split and split_of(f"{name}#{first_row + i}") != self.spec.split:
+                continue
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    log.warning("%s row %d: not UTF-8, skipped", path, first_row + i)
+                    continue
+            if text and text.strip():
+                docs.append(text)
+        ids = self.tokenizer.encode_batch(docs, bos=True, num_threads=1)
+        if self.spec.split_long_docs:
+            ids = split_long(ids, self.spec.row_len, self.tokenizer.bos_id)
+        rows = list(pack_rows(ids, self.spec.row_len))
+        return np.stack(rows) if rows else np.empty((0, self.spec.row_len), dtype=np.int32)
+
+
+def slot_items(spec: StreamSpec, shards: ParquetShards, position: StreamPosition) -> list[dict]:
+    """The slots still to read, in order, each with its shard's path."""
+    n = len(shards.paths)
+    total = n if spec.split == "val" else n * spec.epochs
+    return [dict(slot=s, path=shards.paths[slot_file(s, n, spec.split, spec.seed)])
+            for s in range(position.first_open_slot(), total) if not _in_ranges(position.done_slots, s)]
+
+
+def build_dataset(spec: StreamSpec, tokenizer: Tokenizer, position: StreamPosition | None = None,
+                  limit_rows: int | None = None):
+    """The stream as a Ray Dataset of rows {tokens (row_len,) int32, slot, unit, row, unit_rows, slot_units}."""
+    import ray.data
+
+    position = position or StreamPosition()
+    shards = parquet_shards(spec.source, spec.split)
+    items = slot_items(spec, shards, position)
+    if not items:
+        raise ValueError(f"data: nothing left to read in {spec.source} ({spec.split}) after {spec.epochs} epochs")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one slot per block: spread over actors
+    ds = ds.map_batches(TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(size=spec.actors),
+                        num_cpus=spec.cpus_per_actor, fn_constructor_kwargs=dict(
+                            tokenizer=tokenizer, spec=spec, shards=shards, skip=position.skip_table()))
+    return ds.limit(limit_rows) if limit_rows is not None else ds
+
+
+def local_rows(spec: StreamSpec, tokenizer: Tokenizer, position: StreamPosition | None = None
+               ) -> Iterator[dict[str, np.ndarray]]:
+    """The same stream without Ray, slot after slot in order (tests, single-process runs)."""
+    position = position or StreamPosition()
+    shards = parquet_shards(spec.source, spec.split)
+    packer = TokenizePack(tokenizer, spec, shards, position.skip_table())
+    for item in slot_items(spec, shards, position):
+        yield from packer.slot_rows(item["slot"], item["path"])
+
+
+def rebatch(blocks: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size batches out of variable-size blocks of rows; a last partial batch is dropped."""
+    pending: list[dict[str, np.ndarray]] = []
+    have = 0
+    for block in blocks:
+        pending.append(block)
+        have += len(block["row"])
+        while have >= batch_size:
+            joined = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:batch_size] for k, v in joined.items()}
+            pending = [{k: v[batch_size:] for k, v in joined.items()}]
+            have -= batch_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preparing a source
+
+
+def default_data_dir(source: str) -> Path:
+    return Path("runs/data") / re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-")
+
+
+def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike | None = None,
+                 max_chars: int = 2_000_000_000) -> tuple[str, Path]:
+    """Make `source` streamable: (a parquet-backed source spec, the tokenizer's directory).
+
+    Parquet sources (parquet:, hf:) stream as they are. Others (stdlib, files:, debian-docs) are
+    written once as parquet shards under data_dir/shards. The tokenizer (vocab_size, trained on the
+    train split) is kept in data_dir/tokenizer-<vocab_size>. Both are reused when present.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(source)
+    if source.startswith(("parquet:", "hf:")):
+        spec = source
+    else:
+        shards = data_dir / "shards"
+        if not shards.is_dir():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = data_dir / f".shards-{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            for split in ("train", "val"):
+                skipped: list = []
+                if not write_shards(read_source(source, split, skipped), tmp / split, docs_per_shard=ROW_GROUP_DOCS):
+                    raise ValueError(f"source {source!r}: no {split} documents")
+                for what, why in skipped[:20]:
+                    log.warning("skipped %s: %s", what, why)
+            try:
+                os.rename(tmp, shards)
+            except OSError:  # another process finished first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        spec = f"parquet:{shards}"
+    tokenizer_dir = data_dir / f"tokenizer-{vocab_size}"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        Tokenizer.train(read_source(spec, "train"), vocab_size, max_chars=max_chars).save(tokenizer_dir)
+    return spec, tokenizer_dir
+
+
+def epochs_for(spec: str, tokens: int) -> int:
+    """Epochs enough for `tokens` (with generous margins) over a local source; 1 for remote ones."""
+    shards = parquet_shards(spec, "train")
+    if shards.filesystem is not None:
+        return 1
+    text_bytes = 0
+    for path in shards.paths:
+        meta = pq.ParquetFile(path).metadata
+        text_bytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    per_epoch = max(1.0, text_bytes / BYTES_PER_TOKEN_LOW * KEPT_FRACTION_LOW)
+    return int(tokens / per_epoch) + 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# In the Train worker
+
+
+class StreamBatches:
+    """A worker's micro-batches: (inputs, targets) on its device, and the position it has consumed.
+
+    `position` starts as the restored one; a row that it already holds means the dataset was not
+    built from this position, and is an error rather than a silent repeat.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], device, position: StreamPosition | None = None):
+        import torch
+
+        self._batches, self.device = iter(batches), torch.device(device)
+        self.position = position or StreamPosition()
+        self._restored = StreamPosition.from_json(self.position.to_json())
+        self.rows = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            raise RuntimeError(f"data: the stream ran out after {self.rows} rows on this worker; "
+                               "give the data more epochs or the run fewer steps") from None
+        ids = list(zip(batch["slot"].tolist(), batch["unit"].tolist(), batch["row"].tolist()))
+        for slot, unit, row in ids:
+            if self._restored.consumed(slot, unit, row):
+                raise RuntimeError(f"data: row {(slot, unit, row)} was consumed before the checkpoint; "
+                                   "the dataset was not built from the checkpoint's position")
+        units: dict[tuple[int, int], list[int]] = {}
+        for (slot, unit, row), unit_rows, slot_units in zip(ids, batch["unit_rows"].tolist(),
+                                                            batch["slot_units"].tolist()):
+            units.setdefault((slot, unit, unit_rows, slot_units), []).append(row)
+        for (slot, unit, unit_rows, slot_units), rows in units.items():
+            self.position.add(slot, unit, rows, unit_rows, slot_units)
+        self.rows += len(ids)
+        return to_device(batch, self.device)
+
+
+def to_device(batch: dict[str, np.ndarray], device):
+    """(inputs, targets) of a batch of rows, int64 on `device` (through pinned memory to a GPU)."""
+    import torch
+
+    tokens = torch.from_numpy(batch["tokens"])
+    if torch.device(device).type == "cuda":
+        tokens = tokens.pin_memory()
+    tokens = tokens.to(device, non_blocking=True).long()
+    return tokens[:, :-1], tokens[:, 1:]
