@@ -279,7 +279,7 @@ def slot_items(spec: StreamSpec, shards: ParquetShards, position: StreamPosition
 
 
 def build_dataset(spec: StreamSpec, tokenizer: Tokenizer, position: StreamPosition | None = None,
-                  limit_rows: int | None = None):
+                  limit_rows: int | None = None, progress_bars: bool = True):
     """The stream as a Ray Dataset of rows {tokens (row_len,) int32, slot, unit, row, unit_rows, slot_units}."""
     import ray.data
 
@@ -292,7 +292,9 @@ def build_dataset(spec: StreamSpec, tokenizer: Tokenizer, position: StreamPositi
     ds = ds.map_batches(TokenizePack, batch_size=1, compute=ray.data.ActorPoolStrategy(size=spec.actors),
                         num_cpus=spec.cpus_per_actor, fn_constructor_kwargs=dict(
                             tokenizer=tokenizer, spec=spec, shards=shards, skip=position.skip_table()))
-    return ds.limit(limit_rows) if limit_rows is not None else ds
+    ds = ds.limit(limit_rows) if limit_rows is not None else ds
+    ds.context.enable_progress_bars = progress_bars
+    return ds
 
 
 def local_rows(spec: StreamSpec, tokenizer: Tokenizer, position: StreamPosition | None = None
@@ -421,8 +423,8 @@ def to_device(batch: dict[str, np.ndarray], device):
     """(inputs, targets) of a batch of rows, int64 on `device` (through pinned memory to a GPU)."""
     import torch
 
-    tokens = torch.from_numpy(batch["tokens"])
-    if torch.device(device).type == "cuda":
-        tokens = tokens.pin_memory()
+    rows = batch["tokens"]  # read-only (Ray's zero-copy view): copied once, into pinned memory for a GPU
+    tokens = torch.empty(rows.shape, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    tokens.numpy()[:] = rows
     tokens = tokens.to(device, non_blocking=True).long()
     return tokens[:, :-1], tokens[:, 1:]

@@ -66,8 +66,10 @@ class Corpus:
         """Ray Datasets for TorchTrainer, as callables: Train calls them at every (re)start of the worker
         group, so the train stream always begins where the run's latest checkpoint left it."""
         train, val, tokenizer, rows = self.train, self.val, self.tokenizer, self.val_rows
-        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name)),
-                "val": lambda: build_dataset(val, tokenizer, limit_rows=rows)}
+        # The trainer's progress line reports the stream; Ray Data's own bars would only clutter the log.
+        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name),
+                                               progress_bars=False),
+                "val": lambda: build_dataset(val, tokenizer, limit_rows=rows, progress_bars=False)}
 
 
 def prepare_corpus(config: "TrainConfig") -> Corpus:
@@ -468,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
     print(run.table(), flush=True)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
     data = (DataSpec(kind=args.data) if args.data in SYNTHETIC_KINDS else
             DataSpec(kind="corpus", source=args.data, data_dir=args.data_dir, actors=args.tokenizer_actors))
     config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=10 if gpu else 20,
