@@ -85,7 +85,7 @@ def main() -> None:
     print(json.dumps(dict(source=args.source, preset=args.preset, cpus=args.cpus, tokens_per_s=round(tokens / elapsed),
                           mb_per_s=round(text_bytes / elapsed / 1e6, 2), rows_per_s=round(rows / elapsed, 1),
                           peak_rss_mb=round(peak[0]), measured_s=round(elapsed, 1), prepare_s=round(prepare_s, 1),
-                          cpu_count=os.cpu_count())))
+                          cpu_count=os.cpu_count())), flush=True)
 
 
 if __name__ == "__main__":

@@ -307,18 +307,26 @@ def local_rows(spec: StreamSpec, tokenizer: Tokenizer, position: StreamPosition 
         yield from packer.slot_rows(item["slot"], item["path"])
 
 
-def rebatch(blocks: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-size batches out of variable-size blocks of rows; a last partial batch is dropped."""
+def rebatch(blocks: Iterator[dict[str, np.ndarray]], batch_size: int, drop_last: bool = True,
+            max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size batches out of variable-size blocks of rows (the first `max_rows` rows, if given)."""
     pending: list[dict[str, np.ndarray]] = []
-    have = 0
+    have = total = 0
     for block in blocks:
+        if max_rows is not None:
+            block = {k: v[:max_rows - total] for k, v in block.items()}
         pending.append(block)
         have += len(block["row"])
+        total += len(block["row"])
         while have >= batch_size:
             joined = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
             yield {k: v[:batch_size] for k, v in joined.items()}
             pending = [{k: v[batch_size:] for k, v in joined.items()}]
             have -= batch_size
+        if max_rows is not None and total >= max_rows:
+            break
+    if have and not drop_last:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ class Session:
         return model
 
     def batches(self, split: str, batch_size: int, position: StreamPosition | None = None):
-        """This worker's rows of a corpus split, as numpy batches {tokens, slot, unit, row, ...}."""
+        """This worker's rows of a corpus split, as numpy batches {tokens, slot, unit, row, ...}; the last
+        batch of val may be short (a small val split still evaluates)."""
         raise ValueError("data.kind 'corpus' needs a session with a corpus (fit(), or LocalSession(corpus=...))")
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
@@ -141,7 +142,7 @@ class RaySession(Session):
         import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)
 
         return ray.train.get_dataset_shard(split).iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                              drop_last=True, prefetch_batches=4)
+                                                              drop_last=split == "train", prefetch_batches=4)
 
     def wrap(self, model):
         import ray.train.torch
@@ -186,8 +187,8 @@ class LocalSession(Session):
             return super().batches(split, batch_size, position)
         if split == "train":
             return rebatch(local_rows(self.corpus.train, self.corpus.tokenizer, position), batch_size)
-        rows = rebatch(local_rows(self.corpus.val, self.corpus.tokenizer), batch_size)
-        return itertools.islice(rows, self.corpus.val_rows // batch_size)
+        return rebatch(local_rows(self.corpus.val, self.corpus.tokenizer), batch_size, drop_last=False,
+                       max_rows=self.corpus.val_rows)
 
     def report(self, metrics, checkpoint_dir):
         self.history.append(metrics)
@@ -205,14 +206,15 @@ class LocalSession(Session):
 def evaluate_loss(model, batches, num_batches: int) -> float:
     """Mean loss (nats/token) over the first `num_batches` (inputs, targets) of `batches` on each worker,
     averaged across workers."""
-    total = None
+    sums = None  # nats, tokens (batches may differ in size)
     for x, y in itertools.islice(batches, num_batches):
-        loss = model(x, y).float()
-        total = loss if total is None else total + loss
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+        sums[0] += model(x, y).double() * y.numel()
+        sums[1] += y.numel()
     if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return total.item() / num_batches
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 @torch.no_grad()
@@ -292,9 +294,11 @@ def train(config: TrainConfig, session: Session) -> dict:
         def validate() -> tuple[float, float]:
             if not val_set:
                 val_set.extend(to_device(b, device) for b in session.batches("val", plan.device_batch_size))
+                if len(val_set) > 1 and len(val_set[-1][0]) < plan.device_batch_size:
+                    val_set.pop()  # a short last batch only when it is all there is (it costs a recompile)
                 if not val_set:
-                    raise ValueError(f"data: the val split of {config.data.source} has no full batch of "
-                                     f"{plan.device_batch_size} rows for each of {session.world_size} workers")
+                    raise ValueError(f"data: the val split of {config.data.source} has fewer rows than the "
+                                     f"{session.world_size} workers; give it more documents")
             return (evaluate_loss(forward, iter(val_set), len(val_set)),
                     evaluate_bpb(forward, iter(val_set), token_bytes, len(val_set)))
     else:
