@@ -1,0 +1,330 @@
+"""The miniseries report: one results table, plots and a page that shows what more compute buys.
+
+`write_report(rows, histories, out_dir, fit=...)` writes into out_dir:
+
+    results.csv         one row per trial: COLUMNS in this order, then busy_fraction (train_s / wall_s)
+    bpb_vs_flops.png    final val bpb of each trial vs its training FLOPs (log x), the fit's curve if any
+    loss_curves.png     train loss and val bpb vs FLOPs (tokens when no history has FLOPs), one line a trial
+    core_vs_flops.png   CORE vs FLOPs, only when some trial has a CORE score
+    report.md           title, the table, the fit, the plots by relative path
+    report.html         the same page, self-contained: inline CSS, the plots as base64 data URIs, no JS
+
+Rows keep the caller's order. Missing values (None, NaN) print as "–" in the page and as an empty
+cell in the CSV (NaN stays "nan": a diverged loss is not a missing one). Trials that are not "done"
+stay in the table with their status and show as hollow markers. Plots go through matplotlib's Agg
+canvas directly (no pyplot, no global backend switch). Every file is written to a temp sibling and
+renamed, and the pages are written last, so a crash never leaves a half-written file or a page that
+points at a plot not yet there.
+"""
+
+import base64
+import csv
+import html
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+COLUMNS = ["trial", "depth", "preset", "horizon", "ratio", "flops_budget", "params", "total_params", "tokens",
+           "flops", "iterations", "steps_done", "wall_s", "train_s", "gpu_hours", "cost_usd", "train_loss",
+           "val_loss", "val_bpb", "core", "tok_per_s", "mfu", "checkpoint", "status"]
+RESULTS, BPB_PLOT, LOSS_PLOT, CORE_PLOT = "results.csv", "bpb_vs_flops.png", "loss_curves.png", "core_vs_flops.png"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+MISSING = "–"
+DPI = 110
+
+
+def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, title: str = "nanoray miniseries",
+                 fit=None) -> dict[str, Path]:
+    """Writes results.csv, plots (PNG) and report.md + report.html into out_dir; returns {name: path}.
+
+    `fit` is anything with `predict(flops) -> val bpb` and a `__str__` (nanoray.scaling's power law), or None.
+    """
+    _check(rows)
+    rows = [dict({k: _scalar(r[k]) for k in COLUMNS}, busy_fraction=_busy(r)) for r in rows]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {RESULTS: _write(out / RESULTS, _csv(rows).encode())}
+
+    colors = _depth_colors(rows)
+    plots = {BPB_PLOT: ("val bpb vs training FLOPs", _bpb_plot(rows, colors, fit)),
+             LOSS_PLOT: ("train loss and val bpb during training", _loss_plot(rows, histories, colors))}
+    if any(_num(r["core"]) is not None for r in rows):
+        plots[CORE_PLOT] = ("CORE vs training FLOPs", _core_plot(rows, colors))
+    else:
+        (out / CORE_PLOT).unlink(missing_ok=True)  # a stale plot from an earlier report of other results
+    for name, (_, png) in plots.items():
+        paths[name] = _write(out / name, png)
+
+    header, cells = _table(rows)
+    summary = _summary(rows)
+    fit_line = None if fit is None else f"Fit: {fit}"
+    paths[REPORT_MD] = _write(out / REPORT_MD, _markdown(title, summary, header, cells, fit_line, plots).encode())
+    paths[REPORT_HTML] = _write(out / REPORT_HTML, _html(title, summary, header, cells, fit_line, plots).encode())
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values
+
+
+def _check(rows: list[dict]) -> None:
+    if not rows:
+        raise ValueError("rows: no trials to report")
+    seen = set()
+    for i, r in enumerate(rows):
+        missing = [k for k in COLUMNS if k not in r]
+        if missing:
+            raise ValueError(f"rows[{i}] (trial {r.get('trial')!r}): missing keys {missing}")
+        if r["trial"] in seen:
+            raise ValueError(f"rows[{i}]: trial {r['trial']!r} appears twice; results.csv has one row per trial")
+        seen.add(r["trial"])
+
+
+def _scalar(v):
+    """NumPy scalars (Tune's dataframes hand them out) as plain Python values."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _num(v) -> float | None:
+    """A finite-or-infinite float, or None for None, NaN and anything that is not a number."""
+    if v is None or isinstance(v, (str, bool)):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _busy(r: dict) -> float | None:
+    train_s, wall_s = _num(r["train_s"]), _num(r["wall_s"])
+    return train_s / wall_s if train_s is not None and wall_s else None
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS + ["busy_fraction"])
+    for r in rows:
+        w.writerow(["" if r[k] is None else r[k] for k in COLUMNS + ["busy_fraction"]])
+    return buf.getvalue()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """Atomic: a temp sibling, then rename over the old file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+
+
+def _count(x: float) -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _sci(x: float) -> str:
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _hours(x: float) -> str:
+    return f"{x:,.2f}" if x == 0 or abs(x) >= 0.01 else f"{x:.1g}"
+
+
+TABLE = [  # header, row key, formatter of a present value
+    ("trial", "trial", str),
+    ("depth", "depth", lambda x: f"{x:.0f}"),
+    ("params", "params", _count),
+    ("tokens", "tokens", _count),
+    ("FLOPs", "flops", _sci),
+    ("GPU-hours", "gpu_hours", _hours),
+    ("cost", "cost_usd", lambda x: "$" + _hours(x)),
+    ("val bpb", "val_bpb", lambda x: f"{x:.4f}"),
+    ("CORE", "core", lambda x: f"{x:.4f}"),
+    ("tok/s", "tok_per_s", _count),
+    ("MFU", "mfu", lambda x: f"{x:.1%}"),
+    ("busy %", "busy_fraction", lambda x: f"{100 * x:.1f}"),
+    ("status", "status", str),
+]
+
+
+def _cell(v, fmt) -> str:
+    if fmt is str:
+        return MISSING if v is None or v == "" else str(v)
+    x = _num(v)
+    return MISSING if x is None else fmt(x)
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    return [h for h, _, _ in TABLE], [[_cell(r[k], fmt) for _, k, fmt in TABLE] for r in rows]
+
+
+def _summary(rows: list[dict]) -> str:
+    def values(key):
+        return ", ".join(dict.fromkeys(str(r[key]) for r in rows if r[key] is not None)) or MISSING
+    done = sum(r["status"] == "done" for r in rows)
+    return (f"{len(rows)} trial{'s' * (len(rows) != 1)} ({done} done), preset {values('preset')}, "
+            f"horizon {values('horizon')}. params: scaling parameters; busy %: time inside training steps "
+            "/ trial wall time.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _depth_colors(rows: list[dict]) -> dict:
+    depths = sorted({r["depth"] for r in rows if r["depth"] is not None})
+    cmap = colormaps["viridis"]
+    return {d: cmap(0.85 * i / max(len(depths) - 1, 1)) for i, d in enumerate(depths)}
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _points(rows: list[dict], key: str) -> list[tuple[float, float, dict]]:
+    """(FLOPs, value, row) of each row with both present and FLOPs > 0 (the axis is log)."""
+    pts = [(_num(r["flops"]), _num(r[key]), r) for r in rows]
+    return [(x, y, r) for x, y, r in pts if x is not None and y is not None and x > 0 and math.isfinite(y)]
+
+
+def _scatter(ax, pts, colors) -> None:
+    for x, y, r in pts:
+        color = colors.get(r["depth"], "gray")
+        done = r["status"] == "done"
+        ax.scatter([x], [y], s=40, zorder=3, color=color if done else "none", edgecolors=color)
+        label = r["trial"] if r["depth"] is None else f"d{r['depth']}"
+        ax.annotate(label + ("" if done else f" ({r['status']})"), (x, y), xytext=(5, 4),
+                    textcoords="offset points", fontsize=8)
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _bpb_plot(rows, colors, fit) -> bytes:
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    pts = _points(rows, "val_bpb")
+    if pts:
+        ax.set_xscale("log")
+        _scatter(ax, pts, colors)
+        if fit is not None:
+            lo, hi = min(x for x, _, _ in pts), max(x for x, _, _ in pts)
+            xs = np.geomspace(lo / 2, hi * 2, 200)
+            ax.plot(xs, np.asarray(fit.predict(xs), dtype=float), color="black", lw=1, ls="--", label=f"fit: {fit}")
+            ax.legend(fontsize=8)
+    else:
+        _empty(ax, "val bpb")
+    ax.set(xlabel="training FLOPs", ylabel="val bpb", title="val bpb vs training FLOPs")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _core_plot(rows, colors) -> bytes:
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    pts = _points(rows, "core")
+    if pts:
+        ax.set_xscale("log")
+        _scatter(ax, pts, colors)
+    else:
+        _empty(ax, "CORE with FLOPs")
+    ax.set(xlabel="training FLOPs", ylabel="CORE", title="CORE vs training FLOPs")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _series(history: list[dict], xkey: str, ykey: str) -> tuple[list[float], list[float]]:
+    pts = [(_num(m.get(xkey)), _num(m.get(ykey))) for m in history]
+    pts = [(x, y) for x, y in pts if x is not None and y is not None and x > 0 and math.isfinite(y)]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def _loss_plot(rows, histories, colors) -> bytes:
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_bpb = fig.subplots(1, 2, sharex=True)
+    traced = [(r, histories.get(r["trial"]) or []) for r in rows]
+    xkey = "flops" if any(_series(h, "flops", "train_loss")[0] for _, h in traced) else "tokens"
+    for r, history in traced:
+        color = colors.get(r["depth"], "gray")
+        xs, ys = _series(history, xkey, "train_loss")
+        if xs:
+            ax_loss.plot(xs, ys, color=color, lw=1.2, label=r["trial"])
+        xs, ys = _series(history, xkey, "val_bpb")
+        if xs:
+            ax_bpb.plot(xs, ys, color=color, lw=0.8, marker="o", ms=3, label=r["trial"])
+    for ax, ylabel in ((ax_loss, "train loss"), (ax_bpb, "val bpb")):
+        if ax.has_data():
+            ax.set_xscale("log")
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax, ylabel)
+        ax.set(xlabel=f"training {'FLOPs' if xkey == 'flops' else 'tokens'}", ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pages
+
+
+def _markdown(title, summary, header, cells, fit_line, plots) -> str:
+    def line(values):
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+    parts = [f"# {title}", "", summary, "", line(header), line(["---"] * len(header))]
+    parts += [line(c) for c in cells]
+    if fit_line:
+        parts += ["", fit_line]
+    for name, (caption, _) in plots.items():
+        parts += ["", f"![{caption}]({name})"]
+    return "\n".join(parts) + "\n"
+
+
+CSS = """body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, td:last-child, th:first-child, th:last-child { text-align: left; }
+figure { margin: 1.5rem 0; }
+img { max-width: 100%; }
+figcaption { color: #555; font-size: 0.9rem; }"""
+
+
+def _html(title, summary, header, cells, fit_line, plots) -> str:
+    esc = html.escape
+    parts = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{esc(title)}</title>",
+             f"<style>\n{CSS}\n</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>", f"<p>{esc(summary)}</p>",
+             "<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in c) + "</tr>" for c in cells]
+    parts.append("</table>")
+    if fit_line:
+        parts.append(f"<p>{esc(fit_line)}</p>")
+    for name, (caption, png) in plots.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(caption)}">'
+                     f"<figcaption>{esc(caption)} ({esc(name)})</figcaption></figure>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
