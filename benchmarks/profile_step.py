@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--device-batch-size", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=40, help="kernels listed")
     args = p.parse_args()
     run = plan(args.depth, "gpt2", device_batch_size=args.device_batch_size)
     device = torch.device("cuda", 0)
@@ -59,16 +60,16 @@ def main() -> None:
     groups = dict(matmul=0.0, attention=0.0, optimizer=0.0, other=0.0)
     for e in events:
         name = e.key.lower()
-        if any(s in name for s in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")):
-            groups["matmul"] += e.self_device_time_total
-        elif any(s in name for s in ("cudnn", "flash", "fmha", "attention", "sdpa")):
+        if any(s in name for s in ("cudnn", "flash", "fmha", "attention", "sdpa")):
             groups["attention"] += e.self_device_time_total
+        elif any(s in name for s in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")):
+            groups["matmul"] += e.self_device_time_total
         elif any(s in name for s in ("adam", "foreach", "muon", "lerp")):
             groups["optimizer"] += e.self_device_time_total
         else:
             groups["other"] += e.self_device_time_total
-    for e in events[:40]:
-        print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}")
+    for e in events[:args.top]:
+        print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:120]}")
     print(json.dumps(dict(depth=args.depth, step_gpu_ms=round(total / 1e3, 1),
                           **{k + "_ms": round(v / 1e3, 1) for k, v in groups.items()})))
 

@@ -3,10 +3,16 @@
 Token embedding -> RMSNorm -> smear (bigram gate) -> L blocks with learned residual/x0 mixing
 -> backout -> RMSNorm -> untied lm_head -> softcap 15 -> cross-entropy. Blocks are pre-norm,
 bias-free and norm-parameter-free: attention with rotary (base 100k), QK-norm (x1.2), value
-embeddings on every other layer, and a ReLU² MLP. Attention runs through PyTorch's fused SDPA.
+embeddings on every other layer, and a ReLU² MLP. Attention runs through FlashAttention-4 when
+installed, else PyTorch's fused SDPA.
+
+On a GPU, nanoray/kernels.py supplies fused paths (Triton): each layer's residual/x0 mix with its
+RMSNorm, and lm_head + softcap + cross-entropy computing loss and gradient in one pass; the plain
+PyTorch code below stays the CPU path and the reference the GPU tests compare against.
 
 Dtypes: parameters stay fp32 (the master weights); on a bf16-capable GPU activations are bf16 and
-each Linear casts its weight on the fly; logits and the loss are fp32. On CPU everything is fp32.
+each Linear casts its weight on the fly; the resid/x0 lambdas multiply in fp32 (as nanochat's do);
+logits and the loss are fp32. On CPU everything is fp32.
 
 Shape legend: B batch, T time (sequence), D model width, H heads, K kv heads, C head dim, V vocab.
 """
@@ -20,6 +26,9 @@ from pydantic import BaseModel, ConfigDict
 
 from nanoray.dial import layer_windows, padded_vocab, value_embedding_layers
 from nanoray.hardware import compute_dtype
+from nanoray import kernels
+from nanoray.kernels import (flash_attention, flash_attention_available, fused_cross_entropy_available,
+                             fused_mix_norm_available, linear_softcap_cross_entropy, mix_norm, relu_square)
 
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the normed embedding
 VE_GATE_CHANNELS = 12  # value-embedding gates read the first 12 channels of the block input
@@ -103,6 +112,9 @@ class Attention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve_BTKC
         q = norm(apply_rotary(q, cos, sin)) * QK_GAIN
         k = norm(apply_rotary(k, cos, sin)) * QK_GAIN
+        if cache is None and flash_attention_available(q):  # FlashAttention-4, (B, T, H, C) layout
+            y = flash_attention(q, k, v, -1 if self.window >= T - 1 else self.window)
+            return self.c_proj(y.reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, C) for SDPA
         gqa = self.n_head != self.n_kv_head
         if cache is None:
@@ -139,7 +151,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_square(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -148,14 +160,15 @@ class Block(nn.Module):
         self.attn = Attention(config, layer, has_value_embedding)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, cache):
-        x = x + self.attn(norm(x), ve, cos, sin, cache)
+    def forward(self, x, x_normed, ve, cos, sin, cache):
+        x = x + self.attn(x_normed, ve, cos, sin, cache)
         return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        kernels.resolve()  # which GPU fast paths exist here, decided before torch.compile traces forward
         self.config = config
         L, D, V = config.n_layer, config.n_embd, padded_vocab(config.vocab_size)
         kv_dim = config.n_kv_head * config.head_dim
@@ -246,18 +259,26 @@ class GPT(nn.Module):
             x0 = torch.cat([x0[:, :1], x0[:, 1:] + gate[:, 1:] * prev], dim=1)
 
         x, backout = x0, None
-        resid, x0_mix = self.resid_lambdas.to(dtype), self.x0_lambdas.to(dtype)
+        lambdas = torch.stack([self.resid_lambdas, self.x0_lambdas], dim=1)  # (L, 2), fp32 like nanochat's
         for i, block in enumerate(self.blocks):
-            x = resid[i] * x + x0_mix[i] * x0
+            if fused_mix_norm_available(x):  # one pass each way, lambda grads included
+                x, x_normed = mix_norm(x, x0, lambdas[i])
+            else:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+                x_normed = norm(x)
             ve = self.value_embeds[str(i)](idx_BT).to(dtype).view(B, T, self.config.n_kv_head, -1) \
                 if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, cache)
+            x = block(x, x_normed, ve, cos, sin, cache)
             if i == self.config.n_layer // 2:
                 backout = x
         x = norm(x - self.backout_lambda.to(dtype) * backout)
         if cache is not None:
             cache.pos += T
 
+        if targets_BT is not None and loss_reduction == "mean" and torch.is_grad_enabled() \
+                and fused_cross_entropy_available(x):  # one Triton pass: loss and grad, no fp32 logits
+            return linear_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight.to(x.dtype),
+                                                targets_BT.reshape(-1), self.config.vocab_size, SOFTCAP)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets_BT is None:

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nanoray.dial import get_preset, plan
+from nanoray.kernels import linear_softcap_cross_entropy, mix_norm, relu_square
 from nanoray.model import GPT, KVCache, ModelConfig, build_model, window_mask
 
 
@@ -172,3 +173,50 @@ def test_init_scales():
     assert mlp.c_fc.weight.abs().max() <= 0.4 * s and mlp.c_fc.weight.abs().max() > 0.35 * s
     for w in (attn.ve_gate.weight, model.smear_gate.weight):
         assert w.min() >= 0 and w.max() <= 0.02
+
+
+def test_relu_square_grad_matches_autograd():
+    h = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(relu_square, (h,))
+    g = torch.randn(64, 32, dtype=torch.float64)
+    (torch.relu(h).square() * g).sum().backward()
+    expected, h.grad = h.grad, None
+    (relu_square(h) * g).sum().backward()
+    torch.testing.assert_close(h.grad, expected)
+
+
+def test_linear_softcap_cross_entropy_matches_plain_path():
+    """The fused lm_head + softcap + CE (its PyTorch path here) equals the model's plain path: loss and grads,
+    with a padded vocab and ignored targets."""
+    gen = torch.Generator().manual_seed(0)
+    N, D, padded, vocab = 37, 16, 128, 100
+    x = torch.randn(N, D, generator=gen, requires_grad=True)
+    w = (3 * torch.randn(padded, D, generator=gen)).requires_grad_()
+    targets = torch.randint(vocab, (N,), generator=gen)
+    targets[::5] = -1
+    loss = linear_softcap_cross_entropy(x, w, targets, vocab, 15.0)
+    (2.5 * loss).backward()
+    fused = (loss.detach(), x.grad, w.grad)
+    x.grad = w.grad = None
+    logits = 15 * torch.tanh((x @ w.t())[:, :vocab] / 15)
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
+    (2.5 * ref).backward()
+    for a, b in zip(fused, (ref.detach(), x.grad, w.grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_mix_norm_matches_autograd():
+    """The fused residual mix + RMSNorm (its PyTorch path here) against plain autograd, lambda grads included."""
+    gen = torch.Generator().manual_seed(0)
+    x_prev, x0 = (torch.randn(3, 5, 24, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    lam = torch.tensor([1.1, 0.2], dtype=torch.float64, requires_grad=True)
+    g_x, g_xn = torch.randn(3, 5, 24, dtype=torch.float64, generator=gen), torch.randn(3, 5, 24, dtype=torch.float64)
+    x, xn = mix_norm(x_prev, x0, lam)
+    torch.autograd.backward((x, xn), (g_x, g_xn))
+    fused = (x, xn, x_prev.grad, x0.grad, lam.grad)
+    x_prev.grad = x0.grad = lam.grad = None
+    x = lam[0] * x_prev + lam[1] * x0
+    xn = torch.nn.functional.rms_norm(x, (24,))
+    torch.autograd.backward((x, xn), (g_x, g_xn))
+    for a, b in zip(fused, (x, xn, x_prev.grad, x0.grad, lam.grad)):
+        torch.testing.assert_close(a, b)
