@@ -1,4 +1,5 @@
-"""Training throughput of one depth: tok/s, MFU, step time, peak memory. Random tokens, gpt2 preset by default.
+"""Training throughput of one depth: tok/s, MFU, step time, peak memory. Random tokens (or a corpus streamed
+through Ray Data with --data), gpt2 preset by default.
 
 Runs nanoray's trainer through Ray Train with one GPU worker, or with --bare the same loop in this
 process without Ray, so Ray's overhead is the difference. The first report window (torch.compile
@@ -6,6 +7,7 @@ and warm-up) is excluded; the figure is tokens / time over the remaining windows
 
     python benchmarks/train_throughput.py --depth 12 --steps 25
     python benchmarks/train_throughput.py --depth 20 --steps 12 --log-every 3 --bare
+    python benchmarks/train_throughput.py --depth 12 --data stdlib --tokenizer-actors 6   # real tokens
 
 Last line: one JSON object with depth, tok_per_s, mfu, step_s, peak_mem_gb, gpu, torch.
 """
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 from nanoray.data import DataSpec  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
 from nanoray.hardware import device_name  # noqa: E402
-from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train  # noqa: E402
+from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, prepare_corpus, train  # noqa: E402
 
 
 def steady_state(history: list[dict], skip_windows: int) -> dict:
@@ -47,14 +49,19 @@ def main() -> None:
     p.add_argument("--preset", default="gpt2", help="model family (tiny: a CPU smoke run)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-step (default: the dial's)")
     p.add_argument("--bare", action="store_true", help="run the loop in this process, without Ray")
+    p.add_argument("--data", default="random", help="random, or a corpus source (stdlib, parquet:..., hf:...)")
+    p.add_argument("--tokenizer-actors", type=int, default=4, help="Ray Data tokenizer actors (corpus data)")
     args = p.parse_args()
     assert args.steps > args.log_every * args.skip_windows, "--steps must leave at least one measured window"
 
     run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size)
-    config = TrainConfig(plan=run, data=DataSpec(kind="random"), max_steps=args.steps, log_every=args.log_every,
+    data = DataSpec(kind="random") if args.data == "random" else DataSpec(kind="corpus", source=args.data,
+                                                                          actors=args.tokenizer_actors)
+    config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=args.log_every,
                          eval_every=0, eval_tokens=1, checkpoint_at_end=False)
     if args.bare:
-        session = LocalSession("cuda" if torch.cuda.is_available() else "cpu")
+        corpus = prepare_corpus(config) if data.kind == "corpus" else None
+        session = LocalSession("cuda" if torch.cuda.is_available() else "cpu", corpus=corpus)
         train(config, session)
         history = session.history
     else:
@@ -67,7 +74,8 @@ def main() -> None:
                 cpus_per_worker=4 if torch.cuda.is_available() else 1, callbacks=[metrics_log(log)])
             history = [json.loads(line) for line in open(log)]
         ray.shutdown()
-    result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", **steady_state(history, args.skip_windows),
+    result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", data=args.data,
+                  **steady_state(history, args.skip_windows),
                   device_batch_size=run.device_batch_size, grad_accum=run.grad_accum,
                   total_batch_tokens=run.total_batch_tokens, flops_per_token=run.flops_per_token,
                   gpu=device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu",

@@ -47,7 +47,7 @@ class TrainConfig(BaseModel):
     data: DataSpec = DataSpec()
     max_steps: int | None = Field(None, description="stop after this many steps (default: plan.iterations)")
     log_every: int = Field(10, description="report metrics every N steps")
-    eval_every: int = Field(250, description="val loss every N steps, and at the end (0: only at the end)")
+    eval_every: int = Field(250, description="val loss (and bpb) every N steps, and at the end (0: only at the end)")
     eval_tokens: int = Field(2**20, description="val tokens per evaluation, whatever the batch shape")
     checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
     checkpoint_at_end: bool = Field(True, description="checkpoint after the last step")
@@ -263,6 +263,7 @@ def train(config: TrainConfig, session: Session) -> dict:
 
     corpus = config.data.kind == "corpus"
     step, position, train_time, val_loss, val_bpb = 0, None, 0.0, float("nan"), float("nan")
+    val_step = -1  # the step of the latest evaluation
     with session.latest_checkpoint() as path:
         if path is not None:
             meta = load_checkpoint(path, model, optimizers, restore_rng=True)
@@ -331,10 +332,6 @@ def train(config: TrainConfig, session: Session) -> dict:
     metrics: dict = {}
     try:
         while step < end_step:
-            if config.eval_every and step % config.eval_every == 0:
-                t0 = time.perf_counter()
-                val_loss, val_bpb = validate()
-                excluded += time.perf_counter() - t0
             for micro in range(plan.grad_accum):
                 x, y = next(batches)
                 sync = micro == plan.grad_accum - 1 or not is_ddp
@@ -354,13 +351,14 @@ def train(config: TrainConfig, session: Session) -> dict:
                 gc.disable()
 
             last = step == end_step
+            evaluate = last or (config.eval_every and step % config.eval_every == 0)
             save = (last and config.checkpoint_at_end) or (
                 config.checkpoint_every and step % config.checkpoint_every == 0)
-            if not (last or save or step % config.log_every == 0):
+            if not (last or save or evaluate or step % config.log_every == 0):
                 continue
-            if last:
+            if evaluate:
                 t0 = time.perf_counter()
-                val_loss, val_bpb = validate()
+                (val_loss, val_bpb), val_step = validate(), step
                 excluded += time.perf_counter() - t0
             train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
             now = time.perf_counter()
@@ -370,7 +368,7 @@ def train(config: TrainConfig, session: Session) -> dict:
             metrics = dict(
                 step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
                 flops=float(step * tokens_per_step * plan.flops_per_token), train_loss=train_loss, val_loss=val_loss,
-                val_bpb=val_bpb,
+                val_bpb=val_bpb, val_step=val_step,
                 tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
                 step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,

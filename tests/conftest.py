@@ -19,3 +19,21 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Five train shards of 96 stdlib documents (one row group each) and one val shard, plus a tokenizer
+    of the tiny preset's vocabulary, as prepare_data lays them out: (source spec, tokenizer, data dir)."""
+    import itertools
+
+    from nanoray.corpus import read_source, write_shards
+    from nanoray.stream import prepare_data
+    from nanoray.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = list(itertools.islice(read_source("stdlib", "train"), 5 * 96))
+    write_shards(docs, root / "shards" / "train", docs_per_shard=96)
+    write_shards(list(itertools.islice(read_source("stdlib", "val"), 40)), root / "shards" / "val")
+    spec, tokenizer_dir = prepare_data("parquet:" + str(root / "shards"), 4096, data_dir=root)
+    return spec, Tokenizer.load(tokenizer_dir), root

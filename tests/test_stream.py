@@ -1,6 +1,5 @@
 """The Ray Data token stream: rows, positions, and exact resume through a real Ray Train run."""
 
-import itertools
 import random
 from pathlib import Path
 
@@ -10,28 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from nanoray.checkpoint import read_meta
-from nanoray.corpus import read_source, write_shards
+from nanoray.corpus import parquet_shards
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
-from nanoray.corpus import parquet_shards
-from nanoray.stream import (StreamPosition, StreamSpec, TokenizePack, build_dataset, local_rows, prepare_data,
-                            slot_file, split_long)
+from nanoray.stream import StreamPosition, StreamSpec, TokenizePack, build_dataset, local_rows, slot_file, split_long
 from nanoray.tokenizer import Tokenizer
 from nanoray.train import TrainConfig, fit
 
 SEQ = 256
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[str, Tokenizer, Path]:
-    """Five train shards of 96 stdlib documents (one row group each) and one val shard, plus a tokenizer
-    of the tiny preset's vocabulary, as prepare_data lays them out."""
-    root = tmp_path_factory.mktemp("corpus")
-    docs = list(itertools.islice(read_source("stdlib", "train"), 5 * 96))
-    write_shards(docs, root / "shards" / "train", docs_per_shard=96)
-    write_shards(list(itertools.islice(read_source("stdlib", "val"), 40)), root / "shards" / "val")
-    spec, tokenizer_dir = prepare_data("parquet:" + str(root / "shards"), 4096, data_dir=root)
-    return spec, Tokenizer.load(tokenizer_dir), root
 
 
 def ids_of(blocks) -> list[tuple[int, int, int]]:
