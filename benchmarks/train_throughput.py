@@ -58,7 +58,7 @@ def main() -> None:
     data = DataSpec(kind="random") if args.data == "random" else DataSpec(kind="corpus", source=args.data,
                                                                           actors=args.tokenizer_actors)
     config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=args.log_every,
-                         eval_every=0, eval_tokens=1, checkpoint_at_end=False)
+                         eval_every=0, eval_at_end=False, checkpoint_at_end=False)
     if args.bare:
         corpus = prepare_corpus(config) if data.kind == "corpus" else None
         session = LocalSession("cuda" if torch.cuda.is_available() else "cpu", corpus=corpus)

@@ -29,10 +29,11 @@ WARMDOWN_RATIO = 0.65
 FINAL_LR_FRAC = 0.05
 SHORT_WINDOW_ROUND = 128  # an S layer sees ceil(T/4) tokens, rounded up to a multiple of this
 VOCAB_PAD = 64  # embedding and lm_head rows are padded to a multiple of this
-# Training memory per GPU, fitted to peak memory measured on an H100 (d12 at 32 and 64 rows, d20 at 16):
-# 16 bytes per parameter (fp32 weights, grads, two moments) + per token 36 bytes per layer x width
+# Training memory per GPU, fitted to peaks measured on an H100 with the fused kernels (d12 at 64 rows 45.8 GB,
+# d20 at 16 rows 38.0 GB; d20 at 32 rows ran, unmeasured peak):
+# 16 bytes per parameter (fp32 weights, grads, two moments) + per token 29 bytes per layer x width
 # (saved activations) + 2.5 bytes per vocab entry (logits and their grad).
-STATE_BYTES_PER_PARAM, ACT_BYTES_PER_LAYER_WIDTH, ACT_BYTES_PER_VOCAB = 16, 36, 2.5
+STATE_BYTES_PER_PARAM, ACT_BYTES_PER_LAYER_WIDTH, ACT_BYTES_PER_VOCAB = 16, 29, 2.5
 MEMORY_HEADROOM = 0.85  # fraction of the GPU's memory the estimate may fill
 
 

@@ -51,6 +51,7 @@ class TrainConfig(BaseModel):
     eval_tokens: int = Field(2**20, description="val tokens per evaluation, whatever the batch shape")
     checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
     checkpoint_at_end: bool = Field(True, description="checkpoint after the last step")
+    eval_at_end: bool = Field(True, description="val loss after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
     seed: int = Field(42, description="model init and RNG seed")
 
@@ -351,7 +352,7 @@ def train(config: TrainConfig, session: Session) -> dict:
                 gc.disable()
 
             last = step == end_step
-            evaluate = last or (config.eval_every and step % config.eval_every == 0)
+            evaluate = (last and config.eval_at_end) or (config.eval_every and step % config.eval_every == 0)
             save = (last and config.checkpoint_at_end) or (
                 config.checkpoint_every and step % config.checkpoint_every == 0)
             if not (last or save or evaluate or step % config.log_every == 0):
