@@ -358,8 +358,8 @@ def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike | Non
                 skipped: list = []
                 if not write_shards(read_source(source, split, skipped), tmp / split, docs_per_shard=ROW_GROUP_DOCS):
                     raise ValueError(f"source {source!r}: no {split} documents")
-                for what, why in skipped[:20]:
-                    log.warning("skipped %s: %s", what, why)
+                if skipped:
+                    log.warning("%s (%s): skipped %d, e.g. %s: %s", source, split, len(skipped), *skipped[0])
             try:
                 os.rename(tmp, shards)
             except OSError:  # another process finished first: keep theirs

@@ -223,25 +223,37 @@ def add_arguments(p, grid: str) -> None:
     p.add_argument("--storage", default=None, help="Tune/Train storage: a shared path or s3:// (default runs/sweeps)")
 
 
+def _numbers(flag: str, text: str | None, kind) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag}: comma-separated numbers, got {text!r}")
+    return values
+
+
 def sweep_from_args(args, job: str, cpu_budgets: list[float]) -> SweepConfig:
-    """Start (or join) Ray, then turn the flags into a SweepConfig. Raises naming a bad flag."""
+    """Check the flags, start (or join) Ray, and make the SweepConfig. Raises naming a bad flag, before
+    anything runs."""
     import ray
 
+    depths = _numbers("--depths", args.depths, int)
+    budgets = _numbers("--budgets", args.budgets, float)
+    if args.preset is not None:
+        get_preset(args.preset)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
             ray.init()
         else:  # a laptop: logical CPUs are bookkeeping, so trial driver, worker and data actors coexist
             ray.init(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 100})
     gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    try:
-        depths = [int(d) for d in (args.depths or ("6,8,10,12" if gpu else "1,2,3")).split(",") if d.strip()]
-        budgets = [float(c) for c in args.budgets.split(",")] if args.budgets else ([] if gpu else cpu_budgets)
-    except ValueError as e:
-        raise ValueError(f"--depths/--budgets: comma-separated numbers, got {args.depths!r} / {args.budgets!r}") from e
+    depths = depths or ([6, 8, 10, 12] if gpu else [1, 2, 3])
+    budgets = budgets or ([] if gpu else cpu_budgets)
     if args.grid == "isoflop" and not budgets:
         raise ValueError("--budgets: the isoflop grid needs FLOPs budgets, e.g. --budgets 1e17,3e17,1e18")
-    if not depths:
-        raise ValueError("--depths: give at least one depth")
     actors = args.tokenizer_actors or (4 if gpu else 1)
     return SweepConfig(
         name=args.name or job, preset=args.preset or ("gpt2" if gpu else "tiny"), depths=depths, grid=args.grid,

@@ -1,0 +1,92 @@
+"""The path a cluster user takes: `ray start --head`, `ray job submit -- python jobs/miniseries.py`, the
+report files; and a driver killed mid-sweep whose re-submitted job resumes without re-training."""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path_factory):
+    """A Ray head of its own (not the session's cluster), with the dashboard's job API; stopped by
+    ending its `ray start --block` process."""
+    temp = Path(f"/tmp/nrjob-{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
+    dashboard = free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={free_port()}",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                             "--num-cpus=4", '--resources={"trial_driver": 100}', f"--temp-dir={temp}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(1)
+    yield ray_bin, address, client
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
+    ray_bin, address, client = head
+    out, storage = tmp_path / "report", tmp_path / "runs"
+    command = ["--", "python", "jobs/miniseries.py", "--depths", "1,2", "--ratio", "0.25", "--out", str(out),
+               "--storage", str(storage)]
+    submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
+
+    # First submission, without waiting; once d1 is finished and d2 is training, kill the driver.
+    for _ in range(60):  # the head's job agent comes up a little after the dashboard
+        run = subprocess.run([*submit, "--no-wait", "--submission-id", "first", *command], capture_output=True,
+                             text=True, timeout=120)
+        if "No available agent" not in run.stderr:
+            break
+        time.sleep(2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    deadline = time.time() + 420
+    while not list((storage / "train" / "miniseries-d2").glob("*")):
+        assert client.get_job_status("first").is_terminal() is False, client.get_job_logs("first")[-3000:]
+        assert time.time() < deadline, client.get_job_logs("first")[-3000:]
+        time.sleep(1)
+    client.stop_job("first")
+    while not client.get_job_status("first").is_terminal():
+        time.sleep(0.5)
+    d1_weights = list((storage / "train" / "miniseries-d1").rglob("model.safetensors"))
+    assert d1_weights and not (out / "results.csv").exists()
+    stamps = {p: p.stat().st_mtime for p in d1_weights}
+
+    # The same command again: the sweep resumes, d1 is not trained again, d2 finishes, the report appears.
+    run = subprocess.run([*submit, "--submission-id", "second", *command], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and str(client.get_job_status("second")) == "SUCCEEDED", \
+        (run.stdout + run.stderr)[-3000:]
+    assert {p: p.stat().st_mtime for p in (storage / "train" / "miniseries-d1").rglob("model.safetensors")} == stamps
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["trial"], r["status"]) for r in rows] == [("d1", "done"), ("d2", "done")]
+    for name in ("report.md", "report.html", "bpb_vs_flops.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0

@@ -1,0 +1,83 @@
+"""The depth sweep: bad flags fail before training; a real Tune sweep trains, reports, and resumes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanoray.data import DataSpec
+from nanoray.dial import PlanError
+from nanoray.sweep import SweepConfig, family_report, grid_points, plans, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_grid_points_and_plans():
+    ratio = SweepConfig(depths=[1, 2], ratio=1.0)
+    assert [p["trial"] for p in grid_points(ratio)] == ["d1", "d2"]
+    iso = SweepConfig(depths=[1, 2], grid="isoflop", budgets=[1e12, 4e12])
+    assert [p["trial"] for p in grid_points(iso)] == ["d1-c1e12", "d2-c1e12", "d1-c4e12", "d2-c4e12"]
+    family = plans(iso)
+    for name, p in family.items():  # every trial of a column spends its budget (to within one step)
+        budget = 1e12 if "c1e12" in name else 4e12
+        assert abs(p.total_flops - budget) <= p.total_batch_tokens * p.flops_per_token
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(depths=[]), "depths"),
+    (dict(depths=[2, 2]), "depths"),
+    (dict(depths=[2], preset="huge"), "preset"),
+    (dict(depths=[2], grid="random"), "grid"),
+])
+def test_bad_sweep_config_names_the_field(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        SweepConfig(**kwargs)
+
+
+def test_budget_too_small_fails_before_training():
+    with pytest.raises(PlanError, match="trial d3-c1e06.*flops"):
+        plans(SweepConfig(depths=[3], grid="isoflop", budgets=[1e6]))
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--depths", ""], "--depths"),
+    (["--depths", "2,x"], "--depths"),
+    (["--preset", "huge"], "preset"),
+    (["--grid", "isoflop", "--budgets", "1e3"], "flops"),
+])
+def test_job_rejects_bad_flags_before_starting(args, flag, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "miniseries.py"), *args, "--out", str(tmp_path),
+                          "--storage", str(tmp_path / "s")], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, RAY_ADDRESS=""), cwd=tmp_path)
+    assert run.returncode == 2 and flag in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "s").exists()  # nothing trained, nothing written
+
+
+def test_sweep_trains_reports_and_resumes(ray_cluster, corpus, tmp_path):
+    spec, _, data_dir = corpus
+    sweep = SweepConfig(name="fam", preset="tiny", depths=[1, 2], ratio=0.25, storage_path=str(tmp_path / "runs"),
+                        data=DataSpec(kind="corpus", source=spec, data_dir=str(data_dir), cpus_per_actor=0.5),
+                        eval_tokens=8 * 256)
+    grid = run_sweep(sweep)
+    assert grid.num_errors == 0
+    paths = family_report(sweep, grid, str(tmp_path / "report"))
+    rows = list(csv.DictReader(open(paths["results.csv"])))
+    assert [r["trial"] for r in rows] == ["d1", "d2"] and all(r["status"] == "done" for r in rows)
+    d1, d2 = rows
+    assert float(d2["flops"]) > float(d1["flops"]) > 0 and 0 < float(d2["val_bpb"]) < 8
+    assert all(Path(r["checkpoint"]).exists() for r in rows)
+    for name in ("bpb_vs_flops.png", "loss_curves.png", "report.md", "report.html"):
+        assert paths[name].stat().st_size > 0
+    assert "d2" in paths["report.md"].read_text()
+
+    # The same sweep again: Tune restores it, finished trials are not trained again.
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "train").rglob("model.safetensors")}
+    again = run_sweep(sweep)
+    assert again.num_errors == 0 and sorted(r.metrics["step"] for r in again) == sorted(int(r["steps_done"])
+                                                                                        for r in rows)
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs" / "train").rglob("model.safetensors")} == mtimes
+    assert json.loads(json.dumps(again[0].config["point"]))["trial"] in ("d1", "d2")
