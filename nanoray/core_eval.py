@@ -236,12 +236,16 @@ def evaluate_core(checkpoint_dir: str, tasks: str = "core-lite", num_workers: in
         ray.init()
     t0 = time.perf_counter()
     worker = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(CoreWorker)
-    actors = [worker.remote(checkpoint_dir, "cuda" if use_gpu else "cpu") for _ in range(min(num_workers, len(work)))]
-    pool = ActorPool(actors)
-    results = list(pool.map_unordered(lambda a, w: a.evaluate.remote(w[0], w[1], max_per_task), work))
+    num_actors = min(num_workers, len(work))
+    if not use_gpu:  # more 1-CPU actors than the cluster has CPUs would wait forever; GPU ones wait for autoscaling
+        num_actors = min(num_actors, max(int(ray.cluster_resources().get("CPU", 1)), 1))
+    actors = [worker.remote(checkpoint_dir, "cuda" if use_gpu else "cpu") for _ in range(num_actors)]
+    try:
+        results = list(ActorPool(actors).map_unordered(lambda a, w: a.evaluate.remote(*w, max_per_task), work))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     seconds = time.perf_counter() - t0
-    for actor in actors:
-        ray.kill(actor)
     order = [spec.label for spec in specs]
     by_task = {r.pop("label"): r for r in sorted(results, key=lambda r: order.index(r["label"]))}
     total = sum(r["examples"] for r in by_task.values())
@@ -263,7 +267,8 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanoray.core_eval", description="CORE eval of a checkpoint on Ray.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (with a tokenizer/ subdirectory)")
-    p.add_argument("--tasks", default="core-lite", help="core (eval bundle), core-lite (offline BIG-bench) or a bundle path")
+    p.add_argument("--tasks", default="core-lite",
+                   help="core (the eval bundle), core-lite (offline BIG-bench) or a bundle directory")
     p.add_argument("--max-per-task", type=int, default=None, help="examples per task after shuffling (default all)")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each evaluating whole tasks")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")

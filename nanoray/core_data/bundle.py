@@ -159,7 +159,8 @@ def read_specs(bundle: str | os.PathLike) -> list[TaskSpec]:
         if label not in baselines:
             raise ValueError(f"{where}: no 'Random baseline' row for it in {meta_path}")
         shots = entry.get("num_fewshot", [0])
-        specs.append(TaskSpec(label=label, task_type=task_type, num_fewshot=int(shots[0] if isinstance(shots, list) else shots),
+        shots = shots[0] if isinstance(shots, list) else shots  # a list in core.yaml; its first element is used
+        specs.append(TaskSpec(label=label, task_type=task_type, num_fewshot=int(shots),
                               delimiter=entry.get("continuation_delimiter", " "), random_baseline=baselines[label],
                               path=str(bundle / "eval_data" / entry["dataset_uri"])))
     if not specs:
