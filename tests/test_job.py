@@ -27,9 +27,14 @@ def head(tmp_path_factory):
     temp = Path(f"/tmp/nrjob-{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
     dashboard = free_port()
     ray_bin = Path(sys.executable).with_name("ray")
-    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={free_port()}",
-                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                             "--num-cpus=4", '--resources={"trial_driver": 100}', f"--temp-dir={temp}"],
+    # Every port of its own: the session's cluster already holds Ray's defaults (the job agent's 52365...).
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port",
+                                                    "ray-client-server-port", "node-manager-port",
+                                                    "object-manager-port")]
+    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+                             '--resources={"trial_driver": 100}', f"--temp-dir={temp}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     from ray.job_submission import JobSubmissionClient
@@ -61,10 +66,11 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
 
     # First submission, without waiting; once d1 is finished and d2 is training, kill the driver.
-    for _ in range(60):  # the head's job agent comes up a little after the dashboard
+    deadline = time.time() + 180
+    while True:  # the head's job agent comes up a little after the dashboard
         run = subprocess.run([*submit, "--no-wait", "--submission-id", "first", *command], capture_output=True,
                              text=True, timeout=120)
-        if "No available agent" not in run.stderr:
+        if "No available agent" not in run.stderr or time.time() > deadline:
             break
         time.sleep(2)
     assert run.returncode == 0, run.stderr[-3000:]
