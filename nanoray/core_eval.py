@@ -131,26 +131,24 @@ def prepare_example(tokenizer, spec: TaskSpec, items: list[dict], idx: int, max_
 
 
 @torch.no_grad()
-def score_batch(model, examples: list[tuple], task_type: str, bos_id: int, device) -> list[tuple[bool, int]]:
-    """One forward over the rows of several examples; per example (correct, predicted option)."""
+def score_batch(model, examples: list[tuple], task_type: str, bos_id: int, device) -> list[bool]:
+    """One forward over the rows of several (rows, starts, ends, gold) examples; whether each is correct."""
     rows = [row for ex in examples for row in ex[0]]
     ids = torch.full((len(rows), max(len(r) for r in rows)), bos_id, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
-    ids = ids.to(device)
-    logits = model(ids).float()
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(rows), -1)
-    predicted = logits[:, :-1].argmax(dim=-1)
+    logits = model(ids.to(device)).float()[:, :-1]  # position p predicts token p + 1
+    targets = ids[:, 1:].to(logits.device)
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(len(rows), -1).cpu()
+    predicted = logits.argmax(dim=-1).cpu()
     out, r = [], 0
     for ex_rows, starts, ends, gold in examples:
-        if task_type == "language_modeling":  # position p predicts token p + 1
+        if task_type == "language_modeling":
             s, e = starts[0], ends[0]
-            correct = bool(torch.equal(predicted[r, s - 1:e - 1], ids[r, s:e]))
-            out.append((correct, -1))
+            out.append(bool(torch.equal(predicted[r, s - 1:e - 1], ids[r, s:e])))
         else:
             mean_losses = [losses[r + i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
-            choice = mean_losses.index(min(mean_losses))
-            out.append((choice == gold, choice))
+            out.append(mean_losses.index(min(mean_losses)) == gold)
         r += len(ex_rows)
     return out
 
@@ -171,11 +169,11 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, items: list[dict], max_per_t
         batch_rows, batch_len = batch_rows + len(rows), longest
     results += score_batch(model, batch, spec.task_type, tokenizer.bos_id, device)
     seconds = time.perf_counter() - t0
-    accuracy = sum(c for c, _ in results) / len(results)
+    accuracy = sum(results) / len(results)
     return dict(label=spec.label, type=spec.task_type, shots=spec.num_fewshot, examples=len(results),
                 accuracy=accuracy, random_baseline=spec.random_baseline,
                 centered=centered(accuracy, spec.random_baseline), seconds=seconds,
-                examples_per_s=len(results) / seconds, correct=[c for c, _ in results])
+                examples_per_s=len(results) / seconds, correct=results)
 
 
 def load_tokenizer(checkpoint_dir: str):
@@ -195,9 +193,9 @@ class CoreWorker:
     """A Ray actor holding one model; evaluates whole tasks."""
 
     def __init__(self, checkpoint_dir: str, device: str):
-        self.device = device
         from nanoray.checkpoint import load_model
 
+        self.device = device
         self.tokenizer = load_tokenizer(checkpoint_dir)
         self.model, _ = load_model(checkpoint_dir, device=device)
 

@@ -216,6 +216,32 @@ def test_bundle_zip_is_verified_and_unpacked_once(tmp_path, bundle):
     assert ensure_bundle(cache, fetch=_offline) == root  # cached: no download, no zip needed
 
 
+def test_concurrent_builders_build_once(tmp_path, bundle):
+    import shutil
+    import threading
+    import time
+
+    from nanoray.core_data.bundle import _build_once
+
+    builds = []
+
+    def build(tmp):
+        builds.append(tmp)
+        time.sleep(0.3)  # the other thread arrives while this one holds the lock
+        return shutil.copytree(bundle, tmp / "built")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_build_once(tmp_path / "cache" / "b", build)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and results == [tmp_path / "cache" / "b"] * 2
+    assert (tmp_path / "cache" / "b" / "core.yaml").exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == ["b"]  # no temp left
+
+
 def test_checkpoint_of_another_vocab_is_refused(tmp_path):
     from nanoray.checkpoint import save_checkpoint
     from nanoray.dial import plan
