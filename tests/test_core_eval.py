@@ -180,6 +180,10 @@ def test_bad_input_is_named(tmp_path, bundle):
     (bundle / "eval_data" / "x" / "mc.jsonl").write_text("\n".join(lines))
     with pytest.raises(ValueError, match=r"mc\.jsonl:3: gold must be an index"):
         read_items(spec)
+    csv_path = bundle / "eval_meta_data.csv"
+    csv_path.write_text(csv_path.read_text().replace("lm,0", "lm,"))
+    with pytest.raises(ValueError, match="task 'lm': no numeric 'Random baseline'"):
+        read_specs(bundle)
     bad = write_bundle(tmp_path / "bad", {"t": ("ranking", 0, MC)})
     with pytest.raises(ValueError, match="unknown icl_task_type 'ranking'"):
         read_specs(bad)

@@ -149,19 +149,21 @@ def read_specs(bundle: str | os.PathLike) -> list[TaskSpec]:
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path}: missing (the random baselines of the tasks)")
     with open(meta_path, newline="") as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+        baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}  # other tasks may be blank
     specs = []
     for entry in (config or {}).get("icl_tasks") or []:
         label, task_type = entry.get("label"), entry.get("icl_task_type")
         where = f"{bundle / 'core.yaml'}: task {label!r}"
         if task_type not in TASK_TYPES:
             raise ValueError(f"{where}: unknown icl_task_type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
-        if label not in baselines:
-            raise ValueError(f"{where}: no 'Random baseline' row for it in {meta_path}")
+        try:
+            baseline = float(baselines[label])
+        except (KeyError, ValueError):
+            raise ValueError(f"{where}: no numeric 'Random baseline' for it in {meta_path}") from None
         shots = entry.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) else shots  # a list in core.yaml; its first element is used
         specs.append(TaskSpec(label=label, task_type=task_type, num_fewshot=int(shots),
-                              delimiter=entry.get("continuation_delimiter", " "), random_baseline=baselines[label],
+                              delimiter=entry.get("continuation_delimiter", " "), random_baseline=baseline,
                               path=str(bundle / "eval_data" / entry["dataset_uri"])))
     if not specs:
         raise ValueError(f"{bundle / 'core.yaml'}: no icl_tasks")
