@@ -263,7 +263,7 @@ def train(config: TrainConfig, session: Session) -> dict:
     optimizers = build_optimizers(model, plan, compile=use_compile)
 
     corpus = config.data.kind == "corpus"
-    step, position, train_time, val_loss, val_bpb = 0, None, 0.0, float("nan"), float("nan")
+    step, position, train_time, val_loss, val_bpb, finished = 0, None, 0.0, float("nan"), float("nan"), None
     val_step = -1  # the step of the latest evaluation
     with session.latest_checkpoint() as path:
         if path is not None:
@@ -282,6 +282,10 @@ def train(config: TrainConfig, session: Session) -> dict:
             step, position = meta["step"], meta["data"]["position"]
             train_time, val_loss = meta["loop"]["train_time_s"], meta["loop"]["val_loss"]
             val_bpb = meta["loop"].get("val_bpb", float("nan"))
+            finished = meta["loop"].get("metrics")
+    if step >= end_step and finished:  # resumed after the last step (a restored sweep, say): report it again
+        session.report(finished, None)
+        return finished
 
     wrapped = session.wrap(model)
     forward = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
@@ -380,7 +384,8 @@ def train(config: TrainConfig, session: Session) -> dict:
                 checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
                 saved = save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
                     plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=where),
-                    loop=dict(train_time_s=train_time, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss),
+                    loop=dict(train_time_s=train_time, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss,
+                              metrics=metrics),
                     config=config.model_dump()))
                 if session.tokenizer is not None:  # serving and evaluation need it beside the weights
                     session.tokenizer.save(Path(saved) / "tokenizer")

@@ -3,6 +3,7 @@ report files; and a driver killed mid-sweep whose re-submitted job resumes witho
 
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def head(tmp_path_factory):
     ending its `ray start --block` process."""
     temp = Path(f"/tmp/nrjob-{os.getpid()}")  # short: Ray's socket paths must stay under 108 bytes
     dashboard = free_port()
-    ray_bin = Path(sys.executable).with_name("ray")
+    ray_bin = Path(sys.executable).with_name("ray")  # the ray of this interpreter, else the one on PATH
+    ray_bin = ray_bin if ray_bin.exists() else Path(shutil.which("ray"))
     # Every port of its own: the session's cluster already holds Ray's defaults (the job agent's 52365...).
     ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "runtime-env-agent-port", "metrics-export-port",
@@ -61,7 +63,7 @@ def head(tmp_path_factory):
 def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     ray_bin, address, client = head
     out, storage = tmp_path / "report", tmp_path / "runs"
-    command = ["--", "python", "jobs/miniseries.py", "--depths", "1,2", "--ratio", "0.25", "--out", str(out),
+    command = ["--", sys.executable, "jobs/miniseries.py", "--depths", "1,2", "--ratio", "0.25", "--out", str(out),
                "--storage", str(storage)]
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
 

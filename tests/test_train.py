@@ -112,3 +112,12 @@ def test_evaluate_bpb_counts_only_byte_tokens():
     counted = lengths[y] > 0
     expected = per_token[counted].sum().item() / (math.log(2) * lengths[y].sum().item())
     assert evaluate_bpb(model, WorkerBatches(source, 2, 0, 1, "cpu"), lengths, 1) == pytest.approx(expected, rel=1e-5)
+
+
+def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path):
+    first = LocalSession("cpu", out_dir=str(tmp_path / "a"))
+    final = train(tiny_run(4), first)
+    again = LocalSession("cpu", out_dir=str(tmp_path / "b"), resume_from=first.checkpoints[-1])
+    reported = train(tiny_run(4), again)
+    assert again.history == [reported] and again.checkpoints == []  # reported once, nothing trained or saved
+    assert json.dumps(reported) == json.dumps(final)  # (NaN val_bpb: compare as JSON)
