@@ -9,29 +9,16 @@ skips finished depths) -> a power-law fit of val bpb against FLOPs -> runs/<name
 plots, report.md and report.html.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from nanoray.sweep import add_arguments, family_report, plan_table, plans, prepare_family, run_sweep, sweep_from_args
+from nanoray.sweep import job_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="jobs/miniseries.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, grid="ratio")
-    args = p.parse_args(argv)
-    try:
-        sweep = sweep_from_args(args, "miniseries", cpu_budgets=[])
-        table = plan_table(sweep, plans(sweep))
-    except ValueError as e:  # PlanError and pydantic's ValidationError are ValueErrors: name the flag, train nothing
-        p.error(str(e))
-    print(table, flush=True)
-    sweep = prepare_family(sweep)
-    grid = run_sweep(sweep)
-    family_report(sweep, grid, args.out or os.path.join("runs", sweep.name))
+    job_main(argv, prog="jobs/miniseries.py", doc=__doc__, job="miniseries", grid="ratio", cpu_budgets=[])
 
 
 if __name__ == "__main__":

@@ -8,31 +8,18 @@ compute-optimal params and tokens, and their power laws in C (with bootstrap int
 runs/<name>/report.md beside the usual tables and plots.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from nanoray.sweep import add_arguments, family_report, plan_table, plans, prepare_family, run_sweep, sweep_from_args
+from nanoray.sweep import job_main  # noqa: E402
 
 CPU_BUDGETS = [5e11, 2e12]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="jobs/scaling_laws.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, grid="isoflop")
-    args = p.parse_args(argv)
-    try:
-        sweep = sweep_from_args(args, "scaling-laws", cpu_budgets=CPU_BUDGETS)
-        table = plan_table(sweep, plans(sweep))
-    except ValueError as e:
-        p.error(str(e))
-    print(table, flush=True)
-    sweep = prepare_family(sweep)
-    grid = run_sweep(sweep)
-    family_report(sweep, grid, args.out or os.path.join("runs", sweep.name))
+    job_main(argv, prog="jobs/scaling_laws.py", doc=__doc__, job="scaling-laws", grid="isoflop", cpu_budgets=CPU_BUDGETS)
 
 
 if __name__ == "__main__":

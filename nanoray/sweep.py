@@ -244,6 +244,7 @@ def sweep_from_args(args, job: str, cpu_budgets: list[float]) -> SweepConfig:
     budgets = _numbers("--budgets", args.budgets, float)
     if args.preset is not None:
         get_preset(args.preset)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
             ray.init()
@@ -273,25 +274,34 @@ def prepare_family(sweep: SweepConfig) -> SweepConfig:
     return sweep.model_copy(update=dict(data=sweep.data.model_copy(update=dict(data_dir=data_dir))))
 
 
-def family_report(sweep: SweepConfig, grid, out_dir: str) -> dict:
-    """Rows and histories from the ResultGrid, the scaling fits, and the report files; returns their paths."""
+def family_fits(sweep: SweepConfig, rows: list[dict]):
+    """(fit, notes): val bpb vs FLOPs as a power law for a ratio grid; for an isoFLOP grid, the loss
+    minimum of each budget and the compute-optimal allocation (as lines of text)."""
     import math
 
-    from nanoray.report import write_report
     from nanoray.scaling import fit_optimal_allocation, fit_power_law, isoflop_minima
 
-    rows, histories = result_rows(sweep, grid)
     done = [r for r in rows if r["status"] == "done" and math.isfinite(r["val_bpb"])]
-    fit = notes = None
-    if sweep.grid == "ratio" and len({r["flops"] for r in done}) >= 2:
-        fit = fit_power_law([r["flops"] for r in done], [r["val_bpb"] for r in done])
-    if sweep.grid == "isoflop":
-        minima = isoflop_minima([dict(flops_budget=r["flops_budget"], params=r["params"], tokens=r["tokens"],
-                                      loss=r["val_bpb"]) for r in done])
-        usable = [m for m in minima if getattr(m, "n_opt", None) is not None]
-        notes = [str(m) for m in minima]
-        if len(usable) >= 2:
-            notes.append(str(fit_optimal_allocation(usable)))
+    if sweep.grid == "ratio":
+        fit = fit_power_law([r["flops"] for r in done], [r["val_bpb"] for r in done]) \
+            if len({r["flops"] for r in done}) >= 2 else None
+        return fit, []
+    minima = isoflop_minima([dict(flops_budget=r["flops_budget"], params=r["params"], tokens=r["tokens"],
+                                  loss=r["val_bpb"]) for r in done])
+    notes = [f"C = {m.flops_budget:.2e}: " + (m.skip_reason or f"N_opt {m.params:.3g}, D_opt {m.tokens:.3g}, "
+                                             f"val bpb {m.loss:.4f}" + (" (at the edge of the sizes)" * m.clipped))
+             for m in minima]
+    if sum(m.ok for m in minima) >= 2:
+        notes.append(str(fit_optimal_allocation(minima)))
+    return None, notes
+
+
+def family_report(sweep: SweepConfig, grid, out_dir: str) -> dict:
+    """Rows and histories from the ResultGrid, the scaling fits, and the report files; returns their paths."""
+    from nanoray.report import write_report
+
+    rows, histories = result_rows(sweep, grid)
+    fit, notes = family_fits(sweep, rows)
     paths = write_report(rows, histories, out_dir, title=f"nanoray {sweep.name}", fit=fit)
     if notes:
         with open(os.path.join(out_dir, "report.md"), "a") as f:
@@ -299,7 +309,23 @@ def family_report(sweep: SweepConfig, grid, out_dir: str) -> dict:
     for r in rows:
         print(f"{r['trial']:<12} {r['status']:<8} steps {r['steps_done']:>6}  val bpb {r['val_bpb']:.4f}  "
               f"FLOPs {r['flops']:.2e}  {r['wall_s']:.0f} s", flush=True)
-    if fit is not None:
-        print(f"fit: {fit}", flush=True)
+    for line in ([f"fit: {fit}"] if fit is not None else []) + notes:
+        print(line, flush=True)
     print(f"report: {paths.get('report.md', out_dir)}", flush=True)
     return paths
+
+
+def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str, cpu_budgets: list[float]) -> None:
+    """A sweep job from flags to report: check the flags (a bad one stops here, naming it), print every
+    trial's plan, prepare the data once, run or resume the sweep, fit and write the report."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, grid=grid)
+    args = p.parse_args(argv)
+    try:
+        sweep = sweep_from_args(args, job, cpu_budgets)
+        table = plan_table(sweep, plans(sweep))
+    except ValueError as e:  # PlanError and pydantic's ValidationError are ValueErrors
+        p.error(str(e))
+    print(table, flush=True)
+    sweep = prepare_family(sweep)
+    family_report(sweep, run_sweep(sweep), args.out or os.path.join("runs", sweep.name))

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,19 @@ def test_sweep_trains_reports_and_resumes(ray_cluster, corpus, tmp_path):
                                                                                         for r in rows)
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs" / "train").rglob("model.safetensors")} == mtimes
     assert json.loads(json.dumps(again[0].config["point"]))["trial"] in ("d1", "d2")
+
+
+def test_isoflop_fits_from_rows():
+    from nanoray.sweep import family_fits
+
+    sweep = SweepConfig(depths=[1, 2, 3, 4], grid="isoflop", budgets=[1e12, 1e13, 1e14])
+    rows = []
+    for c in sweep.budgets:  # a loss surface whose optimum moves with C: E + A/N^0.34 + B/D^0.28, D = C/(6N)
+        for n in (1e5, 3e5, 1e6, 3e6, 1e7):
+            d = c / (6 * n)
+            rows.append(dict(flops_budget=c, params=n, tokens=d, flops=c, status="done",
+                             val_bpb=1.7 + 400 / n**0.34 + 410 / d**0.28))
+    fit, notes = family_fits(sweep, rows)
+    assert fit is None and len(notes) == 4 and notes[0].startswith("C = 1.00e+12: N_opt")
+    exponent = float(re.search(r"N_opt = [0-9.]+ \* C\^([0-9.]+)", notes[-1]).group(1))
+    assert exponent == pytest.approx(0.28 / (0.34 + 0.28), abs=0.03)  # N_opt ~ C^(beta / (alpha + beta))
