@@ -20,6 +20,7 @@ not yet consumed, whatever the number of workers (DESIGN.md: data position).
 Validation reads the val split once, in shard order, and keeps the first `rows` rows.
 """
 
+import functools
 import logging
 import os
 import re
@@ -196,7 +197,13 @@ def slot_file(slot: int, num_files: int, split: str, seed: int) -> int:
     if split == "val":
         return slot
     epoch, i = divmod(slot, num_files)
-    return int(np.random.default_rng([seed, epoch]).permutation(num_files)[i])
+    return int(_epoch_order(num_files, seed, epoch)[i])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's shard order, drawn once (not once per slot: thousands of shards, thousands of slots)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_files)
 
 
 def split_long(docs: list[list[int]], row_len: int, bos_id: int) -> list[list[int]]:
