@@ -17,6 +17,7 @@ logits and the loss are fp32. On CPU everything is fp32.
 Shape legend: B batch, T time (sequence), D model width, H heads, K kv heads, C head dim, V vocab.
 """
 
+import copy
 import math
 
 import torch
@@ -76,14 +77,29 @@ def apply_rotary(x_BTHC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 class KVCache:
-    """Keys and values of every layer for decoding, plus the last normed embedding (for the smear)."""
+    """Keys and values of every layer for decoding, plus each row's last normed embedding (for the smear).
+
+    `pos` says where the next tokens go: an int shared by all rows (prefill, single-sequence decode; forward
+    advances it), or a (B,) tensor of per-row positions for a one-token step in which every row is at its own
+    length (continuous batching: each row is a request's slot; the caller sets and advances it)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.prev_emb: torch.Tensor | None = None
-        self.pos = 0
+        self.prev_emb = torch.zeros(batch_size, 1, config.n_embd, device=device, dtype=dtype)
+        self.pos: int | torch.Tensor = 0
+
+    def view(self, rows: slice, length: int, pos: int | torch.Tensor) -> "KVCache":
+        """Rows `rows` and the first `length` positions of this cache, sharing its storage, at `pos`."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, rows, :, :length], self.v[:, rows, :, :length]
+        view.prev_emb, view.pos = self.prev_emb[rows], pos
+        return view
+
+    @property
+    def per_row(self) -> bool:
+        return isinstance(self.pos, torch.Tensor)
 
 
 class Attention(nn.Module):
@@ -96,12 +112,14 @@ class Attention(nn.Module):
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim)
         self.c_proj = Linear(config.n_head * config.head_dim, config.n_embd)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embedding else None
+        self.w_qkv: torch.Tensor | None = None  # set by GPT.prepare_inference
 
     def forward(self, x_BTD, ve_BTKC, cos, sin, cache: KVCache | None):
         B, T, _ = x_BTD.shape
         # One GEMM for q, k and v (wider N, one dgrad instead of three plus two adds); the weights stay
         # separate parameters, so Muon orthogonalizes each matrix on its own as nanochat does.
-        w_qkv = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x_BTD.dtype)
+        w_qkv = self.w_qkv if self.w_qkv is not None else \
+            torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x_BTD.dtype)
         q, k, v = F.linear(x_BTD, w_qkv).split([self.c_q.out_features, self.c_k.out_features,
                                                 self.c_v.out_features], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -123,6 +141,13 @@ class Attention(nn.Module):
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, 0, self.window, q.device),
                                                    enable_gqa=gqa)
+        elif cache.per_row:  # one new token per row, each row at its own position
+            rows_B = torch.arange(B, device=q.device)
+            cache.k[self.layer, rows_B, :, cache.pos] = k[:, :, 0]
+            cache.v[self.layer, rows_B, :, cache.pos] = v[:, :, 0]
+            k, v = cache.k[self.layer], cache.v[self.layer]
+            mask = window_mask(1, k.size(2), cache.pos.view(B, 1, 1, 1), self.window, q.device)  # (B, 1, 1, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             start, end = cache.pos, cache.pos + T
             cache.k[self.layer, :, :, start:end] = k
@@ -138,7 +163,8 @@ class Attention(nn.Module):
 
 def window_mask(n_query: int, n_key: int, offset: int, window: int, device) -> torch.Tensor:
     """Boolean (n_query, n_key) mask: query i (at position offset + i) sees keys in [pos - window, pos],
-    like FlashAttention's window_size=(window, 0)."""
+    like FlashAttention's window_size=(window, 0). A (B, 1, 1, 1) tensor offset gives a (B, 1, n_query, n_key)
+    mask, one per row."""
     pos = torch.arange(n_query, device=device)[:, None] + offset
     key = torch.arange(n_key, device=device)[None, :]
     return (key <= pos) & (key >= pos - window)
@@ -220,6 +246,22 @@ class GPT(nn.Module):
         self.cos, self.sin = self._rotary(self.rotary_len, device=self.wte.weight.device)
         return self
 
+    @torch.no_grad()
+    def prepare_inference(self, dtype: torch.dtype) -> "GPT":
+        """For serving, in place: matrices and embeddings cast to `dtype` once (scalars stay fp32, as in
+        training's math) and each layer's q/k/v weights made views of one fused matrix, so a decode step
+        reads every weight once, with no per-step cast or concatenation. Not for training afterwards."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.data = module.weight.data.to(dtype)
+        for block in self.blocks:
+            attn = block.attn
+            parts = (attn.c_q, attn.c_k, attn.c_v)
+            attn.w_qkv = torch.cat([lin.weight for lin in parts])
+            for lin, w in zip(parts, attn.w_qkv.split([lin.out_features for lin in parts])):
+                lin.weight.data = w
+        return self.eval()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -241,18 +283,21 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1)."""
         B, T = idx_BT.shape
         dtype = compute_dtype(idx_BT.device)
-        start = cache.pos if cache is not None else 0
-        cos = self.cos[:, start:start + T].to(dtype)
-        sin = self.sin[:, start:start + T].to(dtype)
+        if cache is not None and cache.per_row:  # per-row positions, one token each
+            cos, sin = self.cos[0, cache.pos].unsqueeze(1).to(dtype), self.sin[0, cache.pos].unsqueeze(1).to(dtype)
+        else:
+            start = cache.pos if cache is not None else 0
+            cos = self.cos[:, start:start + T].to(dtype)
+            sin = self.sin[:, start:start + T].to(dtype)
 
         x0 = norm(self.wte(idx_BT).to(dtype))
         # Smear: x_t += lambda * sigmoid(w . x_t[:24]) * x_{t-1}, a cheap learned bigram.
         gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x0[..., :SMEAR_CHANNELS]))
         prev = x0[:, :-1]
         if cache is not None:
-            if cache.prev_emb is not None:
+            if cache.per_row or cache.pos > 0:
                 prev = torch.cat([cache.prev_emb, prev], dim=1)
-            cache.prev_emb = x0[:, -1:]
+            cache.prev_emb.copy_(x0[:, -1:])
         if prev.size(1) == T:
             x0 = x0 + gate * prev
         else:  # first position of a sequence has no predecessor
@@ -272,7 +317,7 @@ class GPT(nn.Module):
             if i == self.config.n_layer // 2:
                 backout = x
         x = norm(x - self.backout_lambda.to(dtype) * backout)
-        if cache is not None:
+        if cache is not None and not cache.per_row:
             cache.pos += T
 
         if targets_BT is not None and loss_reduction == "mean" and torch.is_grad_enabled() \
