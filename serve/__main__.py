@@ -1,0 +1,55 @@
+"""Serve a family on a local (or running) Ray cluster and print its URLs; blocks until Ctrl-C.
+
+    python -m serve --run-dir runs/miniseries                            # every depth the sweep trained
+    python -m serve --checkpoint runs/d2/ckpt --checkpoint runs/d4/ckpt  # explicit checkpoints
+    python -m serve --run-dir runs/miniseries --host 0.0.0.0 --port 8000 --gpu-fraction 0.25
+"""
+
+import argparse
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", help="a run directory with results.csv (runs/<name>)")
+    p.add_argument("--checkpoint", action="append", default=[], help="a checkpoint directory (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--gpu-fraction", type=float, default=None,
+                   help="GPU share of each depth's replica (default 1/depths with GPUs, 0 without)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences each replica decodes together")
+    p.add_argument("--max-replicas", type=int, default=1, help="autoscaling ceiling per depth")
+    args = p.parse_args(argv)
+
+    from serve.app import ServeArgs, deployments
+    from serve.family import find_family
+
+    try:
+        config = ServeArgs(run_dir=args.run_dir, checkpoints=args.checkpoint, num_gpus=args.gpu_fraction,
+                           max_batch=args.max_batch, max_replicas=args.max_replicas)
+        family = find_family(config.run_dir, config.checkpoints or None)
+    except (ValueError, FileNotFoundError) as e:  # pydantic ValidationError is a ValueError
+        p.error(str(e))
+
+    import ray
+    from ray import serve
+
+    ray.init()  # joins the cluster of this machine if one runs, else starts one
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(deployments(config, family), name="nanoray", route_prefix="/")
+    base = f"http://{args.host}:{args.port}"
+    print(f"chat page      {base}/")
+    for m in family:
+        print(f"depth {m.depth:<8} {base}/d{m.depth}/chat   (model nanoray-d{m.depth}, {m.params / 1e6:.1f}M params)")
+    print(f"OpenAI API     {base}/v1   (GET {base}/v1/models)")
+    print("Ctrl-C stops serving", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

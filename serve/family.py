@@ -1,0 +1,75 @@
+"""The checkpoints to serve: one per depth, from a run directory's results.csv or an explicit list.
+
+A run directory (what jobs/miniseries.py writes, runs/<name>/) has results.csv with one row per trial,
+including `depth`, `checkpoint` (a directory with meta.json, model.safetensors and tokenizer/), `status`
+and `val_bpb`. Where a depth has several trials (an isoFLOP grid), the one with the lowest val bpb is served.
+"""
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nanoray.checkpoint import read_meta
+
+
+class Member(BaseModel):
+    """One served depth: what the routes need to know without loading the model."""
+
+    model_config = ConfigDict(frozen=True)
+    depth: int = Field(description="the dial's depth (layers)")
+    checkpoint: str = Field(description="absolute path of the checkpoint directory")
+    seq_len: int = Field(description="context length in tokens")
+    vocab_size: int
+    params: int = Field(description="total parameters")
+
+
+def member(checkpoint: str | os.PathLike) -> Member:
+    """A checkpoint directory's depth and shape, from its meta.json."""
+    path = Path(checkpoint).resolve()
+    meta = read_meta(path)
+    if not (path / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{path}: no tokenizer/ beside the weights; serving needs it")
+    model, plan = meta["model"], meta.get("plan") or {}
+    depth = plan.get("depth", model["n_layer"])
+    return Member(depth=depth, checkpoint=str(path), seq_len=model["seq_len"], vocab_size=model["vocab_size"],
+                  params=plan.get("total_params", 0))
+
+
+def _bpb(row: dict) -> float:
+    try:
+        value = float(row.get("val_bpb") or "nan")
+    except ValueError:
+        value = math.nan
+    return math.inf if math.isnan(value) else value
+
+
+def from_run_dir(run_dir: str | os.PathLike) -> list[str]:
+    """Per depth, the checkpoint of the finished trial with the lowest val bpb (results.csv)."""
+    table = Path(run_dir) / "results.csv"
+    if not table.exists():
+        raise FileNotFoundError(f"run_dir: {table} does not exist; point at a run directory "
+                                f"(runs/<name>/ as jobs/miniseries.py writes it)")
+    with open(table, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("checkpoint") and r.get("status", "done") != "error"]
+    best: dict[int, dict] = {}
+    for row in rows:
+        depth = int(float(row["depth"]))
+        if depth not in best or _bpb(row) < _bpb(best[depth]):
+            best[depth] = row
+    if not best:
+        raise ValueError(f"run_dir: {table} has no trial with a checkpoint")
+    return [best[d]["checkpoint"] for d in sorted(best)]
+
+
+def find_family(run_dir: str | os.PathLike | None = None, checkpoints: list[str] | None = None) -> list[Member]:
+    """The members to serve, sorted by depth: from run_dir's results.csv, or the checkpoints given."""
+    if (run_dir is None) == (not checkpoints):
+        raise ValueError("run_dir, checkpoints: give exactly one of them")
+    members = [member(c) for c in (from_run_dir(run_dir) if run_dir is not None else checkpoints)]
+    depths = [m.depth for m in members]
+    if len(set(depths)) != len(depths):
+        raise ValueError(f"checkpoints: one per depth, got depths {depths}")
+    return sorted(members, key=lambda m: m.depth)

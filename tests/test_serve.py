@@ -1,0 +1,353 @@
+"""Serving a family through real Ray Serve and real HTTP: two tiny random checkpoints (d1, d2) found through a
+results.csv, the native chat route and the OpenAI routes (shapes, streaming, echo + logprobs checked against
+the model itself), bad input of every kind, a client that hangs up mid-stream, 64 concurrent streams, CORE."""
+
+import concurrent.futures
+import csv
+import json
+import socket
+import time
+
+import pytest
+import requests
+import torch
+
+from serve.family import find_family
+
+
+def write_family(root, tokenizer, depths=(1, 2)):
+    """A run directory: one tiny random checkpoint per depth (with the tokenizer beside it) and a results.csv."""
+    from nanoray.checkpoint import save_checkpoint
+    from nanoray.dial import plan
+    from nanoray.model import ModelConfig, build_model
+
+    rows = []
+    for depth in depths:
+        run = plan(depth, "tiny")
+        model = build_model(ModelConfig(**run.model_kwargs()))
+        with torch.no_grad():  # perturb the zero-initialized projections so the text depends on the prompt
+            gen = torch.Generator().manual_seed(depth)
+            for p in model.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+        ckpt = save_checkpoint(root / f"d{depth}" / "ckpt", model, None, dict(plan=run.model_dump(), step=0))
+        tokenizer.save(ckpt / "tokenizer")
+        rows.append(dict(trial=f"d{depth}", depth=depth, val_bpb=3.0, checkpoint=str(ckpt), status="done"))
+    with open(root / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(run_dir) -> str:
+    """Serve run_dir's family on a free port of 127.0.0.1; the base URL."""
+    from ray import serve
+
+    from serve.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(dict(run_dir=str(run_dir), num_cpus=0.5)), name="nanoray", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def events(response) -> list:
+    """The `data:` payloads of a server-sent-event response, JSON-decoded ([DONE] stays a string)."""
+    out = []
+    for line in response.iter_lines(chunk_size=None, decode_unicode=True):
+        if line.startswith("data: "):
+            out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, corpus):
+    return write_family(tmp_path_factory.mktemp("family"), corpus[1])
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, family):
+    from ray import serve
+
+    yield start_serve(family)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return corpus[1]
+
+
+HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+def chat(url, depth=1, **body):
+    return requests.post(f"{url}/d{depth}/chat", json=dict(dict(messages=HELLO), **body), timeout=60,
+                         stream=body.get("stream", True))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_family_from_run_dir_and_checkpoints(family, tmp_path):
+    members = find_family(family)
+    assert [m.depth for m in members] == [1, 2] and members[0].seq_len == 256 and members[1].params > members[0].params
+    with open(family / "results.csv") as f:  # a worse trial of depth 1 is not served
+        rows = list(csv.DictReader(f))
+    worse = dict(rows[0], trial="d1-worse", val_bpb="4.0", checkpoint=str(family / "nowhere"))
+    failed = dict(rows[1], trial="d2-failed", val_bpb="1.0", checkpoint=str(family / "nowhere"), status="error")
+    other = tmp_path / "run"
+    other.mkdir()
+    with open(other / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([worse, *rows, failed])
+    assert find_family(other) == members
+    assert find_family(checkpoints=[members[1].checkpoint]) == members[1:]
+    with pytest.raises(ValueError, match="checkpoints: one per depth"):
+        find_family(checkpoints=[members[0].checkpoint] * 2)
+    with pytest.raises(FileNotFoundError, match="run_dir: .*results.csv does not exist"):
+        find_family(tmp_path / "missing")
+    with pytest.raises(ValueError, match="give exactly one"):
+        find_family()
+
+
+def test_config_yaml_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(open("serve/config.yaml")))
+    app = config.applications[0]
+    assert config.http_options.host == "127.0.0.1" and app.import_path == "serve.app:build"
+    from serve.app import ServeArgs, build
+    assert callable(build) and ServeArgs(**app.args).run_dir == "runs/miniseries"
+
+
+def test_cli_bad_flags_stop_before_ray(tmp_path, capsys):
+    from serve.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--run-dir", str(tmp_path)])
+    assert "results.csv does not exist" in capsys.readouterr().err
+
+
+def test_models_health_and_page(url):
+    models = requests.get(f"{url}/v1/models", timeout=30).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["nanoray-d1", "nanoray-d2"]
+    assert all(m["object"] == "model" and m["seq_len"] == 256 for m in models["data"])
+    health = requests.get(f"{url}/health", timeout=30).json()
+    assert health["status"] == "ok" and set(health["models"]) == {"nanoray-d1", "nanoray-d2"}
+    page = requests.get(f"{url}/", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/models" in page.text
+
+
+def test_chat_streams_tokens_that_decode_to_the_reply(url, tokenizer):
+    got = events(chat(url, 2, temperature=0, max_tokens=24))
+    *tokens, done = got
+    assert done["done"] is True and done["model"] == "nanoray-d2" and done["finish_reason"] in ("stop", "length")
+    assert "".join(e["token"] for e in tokens) == done["text"]
+    assert tokenizer.decode([e["id"] for e in tokens if "id" in e]) == done["text"]
+    assert done["usage"]["completion_tokens"] == sum("id" in e for e in tokens) <= 24
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + done["usage"]["completion_tokens"]
+    reply = chat(url, 2, temperature=0, max_tokens=24, stream=False)
+    assert reply.status_code == 200 and reply.json() == {k: done[k] for k in reply.json()}  # greedy: same text
+    seeded = [chat(url, 1, temperature=1.0, seed=7, max_tokens=16, stream=False).json()["text"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_openai_chat_completions(url):
+    body = dict(model="nanoray-d1", messages=HELLO, max_tokens=12, temperature=0)
+    r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    assert r["object"] == "chat.completion" and r["model"] == "nanoray-d1" and r["id"].startswith("chatcmpl-")
+    choice = r["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert r["usage"]["completion_tokens"] <= 12 and r["usage"]["prompt_tokens"] > 5
+    chunks = events(requests.post(f"{url}/v1/chat/completions", timeout=60, stream=True,
+                                  json=dict(body, stream=True, stream_options={"include_usage": True})))
+    assert chunks[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-2]) == choice["message"]["content"]
+    assert chunks[-3]["choices"][0]["finish_reason"] == choice["finish_reason"] and chunks[-2]["usage"] == r["usage"]
+    lp = requests.post(f"{url}/v1/chat/completions", timeout=60,
+                       json=dict(body, logprobs=True, top_logprobs=3)).json()["choices"][0]["logprobs"]["content"]
+    assert len(lp) == r["usage"]["completion_tokens"]
+    assert all(len(t["top_logprobs"]) == 3 and t["logprob"] <= max(a["logprob"] for a in t["top_logprobs"]) + 1e-5
+               for t in lp)  # greedy picks the most likely token
+
+
+def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
+    """echo + logprobs + max_tokens 0 gives every prompt token's logprob: the model's own, teacher-forced."""
+    from nanoray.checkpoint import load_model
+
+    text = "def add(a, b):\n    return a + b\n"
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
+        model="nanoray-d1", prompt=[text, "x = 1"], max_tokens=0, echo=True, logprobs=2)).json()
+    assert r["object"] == "text_completion" and [c["index"] for c in r["choices"]] == [0, 1]
+    choice = r["choices"][0]
+    assert choice["text"] == text and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    ids = tokenizer.encode(text)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(ids)
+    assert "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0 and all(len(t) == 2 for t in lp["top_logprobs"])
+    model, _ = load_model(family / "d1" / "ckpt")
+    with torch.no_grad():
+        logits = model(torch.tensor([[tokenizer.bos_id, *ids]]))[0].float().log_softmax(-1)
+    expected = logits[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+    assert lp["token_logprobs"] == pytest.approx(expected, abs=1e-3)
+    assert r["usage"]["prompt_tokens"] == len(ids) + 1 + len(tokenizer.encode("x = 1")) + 1
+
+    # generate after an echo, from token ids, with a stop string; and streamed
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
+        model="nanoray-d1", prompt=[tokenizer.bos_id, *ids], max_tokens=8, temperature=0, echo=True, logprobs=0)).json()
+    c = r["choices"][0]
+    echoed = "<|bos|>" + text  # token prompts are taken as they are, BOS included
+    assert c["text"].startswith(echoed)
+    assert len(c["logprobs"]["tokens"]) == len(ids) + 1 + r["usage"]["completion_tokens"]
+    assert c["logprobs"]["token_logprobs"][0] is None  # the first token given has no context
+    assert c["logprobs"]["token_logprobs"][1:len(ids) + 1] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    generated = c["text"][len(echoed):]
+    plain = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
+        model="nanoray-d1", prompt=text, max_tokens=8, temperature=0)).json()["choices"][0]["text"]
+    assert plain == generated
+    chunks = events(requests.post(f"{url}/v1/completions", timeout=60, stream=True, json=dict(
+        model="nanoray-d1", prompt=text, max_tokens=8, temperature=0, stream=True, logprobs=1,
+        stream_options={"include_usage": True})))
+    assert chunks[-1] == "[DONE]" and "".join(c["choices"][0]["text"] for c in chunks[:-2]) == plain
+    sampled = [c["choices"][0]["logprobs"] for c in chunks[:-2] if c["choices"][0].get("logprobs", {}).get("tokens")]
+    assert len(sampled) == chunks[-2]["usage"]["completion_tokens"] and chunks[-3]["choices"][0]["finish_reason"]
+    if len(plain) > 2:
+        stop = plain[1:3]
+        cut = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
+            model="nanoray-d1", prompt=text, max_tokens=8, temperature=0, stop=[stop])).json()["choices"][0]
+        assert cut["text"] == plain[:plain.index(stop)] and cut["finish_reason"] == "stop"
+
+
+BAD = [  # (route, body or raw text, status, param)
+    ("/d1/chat", "{not json", 400, None),
+    ("/d1/chat", "[1, 2]", 400, None),
+    ("/d7/chat", {"messages": HELLO}, 404, "depth"),
+    ("/dx/chat", {"messages": HELLO}, 400, "depth"),
+    ("/d1/chat", {}, 400, "messages"),
+    ("/d1/chat", {"messages": []}, 400, "messages"),
+    ("/d1/chat", {"messages": HELLO * 501}, 400, "messages"),
+    ("/d1/chat", {"messages": [{"role": "user", "content": "x" * 8001}]}, 400, "messages[0].content"),
+    ("/d1/chat", {"messages": [{"role": "user", "content": "x" * 7000}] * 5}, 400, "messages"),
+    ("/d1/chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/d1/chat", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/d1/chat", {"messages": [*HELLO, {"role": "system", "content": "hi"}]}, 400, "messages[1].role"),
+    ("/d1/chat", {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+    ("/d1/chat", {"messages": HELLO, "max_tokens": 257}, 400, "max_tokens"),
+    ("/d1/chat", {"messages": HELLO, "max_tokens": "12"}, 400, "max_tokens"),
+    ("/d1/chat", {"messages": HELLO, "temperature": -0.1}, 400, "temperature"),
+    ("/d1/chat", {"messages": HELLO, "temperature": 2.5}, 400, "temperature"),
+    ("/d1/chat", {"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+    ("/d1/chat", {"messages": HELLO, "top_k": 201}, 400, "top_k"),
+    ("/d1/chat", {"messages": HELLO, "top_p": 0}, 400, "top_p"),
+    ("/d1/chat", {"messages": HELLO, "seed": -1}, 400, "seed"),
+    ("/d1/chat", {"messages": HELLO, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": HELLO}, 400, "model"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": HELLO}, 404, "model"),
+    ("/v1/chat/completions", {"model": "nanoray-d9", "messages": HELLO}, 404, "model"),
+    ("/v1/chat/completions", {"model": "nanoray-d1", "messages": HELLO, "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"model": "nanoray-d1", "messages": HELLO, "stop": ["a"] * 5}, 400, "stop"),
+    ("/v1/chat/completions", {"model": "nanoray-d1", "messages": HELLO, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": [99999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "word " * 100, "max_tokens": 250}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/d1/core", {"max_per_task": 0}, 400, "max_per_task"),
+    ("/d1/core", {"tasks": "mmlu"}, 400, "tasks"),
+]
+
+
+@pytest.mark.parametrize("route, body, status, param", BAD, ids=[f"{r} {p}" for r, b, s, p in BAD])
+def test_bad_input_gets_an_openai_error_naming_the_field(url, route, body, status, param):
+    kw = dict(data=body, headers={"Content-Type": "application/json"}) if isinstance(body, str) else dict(json=body)
+    r = requests.post(f"{url}{route}", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"]
+    assert (param or "") in error["message"]
+
+
+def test_unknown_route_and_server_still_up(url):
+    r = requests.get(f"{url}/nope", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert requests.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+    assert chat(url, 1, max_tokens=2, stream=False).status_code == 200
+
+
+def wait_idle(url, depth, timeout=20.0) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        stats = requests.get(f"{url}/d{depth}/stats", timeout=30).json()
+        if stats["active"] == 0 and stats.get("queued", 0) == 0 or time.time() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def test_client_hanging_up_mid_stream_frees_its_slot(url):
+    for route, body in [("/d1/chat", dict(messages=HELLO)),
+                        ("/v1/chat/completions", dict(model="nanoray-d1", messages=HELLO, stream=True))]:
+        before = wait_idle(url, 1)["generated_tokens"]
+        r = requests.post(f"{url}{route}", json=dict(body, max_tokens=240, temperature=1.0, top_k=0),
+                          stream=True, timeout=60)
+        assert r.status_code == 200, r.text
+        lines = r.iter_lines(chunk_size=None)
+        assert next(line for line in lines if line.startswith(b"data: "))
+        r.close()
+        after = wait_idle(url, 1)
+        assert after["active"] == 0 and after["generated_tokens"] - before < 120  # stopped early, not at 240
+
+
+def stream_one(url, i: int) -> dict:
+    """Request i of the load test: alternating depths and routes; the even ones are greedy on one prompt."""
+    depth, greedy = 1 + i % 2, i % 4 < 2
+    messages = HELLO if greedy else [{"role": "user", "content": f"Tell me about the number {i}."}]
+    sampling = dict(max_tokens=20, temperature=0 if greedy else 0.9)
+    if i % 8 < 4:
+        got = events(requests.post(f"{url}/d{depth}/chat", json=dict(messages=messages, **sampling),
+                                   stream=True, timeout=120))
+        *tokens, done = got
+        assert done["done"] and "".join(e["token"] for e in tokens) == done["text"]
+        return dict(depth=depth, greedy=greedy, text=done["text"], ids=[e["id"] for e in tokens if "id" in e])
+    got = events(requests.post(f"{url}/v1/chat/completions", stream=True, timeout=120, json=dict(
+        model=f"nanoray-d{depth}", messages=messages, stream=True, **sampling)))
+    assert got[-1] == "[DONE]" and got[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    return dict(depth=depth, greedy=greedy, text="".join(c["choices"][0]["delta"].get("content", "") for c in got[:-1]))
+
+
+def test_64_concurrent_streams_across_two_depths(url, tokenizer):
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda i: stream_one(url, i), range(64)))
+    seconds = time.time() - t0
+    for r in results:
+        if "ids" in r:
+            assert tokenizer.decode(r["ids"]) == r["text"]
+    for depth in (1, 2):
+        greedy = {r["text"] for r in results if r["depth"] == depth and r["greedy"]}
+        assert len(greedy) == 1, greedy  # 16 greedy requests per depth, one answer
+    assert all(wait_idle(url, d)["active"] == 0 for d in (1, 2))
+    print(f"64 streams in {seconds:.1f} s")
+
+
+def test_core_lite_through_the_route(url):
+    from nanoray.core_data import bigbench
+
+    if not (bigbench.bigbench_dir() / bigbench.TARBALL).exists():
+        pytest.skip("BIG-bench raw data absent (set NANORAY_BIGBENCH_DIR)")
+    r = requests.post(f"{url}/d1/core", json={"max_per_task": 5}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_per_task"  # 10-shot tasks need 11
+    r = requests.post(f"{url}/d1/core", json={"max_per_task": 11}, timeout=300)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["model"] == "nanoray-d1" and result["examples"] == 6 * 11 and -1 <= result["core"] <= 1
+    assert list(result["tasks"]) == list(bigbench.TASKS)
