@@ -2,7 +2,8 @@
 
     python -m serve --run-dir runs/miniseries      # then open http://127.0.0.1:8000/
 
-serve/app.py holds the deployments and the routes, serve/schemas.py the request and response shapes,
+serve/app.py holds the ingress (routes, OpenAI shapes, errors) and the builder, serve/depth.py the
+per-depth deployment around the inference engine, serve/schemas.py the request and response shapes,
 serve/family.py finds the checkpoints, serve/static/index.html is the page, serve/config.yaml the
 Serve config for `serve run` and `serve deploy`.
 """

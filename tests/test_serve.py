@@ -118,6 +118,19 @@ def test_family_from_run_dir_and_checkpoints(family, tmp_path):
         find_family()
 
 
+def test_stop_strings_cut_streamed_text_and_hold_back_what_could_start_one():
+    from serve.depth import StopScanner
+
+    scanner = StopScanner(["\n\n", "END"])
+    assert scanner.feed("hello E") == ("hello ", False)  # "E" may start "END"
+    assert scanner.feed("N") == ("", False)
+    assert scanner.feed("Dx") == ("", True)
+    scanner = StopScanner(["END"])
+    assert [scanner.feed(t) for t in ("a", "EN", "d")] == [("a", False), ("", False), ("ENd", False)]
+    assert scanner.feed("E") == ("", False) and scanner.flush() == "E"
+    assert StopScanner([]).feed("anything") == ("anything", False)
+
+
 def test_config_yaml_is_a_valid_serve_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
