@@ -207,9 +207,10 @@ class CoreWorker:
 
 
 def evaluate_core(checkpoint_dir: str, tasks: str = "core-lite", num_workers: int = 1,
-                  max_per_task: int | None = None, use_gpu: bool = False) -> dict:
+                  max_per_task: int | None = None, use_gpu: bool = False, gpu_share: float = 1.0) -> dict:
     """CORE (mean centered accuracy) of a checkpoint over a task set, tasks spread over Ray actors.
-    Uses the running Ray cluster when one is initialized."""
+    Uses the running Ray cluster when one is initialized. With `use_gpu`, each actor asks for
+    `gpu_share` of a GPU (a fraction packs it beside a training run)."""
     import ray
     from ray.util import ActorPool
 
@@ -233,7 +234,7 @@ def evaluate_core(checkpoint_dir: str, tasks: str = "core-lite", num_workers: in
     if not ray.is_initialized():
         ray.init()
     t0 = time.perf_counter()
-    worker = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(CoreWorker)
+    worker = ray.remote(num_gpus=gpu_share if use_gpu else 0, num_cpus=1)(CoreWorker)
     num_actors = min(num_workers, len(work))
     if not use_gpu:  # more 1-CPU actors than the cluster has CPUs would wait forever; GPU ones wait for autoscaling
         num_actors = min(num_actors, max(int(ray.cluster_resources().get("CPU", 1)), 1))

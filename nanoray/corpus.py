@@ -7,7 +7,7 @@ corpus grows. Parquet sources follow `parquet_shards`, which is also what the Ra
 
 Sources:
     stdlib                 CPython's own library sources and pydoc_data topics: every Python has them (~30 MB)
-    files:<glob>           text files from disk, chunked into documents at blank lines
+    files:<glob>[,<glob>]  text files from disk, chunked into documents at blank lines
     debian-docs[:<root>]   English prose from Debian packages under root (default /): dict-gcide,
                            wordnet-base, linux-doc, python3-doc, perl-doc, r-cran-janeaustenr (~90 MB);
                            the packages present are used, the others skipped
@@ -542,10 +542,10 @@ def read_source(spec: str, split: str = "train", skipped: list | None = None) ->
     if spec == "stdlib":
         return _stdlib(split, skipped)
     if spec.startswith("files:"):
-        pattern = spec.removeprefix("files:")
-        paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        patterns = spec.removeprefix("files:").split(",")
+        paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
         if not paths:
-            raise FileNotFoundError(f"source {spec!r}: no files match {pattern!r}")
+            raise FileNotFoundError(f"source {spec!r}: no files match {', '.join(patterns)}")
         return _read_files(paths, split, skipped)
     if spec == "debian-docs" or spec.startswith("debian-docs:"):
         return _debian_docs(spec.removeprefix("debian-docs").removeprefix(":") or "/", split, skipped)

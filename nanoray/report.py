@@ -2,7 +2,8 @@
 
 `write_report(rows, histories, out_dir, fit=...)` writes into out_dir:
 
-    results.csv         one row per trial: COLUMNS in this order, then busy_fraction (train_s / wall_s)
+    results.csv         one row per trial: COLUMNS in this order, then busy_fraction (train_s / wall_s), then
+                        any per-task CORE columns (core_<task>: centered accuracy) the rows carry
     bpb_vs_flops.png    final val bpb of each trial vs its training FLOPs (log x), the fit's curve if any
     loss_curves.png     train loss and val bpb vs FLOPs (tokens when no history has FLOPs), one line a trial
     core_vs_flops.png   CORE vs FLOPs, only when some trial has a CORE score
@@ -46,10 +47,11 @@ def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, ti
     `fit` is anything with `predict(flops) -> val bpb` and a `__str__` (nanoray.scaling's power law), or None.
     """
     _check(rows)
-    rows = [dict({k: _scalar(r[k]) for k in COLUMNS}, busy_fraction=_busy(r)) for r in rows]
+    tasks = sorted({k for r in rows for k in r if k.startswith("core_")})
+    rows = [dict({k: _scalar(r.get(k)) for k in COLUMNS + tasks}, busy_fraction=_busy(r)) for r in rows]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {RESULTS: _write(out / RESULTS, _csv(rows).encode())}
+    paths = {RESULTS: _write(out / RESULTS, _csv(rows, ["busy_fraction"] + tasks).encode())}
 
     colors = _depth_colors(rows)
     plots = {BPB_PLOT: ("val bpb vs training FLOPs", _bpb_plot(rows, colors, fit)),
@@ -107,12 +109,12 @@ def _busy(r: dict) -> float | None:
     return train_s / wall_s if train_s is not None and wall_s else None
 
 
-def _csv(rows: list[dict]) -> str:
+def _csv(rows: list[dict], extra: list[str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS + ["busy_fraction"])
+    w.writerow(COLUMNS + extra)
     for r in rows:
-        w.writerow(["" if r[k] is None else r[k] for k in COLUMNS + ["busy_fraction"]])
+        w.writerow(["" if r[k] is None else r[k] for k in COLUMNS + extra])
     return buf.getvalue()
 
 

@@ -33,7 +33,9 @@ class SweepConfig(BaseModel):
     ratio: float = Field(12.0, description="ratio grid: tokens per scaling parameter")
     budgets: list[float] = Field(default_factory=list, description="isoflop grid: FLOPs budgets")
     workers: int = Field(1, description="Ray Train workers (GPUs) per trial")
-    use_gpu: bool = Field(False, description="one GPU per Train worker")
+    use_gpu: bool = Field(False, description="train on GPUs")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="GPU share of a Train worker: 1, or a fraction "
+                                   "(0.5, 0.25) so small trials share a GPU and one compiles while another trains")
     cpus_per_worker: float = Field(1.0, description="logical CPUs per Train worker")
     data: DataSpec = Field(DataSpec(kind="corpus"), description="the tokens every trial reads")
     storage_path: str = Field(os.path.abspath("runs/sweeps"), description="Tune and Train storage (local or s3://)")
@@ -43,6 +45,9 @@ class SweepConfig(BaseModel):
     eval_every: int | None = Field(None, description="val loss/bpb every N steps and at the end (default: ~5 per trial)")
     eval_tokens: int = Field(2**20, description="val tokens per evaluation")
     checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
+    core: str | None = Field(None, description="CORE task set for each final checkpoint: core, core-lite or a "
+                             "bundle-shaped directory; None: no CORE")
+    core_max_per_task: int | None = Field(None, ge=1, description="CORE examples per task (None: all)")
 
     @field_validator("depths")
     @classmethod
@@ -119,7 +124,8 @@ def run_trial(config: dict) -> None:
                                eval_every=sweep.eval_every or max(1, run.iterations // 5),
                                eval_tokens=sweep.eval_tokens, checkpoint_every=sweep.checkpoint_every)
     fit(train_config, name=f"{sweep.name}-{point['trial']}", storage_path=os.path.join(sweep.storage_path, "train"),
-        use_gpu=sweep.use_gpu, cpus_per_worker=sweep.cpus_per_worker, max_failures=sweep.max_failures,
+        use_gpu=sweep.use_gpu, gpus_per_worker=sweep.gpus_per_worker, cpus_per_worker=sweep.cpus_per_worker,
+        max_failures=sweep.max_failures,
         callbacks=[TuneReportCallback()])
 
 
@@ -141,12 +147,13 @@ def default_concurrency(sweep: SweepConfig, num_trials: int) -> int:
 
     if not sweep.use_gpu:
         return 1  # CPU trials compete for the same cores: one at a time finishes each soonest
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return max(1, gpus // sweep.workers) if gpus else num_trials  # 0 GPUs: an autoscaler will bring them
+    gpus = ray.cluster_resources().get("GPU", 0)
+    fits = int(gpus / (sweep.workers * sweep.gpus_per_worker) + 1e-9)
+    return max(1, fits) if gpus else num_trials  # 0 GPUs: an autoscaler will bring them
 
 
-def run_sweep(sweep: SweepConfig):
-    """Run (or resume) the sweep; returns Tune's ResultGrid."""
+def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
+    """Run (or resume) the sweep; returns Tune's ResultGrid. `callbacks`: Tune callbacks of this driver."""
     import ray.tune
 
     points = grid_points(sweep)
@@ -155,6 +162,8 @@ def run_sweep(sweep: SweepConfig):
     path = os.path.join(sweep.storage_path, sweep.name)
     if ray.tune.Tuner.can_restore(path):
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        if callbacks:  # this driver's callbacks replace the pickled ones (Tune has no public setter for them)
+            tuner._local_tuner._run_config.callbacks = callbacks
     else:
         tuner = ray.tune.Tuner(
             trainable,
@@ -162,7 +171,7 @@ def run_sweep(sweep: SweepConfig):
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent
                                             or default_concurrency(sweep, len(points)),
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage_path, verbose=1,
+            run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage_path, verbose=1, callbacks=callbacks,
                                           failure_config=ray.tune.FailureConfig(max_failures=1)),
         )
     return tuner.fit()
@@ -182,14 +191,14 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
             if h.get("val_step") != h.get("step"):
                 h["val_loss"] = h["val_bpb"] = nan
         wall = m.get("time_total_s", nan)
+        gpu_hours = wall * sweep.workers * sweep.gpus_per_worker / 3600 if sweep.use_gpu else 0.0
         rows.append(dict(
             trial=point["trial"], depth=point["depth"], preset=sweep.preset, horizon=run.horizon_mode,
             ratio=sweep.ratio if sweep.grid == "ratio" else None, flops_budget=point["flops_budget"],
             params=run.scaling_params, total_params=run.total_params, tokens=m.get("tokens", 0),
             flops=m.get("flops", 0.0), iterations=run.iterations, steps_done=m.get("step", 0), wall_s=wall,
             train_s=m.get("train_time_s", nan),
-            gpu_hours=wall * sweep.workers / 3600 if sweep.use_gpu else 0.0,
-            cost_usd=wall * sweep.workers / 3600 * usd_per_gpu_hour if sweep.use_gpu else 0.0,
+            gpu_hours=gpu_hours, cost_usd=gpu_hours * usd_per_gpu_hour,
             train_loss=m.get("train_loss", nan), val_loss=m.get("val_loss", nan), val_bpb=m.get("val_bpb", nan),
             core=m.get("core"), tok_per_s=m.get("tok_per_s", nan), mfu=m.get("mfu", nan),
             checkpoint=m.get("checkpoint_path"),
@@ -215,6 +224,13 @@ def add_arguments(p, grid: str) -> None:
     p.add_argument("--source", default="stdlib", help="corpus: stdlib, files:<glob>, parquet:<...>, hf:<org/name>, "
                    "debian-docs")
     p.add_argument("--workers", type=int, default=1, help="Train workers (GPUs) per trial")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPU share per worker: 1, or 0.5/0.25 so small trials share a GPU")
+    p.add_argument("--core", default="auto", help="CORE of each final checkpoint: core (the DCLM eval bundle, "
+                   "downloaded once), core-lite (offline BIG-bench), a bundle directory, or none "
+                   "(default auto: core on GPUs, core-lite on CPU, skipped with a warning when unavailable)")
+    p.add_argument("--core-max-per-task", type=int, default=None,
+                   help="CORE examples per task (default 500 on GPUs, 20 on CPU)")
     p.add_argument("--tokenizer-actors", type=int, default=None, help="Ray Data tokenizer actors per trial")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train on GPUs (default: if the cluster has any now)")
@@ -245,6 +261,10 @@ def sweep_from_args(args, job: str, cpu_budgets: list[float]) -> SweepConfig:
     if args.preset is not None:
         get_preset(args.preset)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
+    # A trial waits for its GPUs (an autoscaler adding a node, a CORE evaluation holding a share)
+    # rather than failing after Train's default 60 s. Reaches a local cluster started below; a
+    # cluster's nodes set it themselves (cluster.yaml).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets it: join that cluster
             ray.init()
@@ -256,22 +276,41 @@ def sweep_from_args(args, job: str, cpu_budgets: list[float]) -> SweepConfig:
     if args.grid == "isoflop" and not budgets:
         raise ValueError("--budgets: the isoflop grid needs FLOPs budgets, e.g. --budgets 1e17,3e17,1e18")
     actors = args.tokenizer_actors or (4 if gpu else 1)
+    core = {"auto": "core" if gpu else "core-lite", "none": None}.get(args.core, args.core)
+    if args.core_max_per_task is not None and args.core_max_per_task < 1:
+        raise ValueError(f"--core-max-per-task: must be >= 1, got {args.core_max_per_task}")
     return SweepConfig(
         name=args.name or job, preset=args.preset or ("gpt2" if gpu else "tiny"), depths=depths, grid=args.grid,
         ratio=args.ratio or (12.0 if gpu else 1.0), budgets=budgets, workers=args.workers, use_gpu=gpu,
+        gpus_per_worker=args.gpus_per_worker, core=core,
+        core_max_per_task=args.core_max_per_task or (500 if gpu else 20),
         data=DataSpec(kind="corpus", source=args.source, actors=actors, cpus_per_actor=1.0 if gpu else 0.5),
         storage_path=args.storage or os.path.abspath("runs/sweeps"), max_concurrent=args.max_concurrent,
         eval_tokens=2**20 if gpu else 2**15)
 
 
-def prepare_family(sweep: SweepConfig) -> SweepConfig:
-    """Corpus shards and tokenizer made once, here, so the trials only read them. Returns the sweep with
-    the data directory made absolute (trial drivers and Ray Data actors run in other working dirs)."""
+def prepare_family(sweep: SweepConfig, core_required: bool = True) -> SweepConfig:
+    """Corpus shards, tokenizer and CORE tasks made once, here, so the trials and evaluations only read
+    them. Returns the sweep with the data directory made absolute (trial drivers and Ray Data actors run
+    in other working dirs). A CORE task set that is not `core_required` and cannot be had (no network,
+    no BIG-bench data) turns CORE off with a warning instead of failing."""
+    from nanoray.core_data.bundle import BundleUnavailable, resolve_tasks
     from nanoray.stream import default_data_dir, prepare_data
 
+    update = {}
+    if sweep.core is not None:
+        try:
+            tasks = resolve_tasks(sweep.core)
+            update["core"] = sweep.core if sweep.core in ("core", "core-lite") else str(tasks)
+        except (BundleUnavailable, FileNotFoundError) as e:
+            if core_required:
+                raise
+            print(f"warning: no CORE for this sweep: {e}", flush=True)
+            update["core"] = None
     data_dir = os.path.abspath(sweep.data.data_dir or default_data_dir(sweep.data.source))
     prepare_data(sweep.data.source, get_preset(sweep.preset).vocab_size, data_dir)
-    return sweep.model_copy(update=dict(data=sweep.data.model_copy(update=dict(data_dir=data_dir))))
+    update["data"] = sweep.data.model_copy(update=dict(data_dir=data_dir))
+    return sweep.model_copy(update=update)
 
 
 def family_fits(sweep: SweepConfig, rows: list[dict]):
@@ -296,18 +335,22 @@ def family_fits(sweep: SweepConfig, rows: list[dict]):
     return None, notes
 
 
-def family_report(sweep: SweepConfig, grid, out_dir: str) -> dict:
-    """Rows and histories from the ResultGrid, the scaling fits, and the report files; returns their paths."""
+def family_report(sweep: SweepConfig, grid, out_dir: str, core=None) -> dict:
+    """Rows and histories from the ResultGrid (with the CORE scores of `core`, a FamilyCore, once they
+    are in), the scaling fits, and the report files; returns their paths."""
     from nanoray.report import write_report
 
     rows, histories = result_rows(sweep, grid)
+    if core is not None:
+        core.fill(rows)
     fit, notes = family_fits(sweep, rows)
     paths = write_report(rows, histories, out_dir, title=f"nanoray {sweep.name}", fit=fit)
     if notes:
         with open(os.path.join(out_dir, "report.md"), "a") as f:
             f.write("\n## Compute-optimal allocation (isoFLOP minima)\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     for r in rows:
-        print(f"{r['trial']:<12} {r['status']:<8} steps {r['steps_done']:>6}  val bpb {r['val_bpb']:.4f}  "
+        core = f"  CORE {r['core']:.4f}" if r.get("core") is not None else ""
+        print(f"{r['trial']:<12} {r['status']:<8} steps {r['steps_done']:>6}  val bpb {r['val_bpb']:.4f}{core}  "
               f"FLOPs {r['flops']:.2e}  {r['wall_s']:.0f} s", flush=True)
     for line in ([f"fit: {fit}"] if fit is not None else []) + notes:
         print(line, flush=True)
@@ -327,5 +370,14 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
     except ValueError as e:  # PlanError and pydantic's ValidationError are ValueErrors
         p.error(str(e))
     print(table, flush=True)
-    sweep = prepare_family(sweep)
-    family_report(sweep, run_sweep(sweep), args.out or os.path.join("runs", sweep.name))
+    try:
+        sweep = prepare_family(sweep, core_required=args.core != "auto")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # a bad source or task set, before any training
+        p.error(str(e))
+    out_dir = args.out or os.path.join("runs", sweep.name)
+    core = None
+    if sweep.core is not None:
+        from nanoray.family_core import FamilyCore
+
+        core = FamilyCore(sweep, out_dir)
+    family_report(sweep, run_sweep(sweep, callbacks=core and [core.callback()]), out_dir, core)

@@ -204,36 +204,35 @@ class LocalSession(Session):
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, num_batches: int) -> float:
-    """Mean loss (nats/token) over the first `num_batches` (inputs, targets) of `batches` on each worker,
-    averaged across workers."""
-    sums = None  # nats, tokens (batches may differ in size)
+def evaluate(model, batches, num_batches: int, token_bytes: torch.Tensor | None = None,
+             max_logits: int = 2**29) -> tuple[float, float]:
+    """(loss, bpb) over the first `num_batches` (inputs, targets) of `batches` on each worker, summed
+    across workers, in one forward pass per batch (chunks of rows keep the fp32 logits under
+    `max_logits` elements). loss: mean nats per target token (ignored targets count none). bpb: nats
+    summed over targets that stand for bytes (special tokens count none) over ln 2 x those bytes; NaN
+    without `token_bytes`. Independent of the tokenizer's vocab.
+
+    Meant for the plain (eager) model: a compiled one would compile another graph for it, which costs
+    more than the few evaluations of a run save."""
+    sums = None  # nats, target tokens, nats over byte tokens, bytes
     for x, y in itertools.islice(batches, num_batches):
         if sums is None:
-            sums = torch.zeros(2, dtype=torch.float64, device=x.device)
-        sums[0] += model(x, y).double() * y.numel()
-        sums[1] += y.numel()
+            sums = torch.zeros(4, dtype=torch.float64, device=x.device)
+            if token_bytes is not None:
+                token_bytes = token_bytes.to(x.device)
+        rows = max(1, max_logits // (x.size(1) * model.config.vocab_size))
+        for xc, yc in zip(x.split(rows), y.split(rows)):
+            nats = model(xc, yc, loss_reduction="none").double()
+            sums[0] += nats[yc >= 0].sum()
+            sums[1] += (yc >= 0).sum()
+            if token_bytes is not None:
+                nbytes = torch.where(yc >= 0, token_bytes[yc.clamp(min=0)], 0)
+                sums[2] += nats[nbytes > 0].sum()
+                sums[3] += nbytes.sum()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    return (sums[0] / sums[1]).item()
-
-
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes: torch.Tensor, num_batches: int) -> float:
-    """Bits per byte over the first `num_batches` (inputs, targets) of `batches`: nats summed over targets
-    that stand for bytes (special tokens and ignored targets count none) over ln 2 x those bytes; summed
-    across workers. Independent of the tokenizer's vocab."""
-    sums = None  # nats, bytes
-    for x, y in itertools.islice(batches, num_batches):
-        if sums is None:
-            token_bytes, sums = token_bytes.to(x.device), torch.zeros(2, dtype=torch.float64, device=x.device)
-        nats = model(x, y, loss_reduction="none")
-        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
-        sums[0] += nats[nbytes > 0].double().sum()
-        sums[1] += nbytes.sum()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    return (sums[0] / (math.log(2) * sums[1])).item()
+    loss = (sums[0] / sums[1]).item()
+    return loss, (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None else float("nan")
 
 
 def progress_line(m: dict) -> str:
@@ -305,8 +304,7 @@ def train(config: TrainConfig, session: Session) -> dict:
                 if not val_set:
                     raise ValueError(f"data: the val split of {config.data.source} has fewer rows than the "
                                      f"{session.world_size} workers; give it more documents")
-            return (evaluate_loss(forward, iter(val_set), len(val_set)),
-                    evaluate_bpb(forward, iter(val_set), token_bytes, len(val_set)))
+            return evaluate(model, iter(val_set), len(val_set), token_bytes)
     else:
         source = dict(vocab_size=plan.vocab_size, seq_len=plan.seq_len, kind=config.data.kind, seed=config.data.seed)
         batches = WorkerBatches(SyntheticTokens(**source, split="train"), plan.device_batch_size,
@@ -315,7 +313,7 @@ def train(config: TrainConfig, session: Session) -> dict:
         def validate() -> tuple[float, float]:
             val = WorkerBatches(SyntheticTokens(**source, split="val"), plan.device_batch_size,
                                 session.rank, session.world_size, device)
-            return evaluate_loss(forward, val, eval_batches), float("nan")
+            return evaluate(model, val, eval_batches)
 
     def data_position():
         """Where the whole run is in its data: for a corpus, the union of every worker's position."""
@@ -356,12 +354,12 @@ def train(config: TrainConfig, session: Session) -> dict:
                 gc.disable()
 
             last = step == end_step
-            evaluate = (last and config.eval_at_end) or (config.eval_every and step % config.eval_every == 0)
+            evaluating = (last and config.eval_at_end) or (config.eval_every and step % config.eval_every == 0)
             save = (last and config.checkpoint_at_end) or (
                 config.checkpoint_every and step % config.checkpoint_every == 0)
-            if not (last or save or evaluate or step % config.log_every == 0):
+            if not (last or save or evaluating or step % config.log_every == 0):
                 continue
-            if evaluate:
+            if evaluating:
                 t0 = time.perf_counter()
                 (val_loss, val_bpb), val_step = validate(), step
                 excluded += time.perf_counter() - t0
@@ -410,8 +408,8 @@ def train_loop_per_worker(config: dict) -> None:
     train(TrainConfig.model_validate(config), RaySession(tokenizer))
 
 
-def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False, cpus_per_worker: float = 1,
-        max_failures: int = 0, callbacks: list | None = None):
+def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False, gpus_per_worker: float = 1,
+        cpus_per_worker: float = 1, max_failures: int = 0, callbacks: list | None = None):
     """Run `config` on `config.plan.num_workers` Ray Train workers; returns the ray.train.Result.
 
     Re-running with the same (name, storage_path) resumes from that run's latest checkpoint.
@@ -421,7 +419,7 @@ def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False
 
     from nanoray.train import train_loop_per_worker  # by reference, also when this file runs as __main__
 
-    resources = dict(CPU=cpus_per_worker, GPU=1) if use_gpu else dict(CPU=cpus_per_worker)
+    resources = dict(CPU=cpus_per_worker, GPU=gpus_per_worker) if use_gpu else dict(CPU=cpus_per_worker)
     loop_config, datasets, dataset_config = config.model_dump(), None, None
     if config.data.kind == "corpus":
         corpus = prepare_corpus(config)

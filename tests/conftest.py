@@ -1,5 +1,6 @@
 """One local Ray cluster per test session, with the knobs that keep Train fits fast on 2 cores."""
 
+import json
 import os
 
 import pytest
@@ -37,3 +38,18 @@ def corpus(tmp_path_factory):
     write_shards(list(itertools.islice(read_source("stdlib", "val"), 40)), root / "shards" / "val")
     spec, tokenizer_dir = prepare_data("parquet:" + str(root / "shards"), 4096, data_dir=root)
     return spec, Tokenizer.load(tokenizer_dir), root
+
+
+def write_bundle(root, tasks, baselines=None):
+    """A bundle-shaped directory: {label: (type, shots, items)} -> core.yaml, meta csv, jsonl files."""
+    import yaml
+
+    (root / "eval_data" / "x").mkdir(parents=True, exist_ok=True)
+    icl, meta = [], ["Eval Task,Random baseline"]
+    for label, (task_type, shots, items) in tasks.items():
+        (root / "eval_data" / "x" / f"{label}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+        icl.append(dict(label=label, dataset_uri=f"x/{label}.jsonl", num_fewshot=[shots], icl_task_type=task_type))
+        meta.append(f"{label},{(baselines or {}).get(label, 0)}")
+    (root / "core.yaml").write_text(yaml.safe_dump({"icl_tasks": icl}))
+    (root / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
+    return root

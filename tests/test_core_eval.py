@@ -15,27 +15,14 @@ from nanoray.core_eval import (centered, core_score, evaluate_core, evaluate_tas
                                prepare_example, prepare_items, render_prompts, tokenize_prompts, truncate)
 from nanoray.tokenizer import Tokenizer
 
+from conftest import write_bundle
+
 BYTES = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # one token per byte: 265 with specials
 
 MC = [{"query": f"Q{i}: which is {i % 3}?", "choices": ["zero", "one", "two"], "gold": i % 3} for i in range(12)]
 SCHEMA = [{"context_options": [f"Ann{i} sat", f"Bob{i} ran"], "continuation": "and then left.", "gold": i % 2}
           for i in range(10)]
 LM = [{"context": f"  {i} plus {i} is ", "continuation": str(2 * i)} for i in range(10)]
-
-
-def write_bundle(root, tasks, baselines=None, types=None):
-    """A bundle-shaped directory: {label: (type, shots, items)} -> core.yaml, meta csv, jsonl files."""
-    import yaml
-
-    (root / "eval_data" / "x").mkdir(parents=True, exist_ok=True)
-    icl, meta = [], ["Eval Task,Random baseline"]
-    for label, (task_type, shots, items) in tasks.items():
-        (root / "eval_data" / "x" / f"{label}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-        icl.append(dict(label=label, dataset_uri=f"x/{label}.jsonl", num_fewshot=[shots], icl_task_type=task_type))
-        meta.append(f"{label},{(baselines or {}).get(label, 0)}")
-    (root / "core.yaml").write_text(yaml.safe_dump({"icl_tasks": icl}))
-    (root / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
-    return root
 
 
 class Oracle:

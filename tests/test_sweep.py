@@ -14,6 +14,8 @@ from nanoray.data import DataSpec
 from nanoray.dial import PlanError
 from nanoray.sweep import SweepConfig, family_report, grid_points, plans, run_sweep
 
+from conftest import write_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +51,8 @@ def test_budget_too_small_fails_before_training():
     (["--depths", "2,x"], "--depths"),
     (["--preset", "huge"], "preset"),
     (["--grid", "isoflop", "--budgets", "1e3"], "flops"),
+    (["--core", "no/such/bundle"], "tasks"),
+    (["--gpus-per-worker", "1.5"], "gpus_per_worker"),
 ])
 def test_job_rejects_bad_flags_before_starting(args, flag, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "jobs" / "miniseries.py"), *args, "--out", str(tmp_path),
@@ -58,30 +62,47 @@ def test_job_rejects_bad_flags_before_starting(args, flag, tmp_path):
     assert not (tmp_path / "s").exists()  # nothing trained, nothing written
 
 
-def test_sweep_trains_reports_and_resumes(ray_cluster, corpus, tmp_path):
+def test_sweep_trains_scores_reports_and_resumes(ray_cluster, corpus, tmp_path):
+    from nanoray.family_core import FamilyCore
+
     spec, _, data_dir = corpus
+    lm = [{"context": f"{i} and {i} make", "continuation": f" {2 * i}"} for i in range(6)]
+    mc = [{"query": f"Is {i} even?", "choices": [" yes", " no"], "gold": i % 2} for i in range(6)]
+    tasks = write_bundle(tmp_path / "tasks", {"lm": ("language_modeling", 1, lm), "mc": ("multiple_choice", 1, mc)},
+                         baselines={"mc": 50})
     sweep = SweepConfig(name="fam", preset="tiny", depths=[1, 2], ratio=0.25, storage_path=str(tmp_path / "runs"),
                         data=DataSpec(kind="corpus", source=spec, data_dir=str(data_dir), cpus_per_actor=0.5),
-                        eval_tokens=8 * 256)
-    grid = run_sweep(sweep)
+                        eval_tokens=8 * 256, core=str(tasks), core_max_per_task=4)
+    core = FamilyCore(sweep, tmp_path / "report")
+    grid = run_sweep(sweep, callbacks=[core.callback()])
     assert grid.num_errors == 0
-    paths = family_report(sweep, grid, str(tmp_path / "report"))
+    assert set(core.pending) == {"d1", "d2"}  # each trial's CORE task started as the trial ended
+    paths = family_report(sweep, grid, str(tmp_path / "report"), core)
     rows = list(csv.DictReader(open(paths["results.csv"])))
     assert [r["trial"] for r in rows] == ["d1", "d2"] and all(r["status"] == "done" for r in rows)
     d1, d2 = rows
     assert float(d2["flops"]) > float(d1["flops"]) > 0 and 0 < float(d2["val_bpb"]) < 8
     assert all(Path(r["checkpoint"]).exists() for r in rows)
-    for name in ("bpb_vs_flops.png", "loss_curves.png", "report.md", "report.html"):
+    for r in rows:  # CORE = mean centered accuracy of the two tasks, each known to be in its range
+        lm_c, mc_c = float(r["core_lm"]), float(r["core_mc"])
+        assert 0 <= lm_c <= 1 and -1 <= mc_c <= 1 and float(r["core"]) == pytest.approx((lm_c + mc_c) / 2)
+    for name in ("bpb_vs_flops.png", "loss_curves.png", "core_vs_flops.png", "report.md", "report.html"):
         assert paths[name].stat().st_size > 0
     assert "d2" in paths["report.md"].read_text()
 
-    # The same sweep again: Tune restores it, finished trials are not trained again.
+    # The same sweep again: Tune restores it, finished trials are neither trained nor scored again.
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "train").rglob("model.safetensors")}
-    again = run_sweep(sweep)
+    scored = {p: p.stat().st_mtime for p in (tmp_path / "report" / "core").glob("*.json")}
+    core = FamilyCore(sweep, tmp_path / "report")
+    again = run_sweep(sweep, callbacks=[core.callback()])
     assert again.num_errors == 0 and sorted(r.metrics["step"] for r in again) == sorted(int(r["steps_done"])
                                                                                         for r in rows)
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs" / "train").rglob("model.safetensors")} == mtimes
     assert json.loads(json.dumps(again[0].config["point"]))["trial"] in ("d1", "d2")
+    paths = family_report(sweep, again, str(tmp_path / "report"), core)
+    assert not core.pending and len(scored) == 2
+    assert [r["core"] for r in csv.DictReader(open(paths["results.csv"]))] == [d1["core"], d2["core"]]
+    assert {p: p.stat().st_mtime for p in (tmp_path / "report" / "core").glob("*.json")} == scored
 
 
 def test_isoflop_fits_from_rows():

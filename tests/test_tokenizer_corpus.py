@@ -74,6 +74,9 @@ def test_corpus_splits_are_deterministic_and_disjoint(tmp_path):
     assert len(train) + len(val) == 40 and not set(train) & set(val)
     assert list(read_source(spec, "val")) == val
     assert split_of("x") in SPLITS
+    # several globs, comma-separated; a file two of them match is read once
+    both = f"files:{tmp_path}/doc1*.txt,{tmp_path}/doc*.txt"
+    assert sorted(read_source(both, "train")) == sorted(train)
 
 
 def test_corpus_bad_input(tmp_path):

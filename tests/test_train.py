@@ -93,9 +93,9 @@ def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
         assert (ddp_weights[name] - value).norm() <= 0.03 * value.norm() + 1e-6, name
 
 
-def test_evaluate_bpb_counts_only_byte_tokens():
+def test_evaluate_counts_only_byte_tokens():
     from nanoray.data import SyntheticTokens, WorkerBatches
-    from nanoray.train import evaluate_bpb
+    from nanoray.train import evaluate
 
     run = plan(2, "tiny")
     model = build_model(ModelConfig(**run.model_kwargs()))
@@ -103,15 +103,20 @@ def test_evaluate_bpb_counts_only_byte_tokens():
     ones = torch.ones(run.vocab_size, dtype=torch.int32)
     x, y = source.batch(0, 2)
     mean_loss = model(x, y).item()
-    bpb = evaluate_bpb(model, WorkerBatches(source, 2, 0, 1, "cpu"), ones, num_batches=1)
+    loss, bpb = evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1, ones)
+    assert loss == pytest.approx(mean_loss, rel=1e-5)
     assert bpb == pytest.approx(mean_loss / math.log(2), rel=1e-5)  # one byte per token: bpb = loss / ln 2
-    # tokens with zero bytes (the special tokens) drop out of both sums
+    # tokens with zero bytes (the special tokens) drop out of both sums; rows in chunks change nothing
     lengths = torch.randint(1, 5, (run.vocab_size,), dtype=torch.int32)
     lengths[:100] = 0
     per_token = model(x, y, loss_reduction="none")
     counted = lengths[y] > 0
     expected = per_token[counted].sum().item() / (math.log(2) * lengths[y].sum().item())
-    assert evaluate_bpb(model, WorkerBatches(source, 2, 0, 1, "cpu"), lengths, 1) == pytest.approx(expected, rel=1e-5)
+    one_row = run.seq_len * run.vocab_size
+    for max_logits in (2**29, one_row):
+        loss, bpb = evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1, lengths, max_logits=max_logits)
+        assert bpb == pytest.approx(expected, rel=1e-5) and loss == pytest.approx(mean_loss, rel=1e-5)
+    assert math.isnan(evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1)[1])
 
 
 def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path):
