@@ -42,7 +42,8 @@ class ServeArgs(BaseModel):
     checkpoints: list[str] = Field([], description="checkpoint directories, instead of run_dir")
     num_gpus: float | None = Field(None, ge=0, le=1, description="GPU share of each depth's replica; "
                                    "default 1/depths when the cluster has GPUs, else 0")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs of each depth's replica")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved for each depth's replica (its engine runs "
+                            "one thread; small, so that a laptop's few CPUs hold every depth and the CORE actors)")
     max_batch: int = Field(32, ge=1, description="sequences one replica's engine decodes together")
     max_replicas: int = Field(1, ge=1, description="autoscaling ceiling per depth")
 
@@ -163,7 +164,7 @@ def _completion_logprobs(pieces: list[dict], offset: int = 0) -> S.CompletionLog
     return out
 
 
-@serve.deployment(max_ongoing_requests=1024, graceful_shutdown_timeout_s=20, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(max_ongoing_requests=1024, graceful_shutdown_timeout_s=20, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Gateway:
     """Routes. Native: POST /d{depth}/chat, GET /d{depth}/stats, POST /d{depth}/core. OpenAI: GET /v1/models,

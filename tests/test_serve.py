@@ -53,7 +53,7 @@ def start_serve(run_dir) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(dict(run_dir=str(run_dir), num_cpus=0.5)), name="nanoray", route_prefix="/")
+    serve.run(build(dict(run_dir=str(run_dir))), name="nanoray", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
