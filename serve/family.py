@@ -28,6 +28,9 @@ class Member(BaseModel):
 
 def member(checkpoint: str | os.PathLike) -> Member:
     """A checkpoint directory's depth and shape, from its meta.json."""
+    if "://" in str(checkpoint):
+        raise ValueError(f"checkpoints: {checkpoint} is remote; serving reads checkpoints from a local or shared "
+                         f"filesystem: copy it there (aws s3 sync ...) and pass that path")
     path = Path(checkpoint).resolve()
     meta = read_meta(path)
     if not (path / "tokenizer").is_dir():

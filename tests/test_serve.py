@@ -116,6 +116,8 @@ def test_family_from_run_dir_and_checkpoints(family, tmp_path):
         find_family(tmp_path / "missing")
     with pytest.raises(ValueError, match="give exactly one"):
         find_family()
+    with pytest.raises(ValueError, match="s3://b/d4/ckpt is remote"):
+        find_family(checkpoints=["s3://b/d4/ckpt"])
 
 
 def test_stop_strings_cut_streamed_text_and_hold_back_what_could_start_one():
