@@ -101,25 +101,30 @@ class TextStream:
         return self._decoder.decode(b"", final=True)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (multiply-xorshift rounds) on int64 tensors; products stay below 2**63."""
+def _hash32(x):
+    """A 32-bit integer hash (multiply-xorshift rounds) of ints or int64 tensors; products stay below 2**63."""
     for mult in (0x7FEB352D, 0x2C1B3C6D):
         x = ((x ^ (x >> 16)) * mult) & 0xFFFFFFFF
     return x ^ (x >> 16)
 
 
+def noise_key(seed: int, step: int) -> int:
+    """The 32-bit key of a request's noise at one step (host side; the ranks are mixed in on the device)."""
+    return int(_hash32(_hash32(seed) ^ step))
+
+
 def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
-           seed_B: torch.Tensor, step_B: torch.Tensor, k_max: int) -> torch.Tensor:
+           key_B: torch.Tensor, k_max: int) -> torch.Tensor:
     """One token per row: Gumbel-max over the row's top-k (then top-p) candidates at its temperature.
-    Greedy rows come with top_k 1. The noise is a hash of (seed, step, rank): no generator state, and a
-    row's draw does not depend on the other rows. k_max >= every top_k_B."""
+    Greedy rows come with top_k 1. The noise of candidate rank r is a hash of (key_B, r), so there is no
+    generator state and a row's draw does not depend on the other rows. k_max >= every top_k_B."""
     logits_BK, ids_BK = (logits_BV / temperature_B[:, None]).topk(k_max, dim=-1)
     rank_K = torch.arange(k_max, device=logits_BV.device)
     logits_BK = logits_BK.masked_fill(rank_K >= top_k_B[:, None], -torch.inf)
     probs_BK = logits_BK.softmax(dim=-1)
     keep_BK = probs_BK.cumsum(dim=-1) - probs_BK < top_p_B[:, None]  # the head of the nucleus, at least rank 0
-    bits_BK = _hash32(_hash32(_hash32(seed_B) ^ step_B)[:, None] ^ rank_K)
-    gumbel_BK = -torch.log(-torch.log((bits_BK.double() + 0.5) / 2**32)).float()
+    uniform_BK = ((_hash32(key_B[:, None] ^ rank_K) >> 8).float() + 0.5) / 2**24
+    gumbel_BK = -torch.log(-torch.log(uniform_BK))
     choice_B = (logits_BK + gumbel_BK).masked_fill(~keep_BK, -torch.inf).argmax(dim=-1)
     return ids_BK.gather(1, choice_B[:, None])[:, 0]
 
@@ -162,8 +167,14 @@ class Engine:
         self.default_stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.cache = KVCache(model.config, max_batch, self.seq_len, self.device, compute_dtype(self.device))
-        self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=self.device)  # token ids, positions
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Static buffers, which the CUDA graphs read and write: decode inputs (token ids, positions), logits,
+        # sampling parameters (temperature, top_p; top_k, noise key) and results (token, its logprob).
+        self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=self.device)
+        self._logits = torch.zeros(max_batch, self.vocab_size, device=self.device)
+        self._params = torch.zeros(2, max_batch, device=self.device)
+        self._keys = torch.zeros(2, max_batch, dtype=torch.long, device=self.device)
+        self._sampled = torch.zeros(2, max_batch, dtype=torch.float64, device=self.device)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._slots: list[_Request | None] = [None] * max_batch
         self._waiting: list[_Request] = []
@@ -329,8 +340,8 @@ class Engine:
         if request.cancelled:
             return self._free(request)
         view = self.cache.view(slice(request.slot, request.slot + 1), self.seq_len, 0)
-        logits_1V = self.model(self._to_device([request.prompt]), cache=view)[:, -1]
-        self._emit([request], logits_1V)
+        self._logits[:1].copy_(self.model(self._to_device([request.prompt]), cache=view)[:, -1])
+        self._emit([request], rows=[0], B=1)
 
     def _step(self) -> None:
         """One decode step for every active slot: the smallest power-of-two prefix of slots and of positions."""
@@ -341,67 +352,74 @@ class Engine:
             idx[r.slot], pos[r.slot] = r.last, len(r.prompt) + r.generated - 1
         length = min(self.seq_len, max(MIN_ATTEND, _pow2(max(pos) + 1)))
         self._inputs[:, :B].copy_(self._to_device([idx, pos]))
-        if self.cuda_graphs:
-            if (B, length) not in self._graphs:
-                self._graphs[B, length] = self._capture(B, length)
-            graph, logits_BV = self._graphs[B, length]
-            graph.replay()
-        else:
-            logits_BV = self._decode(B, length)
+        self._replay(("decode", B, length), lambda: self._logits[:B].copy_(self._decode(B, length)))
         self._steps += 1
-        self._emit(active, logits_BV[self._to_device([r.slot for r in active])])
+        self._emit(active, rows=[r.slot for r in active], B=B)
 
     def _decode(self, B: int, length: int) -> torch.Tensor:
         """Logits (B, V) of one token per slot, from the static inputs (token ids, positions)."""
         idx_B1, pos_B = self._inputs[0, :B, None], self._inputs[1, :B]
         return self.model(idx_B1, cache=self.cache.view(slice(0, B), length, pos_B))[:, 0]
 
-    def _capture(self, B: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """A CUDA graph of one decode step over B slots and `length` positions. The warm-up run (kernel
-        selection, Triton compiles) happens outside the capture; it writes the same K/V as the real step,
-        and the smear state it advances is put back."""
-        prev_emb = self.cache.prev_emb[:B].clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._decode(B, length)
-        torch.cuda.current_stream().wait_stream(side)
-        self.cache.prev_emb[:B].copy_(prev_emb)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits_BV = self._decode(B, length)
-        return graph, logits_BV
+    def _sample(self, B: int, k_max: int) -> None:
+        """Static logits and parameters of B rows -> static (token, logprob) per row."""
+        logits_BV = self._logits[:B]
+        tokens_B = sample(logits_BV, self._params[0, :B], self._keys[0, :B], self._params[1, :B], self._keys[1, :B],
+                          k_max)
+        self._sampled[0, :B] = tokens_B
+        self._sampled[1, :B] = logits_BV.log_softmax(dim=-1).gather(1, tokens_B[:, None])[:, 0]
+
+    def _replay(self, key: tuple, step) -> None:
+        """Run `step` (which touches only the static buffers and the cache), on a GPU as a CUDA graph
+        captured on first use. The capture's warm-up run (kernel selection, Triton compiles) writes what the
+        real run writes, except the smear state that a decode step advances, which is put back."""
+        if not self.cuda_graphs:
+            return step()
+        if key not in self._graphs:
+            prev_emb = self.cache.prev_emb.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.cache.prev_emb.copy_(prev_emb)
+            self._graphs[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graphs[key], pool=self._pool, capture_error_mode="thread_local"):
+                step()
+        self._graphs[key].replay()
 
     def _to_device(self, data: list, dtype=torch.long) -> torch.Tensor:
         """A small host list on the device, copied from pinned memory without stalling the host."""
         pinned = self.device.type == "cuda"
         return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=pinned)
 
-    def _emit(self, requests: list[_Request], logits_BV: torch.Tensor) -> None:
-        """Sample one token per request, then deliver it (and the finish, if any) to the request's event loop."""
-        top_k = [1 if r.params.temperature == 0 else min(r.params.top_k or self.vocab_size, self.vocab_size)
-                 for r in requests]
-        floats = self._to_device([[r.params.temperature or 1.0 for r in requests],
-                                  [r.params.top_p if (r.params.top_p or 1) < 1 else torch.inf for r in requests]],
-                                 torch.float32)
-        ints = self._to_device([top_k, [r.seed for r in requests], [r.generated for r in requests]])
-        tokens_B = sample(logits_BV, floats[0], ints[0], floats[1], ints[1], ints[2], max(top_k))
-        logprobs_BV = logits_BV.log_softmax(dim=-1)
-        chosen_B = logprobs_BV.gather(1, tokens_B[:, None])[:, 0]
-        tokens, chosen = torch.stack([tokens_B.double(), chosen_B.double()]).tolist()
+    def _emit(self, requests: list[_Request], rows: list[int], B: int) -> None:
+        """Sample the requests' tokens from their rows of the static logits (B rows, the others greedy
+        placeholders), then deliver each token (and the finish, if any) to its request's event loop."""
+        temperature, top_p, top_k, key = [1.0] * B, [torch.inf] * B, [1] * B, [0] * B
+        for r, row in zip(requests, rows):
+            temperature[row] = r.params.temperature or 1.0
+            top_p[row] = r.params.top_p if (r.params.top_p or 1) < 1 else torch.inf
+            top_k[row] = 1 if r.params.temperature == 0 else min(r.params.top_k or self.vocab_size, self.vocab_size)
+            key[row] = noise_key(r.seed, r.generated)
+        k_max = min(self.vocab_size, _pow2(max(top_k)))
+        self._params[:, :B].copy_(self._to_device([temperature, top_p], torch.float32))
+        self._keys[:, :B].copy_(self._to_device([top_k, key]))
+        self._replay(("sample", B, k_max), lambda: self._sample(B, k_max))
+        tokens, chosen = self._sampled[:, :B].tolist()
         n_top = max(r.params.logprobs for r in requests)
         if n_top:
-            top_values, top_ids = (t.tolist() for t in logprobs_BV.topk(n_top, dim=-1))
+            top_values, top_ids = (t.tolist() for t in self._logits[rows].log_softmax(dim=-1).topk(n_top, dim=-1))
         deliveries = []
-        for i, request in enumerate(requests):
-            token = int(tokens[i])
+        for i, (request, row) in enumerate(zip(requests, rows)):
+            token = int(tokens[row])
             if token in request.stop_ids:
                 deliveries.append((request, "stop"))
                 self._free(request)
                 continue
             n = request.params.logprobs
             top = dict(zip(top_ids[i][:n], top_values[i][:n])) if n else {}
-            deliveries.append((request, (token, chosen[i], top)))
+            deliveries.append((request, (token, chosen[row], top)))
             request.generated, request.last = request.generated + 1, token
             self._generated += 1
             if request.generated == request.max_new:

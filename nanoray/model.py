@@ -89,17 +89,25 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.prev_emb = torch.zeros(batch_size, 1, config.n_embd, device=device, dtype=dtype)
         self.pos: int | torch.Tensor = 0
+        self._masks: dict[int, torch.Tensor] = {}
 
     def view(self, rows: slice, length: int, pos: int | torch.Tensor) -> "KVCache":
         """Rows `rows` and the first `length` positions of this cache, sharing its storage, at `pos`."""
         view = copy.copy(self)
         view.k, view.v = self.k[:, rows, :, :length], self.v[:, rows, :, :length]
-        view.prev_emb, view.pos = self.prev_emb[rows], pos
+        view.prev_emb, view.pos, view._masks = self.prev_emb[rows], pos, {}
         return view
 
     @property
     def per_row(self) -> bool:
         return isinstance(self.pos, torch.Tensor)
+
+    def row_mask(self, window: int) -> torch.Tensor:
+        """(B, 1, 1, S): the keys each row's new token sees (per-row positions); built once per window."""
+        if window not in self._masks:
+            B, S = self.k.size(1), self.k.size(3)
+            self._masks[window] = window_mask(1, S, self.pos.view(B, 1, 1, 1), window, self.k.device)
+        return self._masks[window]
 
 
 class Attention(nn.Module):
@@ -146,8 +154,7 @@ class Attention(nn.Module):
             cache.k[self.layer, rows_B, :, cache.pos] = k[:, :, 0]
             cache.v[self.layer, rows_B, :, cache.pos] = v[:, :, 0]
             k, v = cache.k[self.layer], cache.v[self.layer]
-            mask = window_mask(1, k.size(2), cache.pos.view(B, 1, 1, 1), self.window, q.device)  # (B, 1, 1, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.row_mask(self.window), enable_gqa=gqa)
         else:
             start, end = cache.pos, cache.pos + T
             cache.k[self.layer, :, :, start:end] = k
@@ -155,6 +162,8 @@ class Attention(nn.Module):
             k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
             if T == 1 and self.window >= end - 1:  # one new token that sees the whole cache: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            elif start == 0 and self.window >= T - 1:  # a prefill: causal, the fused kernels need no mask
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, end, start, self.window, q.device),
                                                    enable_gqa=gqa)

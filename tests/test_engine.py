@@ -224,7 +224,8 @@ def test_cuda_graph_decode_equals_eager(tokenizer):
     for graphs in (True, False):
         engine = Engine(model, tokenizer, max_batch=4, cuda_graphs=graphs)
         try:
-            results[graphs] = [r.tokens for r in asyncio.run(staggered(engine, batch, GREEDY))]
+            for params in (GREEDY, SamplingParams(max_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=3)):
+                results[graphs, params] = [r.tokens for r in asyncio.run(staggered(engine, batch, params))]
         finally:
             engine.close()
-    assert results[True] == results[False]
+    assert all(results[True, params] == results[False, params] for _, params in results)
