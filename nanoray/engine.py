@@ -22,6 +22,7 @@ import codecs
 import concurrent.futures
 import os
 import threading
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -142,7 +143,6 @@ class _Request:
     generated: int = 0
     last: int = -1  # the latest sampled token, fed at the next step
     cancelled: bool = False
-    done: bool = False
     finish_reason: str | None = None
 
     async def next(self) -> tuple | None:
@@ -199,7 +199,8 @@ class Engine:
                      stop_ids: set[int] | None = None) -> AsyncIterator[int]:
         """Each sampled token as soon as it is sampled; ends after a stop token (not yielded) or max_tokens.
         stop_ids: the tokens that end the request (None: <|assistant_end|> and <|bos|>; set(): none).
-        Closing the iterator early (or cancelling its task) frees the request's slot at the next step."""
+        A bad prompt raises ValueError at the first iteration. Closing the iterator early (or cancelling its
+        task) frees the request's slot at the next step."""
         request = self._submit(prompt, params, stop_ids)
         try:
             while (item := await request.next()) is not None:
@@ -306,6 +307,7 @@ class Engine:
                         future.set_result(self._score(tokens, top))
                     except Exception as e:
                         future.set_exception(e)
+                in_flight = self._active()  # the admitted ones included
                 try:
                     for request in admitted:
                         self._prefill(request)
@@ -314,8 +316,8 @@ class Engine:
                             self._free(request)
                     if self._active():
                         self._step()
-                except Exception as e:  # a failed forward fails the requests in flight, not the engine
-                    for request in self._active():
+                except Exception as e:  # fails the requests in flight (a finished one ignores it), not the engine
+                    for request in in_flight:
                         self._finish(request, e)
         with self._cond:
             for request in self._active() + self._waiting:
@@ -383,9 +385,15 @@ class Engine:
                 step()
             torch.cuda.current_stream().wait_stream(side)
             self.cache.prev_emb.copy_(prev_emb)
-            self._graphs[key] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graphs[key], pool=self._pool, capture_error_mode="thread_local"):
-                step()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    step()
+            except RuntimeError as e:  # an op this torch cannot capture: stay correct, run eagerly from now on
+                warnings.warn(f"nanoray.engine: CUDA graph capture failed, decoding eagerly: {e}")
+                self.cuda_graphs = False
+                return step()
+            self._graphs[key] = graph
         self._graphs[key].replay()
 
     def _to_device(self, data: list, dtype=torch.long) -> torch.Tensor:
@@ -428,7 +436,6 @@ class Engine:
         self._deliver(deliveries)
 
     def _free(self, request: _Request) -> None:
-        request.done = True
         if request.slot >= 0 and self._slots[request.slot] is request:
             self._slots[request.slot] = None
 
