@@ -33,6 +33,7 @@ from nanoray.core_data.bundle import TaskSpec, read_items, read_specs, resolve_t
 
 SHUFFLE_SEED, FEWSHOT_SEED = 1337, 1234
 BATCH_TOKENS = 8192  # rows x padded length per forward
+GPU_BATCH_TOKENS = 65536
 
 
 def centered(accuracy: float, random_baseline: float) -> float:
@@ -132,22 +133,28 @@ def prepare_example(tokenizer, spec: TaskSpec, items: list[dict], idx: int, max_
 
 @torch.no_grad()
 def score_batch(model, examples: list[tuple], task_type: str, bos_id: int, device) -> list[bool]:
-    """One forward over the rows of several (rows, starts, ends, gold) examples; whether each is correct."""
+    """One forward over the rows of several (rows, starts, ends, gold) examples; whether each is correct.
+    Logits are taken only where they are scored: position p of a continuation span predicts token p + 1."""
     rows = [row for ex in examples for row in ex[0]]
     ids = torch.full((len(rows), max(len(r) for r in rows)), bos_id, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
-    logits = model(ids.to(device)).float()[:, :-1]  # position p predicts token p + 1
-    targets = ids[:, 1:].to(logits.device)
-    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(len(rows), -1).cpu()
-    predicted = logits.argmax(dim=-1).cpu()
+    spans = [(s, e) for ex in examples for s, e in zip(ex[1], ex[2])]  # one per row
+    row_idx = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(spans)])
+    pos_idx = torch.cat([torch.arange(s - 1, e - 1) for s, e in spans])
+    logits = model(ids.to(device), at=(row_idx.to(device), pos_idx.to(device))).float()  # (N, V)
+    targets = ids[row_idx, pos_idx + 1]
+    losses = F.cross_entropy(logits, targets.to(logits.device), reduction="none").cpu()
+    hits = (logits.argmax(dim=-1).cpu() == targets).tolist()
+    bounds = [0]
+    for s, e in spans:
+        bounds.append(bounds[-1] + e - s)
     out, r = [], 0
-    for ex_rows, starts, ends, gold in examples:
+    for ex_rows, _, _, gold in examples:
         if task_type == "language_modeling":
-            s, e = starts[0], ends[0]
-            out.append(bool(torch.equal(predicted[r, s - 1:e - 1], ids[r, s:e])))
+            out.append(all(hits[bounds[r]:bounds[r + 1]]))
         else:
-            mean_losses = [losses[r + i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(zip(starts, ends))]
+            mean_losses = [losses[bounds[r + i]:bounds[r + i + 1]].mean().item() for i in range(len(ex_rows))]
             out.append(mean_losses.index(min(mean_losses)) == gold)
         r += len(ex_rows)
     return out
@@ -198,10 +205,13 @@ class CoreWorker:
         self.device = device
         self.tokenizer = load_tokenizer(checkpoint_dir)
         self.model, _ = load_model(checkpoint_dir, device=device)
+        if device != "cpu":  # bf16 weights, cast once (the GPU computes in bf16 anyway)
+            self.model.prepare_inference(torch.bfloat16)
 
     def evaluate(self, spec: TaskSpec, items: list[dict], max_per_task: int | None) -> dict:
         result = evaluate_task(self.model, self.tokenizer, spec, items, max_per_task,
-                               max_len=self.model.config.seq_len, device=self.device)
+                               max_len=self.model.config.seq_len, device=self.device,
+                               batch_tokens=BATCH_TOKENS if self.device == "cpu" else GPU_BATCH_TOKENS)
         del result["correct"]
         return result
 

@@ -288,8 +288,11 @@ class GPT(nn.Module):
         return 6 * self.num_matmul_params() + attn
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1)."""
+                cache: KVCache | None = None, loss_reduction: str = "mean",
+                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) in fp32, or the loss when targets are given (ignore_index -1). With
+        `at` = (rows, positions), two index tensors of length N, only the logits there: (N, vocab)
+        (scoring a few positions of long prompts skips most of the lm_head and the fp32 logits)."""
         B, T = idx_BT.shape
         dtype = compute_dtype(idx_BT.device)
         if cache is not None and cache.per_row:  # per-row positions, one token each
@@ -333,6 +336,8 @@ class GPT(nn.Module):
                 and fused_cross_entropy_available(x):  # one Triton pass: loss and grad, no fp32 logits
             return linear_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight.to(x.dtype),
                                                 targets_BT.reshape(-1), self.config.vocab_size, SOFTCAP)
+        if at is not None:
+            x = x[at]
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets_BT is None:

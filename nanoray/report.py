@@ -7,7 +7,8 @@
     bpb_vs_flops.png    final val bpb of each trial vs its training FLOPs (log x), the fit's curve if any
     loss_curves.png     train loss and val bpb vs FLOPs (tokens when no history has FLOPs), one line a trial
     core_vs_flops.png   CORE vs FLOPs, only when some trial has a CORE score
-    report.md           title, the table, the fit, the plots by relative path
+    report.md           title, the table, the fit, the plots by relative path, and a text version of the
+                        val bpb plot (`text_plot`) that reads in a terminal or a diff
     report.html         the same page, self-contained: inline CSS, the plots as base64 data URIs, no JS
 
 Rows keep the caller's order. Missing values (None, NaN) print as "–" in the page and as an empty
@@ -66,7 +67,8 @@ def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, ti
     header, cells = _table(rows)
     summary = _summary(rows)
     fit_line = None if fit is None else f"Fit: {fit}"
-    paths[REPORT_MD] = _write(out / REPORT_MD, _markdown(title, summary, header, cells, fit_line, plots).encode())
+    text = text_plot(rows, "val_bpb", fit)
+    paths[REPORT_MD] = _write(out / REPORT_MD, _markdown(title, summary, header, cells, fit_line, plots, text).encode())
     paths[REPORT_HTML] = _write(out / REPORT_HTML, _html(title, summary, header, cells, fit_line, plots).encode())
     return paths
 
@@ -190,6 +192,42 @@ def _summary(rows: list[dict]) -> str:
 # Plots
 
 
+def text_plot(rows: list[dict], key: str = "val_bpb", fit=None, width: int = 64, height: int = 16) -> str:
+    """`key` vs training FLOPs (log x) as text: each trial a digit of its depth's last digit (`o` without
+    a depth), the fit's curve as dots. Empty when no trial has both numbers."""
+    pts = _points(rows, key)
+    if not pts:
+        return ""
+    lx = [math.log10(x) for x, _, _ in pts]
+    x0, x1 = min(lx) - 0.1, max(lx) + 0.1
+    curve = []
+    if fit is not None:
+        xs = np.linspace(x0, x1, width)
+        curve = list(zip(xs, np.asarray(fit.predict(10 ** xs), dtype=float)))
+    ys = [y for _, y, _ in pts] + [y for _, y in curve]
+    y0, y1 = min(ys), max(ys)
+    y1 = y1 if y1 > y0 else y0 + 1
+
+    def cell(x, y):
+        return (round((y1 - y) / (y1 - y0) * (height - 1)), round((x - x0) / (x1 - x0) * (width - 1)))
+
+    grid = [[" "] * width for _ in range(height)]
+    for x, y in curve:
+        r, c = cell(x, y)
+        grid[r][c] = "."
+    for x, y, row in pts:
+        r, c = cell(math.log10(x), y)
+        grid[r][c] = "o" if row["depth"] is None else str(int(row["depth"]) % 10)
+    label = f"{y1:.4g}"
+    pad = max(len(label), len(f"{y0:.4g}"))
+    lines = [f"{(label if i == 0 else f'{y0:.4g}' if i == height - 1 else ''):>{pad}} |" + "".join(g)
+             for i, g in enumerate(grid)]
+    lines.append(" " * pad + " +" + "-" * width)
+    lines.append(" " * pad + f"  {10 ** x0:.2e}" + f"{10 ** x1:.2e}".rjust(width - 10) + "  FLOPs")
+    return f"{key} vs training FLOPs (log x); digits: depth mod 10" + (", dots: the fit" if curve else "") + \
+        "\n" + "\n".join(lines)
+
+
 def _depth_colors(rows: list[dict]) -> dict:
     depths = sorted({r["depth"] for r in rows if r["depth"] is not None})
     cmap = colormaps["viridis"]
@@ -293,7 +331,7 @@ def _loss_plot(rows, histories, colors) -> bytes:
 # Pages
 
 
-def _markdown(title, summary, header, cells, fit_line, plots) -> str:
+def _markdown(title, summary, header, cells, fit_line, plots, text) -> str:
     def line(values):
         return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
     parts = [f"# {title}", "", summary, "", line(header), line(["---"] * len(header))]
@@ -302,6 +340,8 @@ def _markdown(title, summary, header, cells, fit_line, plots) -> str:
         parts += ["", fit_line]
     for name, (caption, _) in plots.items():
         parts += ["", f"![{caption}]({name})"]
+    if text:
+        parts += ["", "```", text, "```"]
     return "\n".join(parts) + "\n"
 
 

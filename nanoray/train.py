@@ -246,6 +246,7 @@ def progress_line(m: dict) -> str:
 
 def train(config: TrainConfig, session: Session) -> dict:
     """Run (or resume) training; returns the last reported metrics."""
+    entered = time.perf_counter()
     plan, device = config.plan, session.device
     if session.world_size != plan.num_workers:
         raise ValueError(f"plan.num_workers is {plan.num_workers} but the session has {session.world_size} workers")
@@ -332,6 +333,8 @@ def train(config: TrainConfig, session: Session) -> dict:
     tokens_per_step = plan.total_batch_tokens
     loss_sum, window_steps, excluded = torch.zeros((), device=device), 0, 0.0
     window_start = time.perf_counter()
+    # Where a trial's wall time goes besides training steps (the first window includes torch.compile).
+    overhead = dict(setup_s=window_start - entered, first_window_s=None, eval_time_s=0.0, checkpoint_time_s=0.0)
     metrics: dict = {}
     try:
         while step < end_step:
@@ -363,10 +366,13 @@ def train(config: TrainConfig, session: Session) -> dict:
                 t0 = time.perf_counter()
                 (val_loss, val_bpb), val_step = validate(), step
                 excluded += time.perf_counter() - t0
+                overhead["eval_time_s"] += time.perf_counter() - t0
             train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
             now = time.perf_counter()
             dt = now - window_start - excluded
             train_time += dt
+            if overhead["first_window_s"] is None:
+                overhead["first_window_s"] = dt
             tok_per_s = window_steps * tokens_per_step / dt
             metrics = dict(
                 step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
@@ -375,8 +381,9 @@ def train(config: TrainConfig, session: Session) -> dict:
                 tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
                 step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+                **overhead,
             )
-            checkpoint_dir = None
+            checkpoint_dir, t0 = None, time.perf_counter()
             where = data_position() if save else None  # every rank takes part in gathering it
             if save and session.rank == 0:
                 checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
@@ -387,6 +394,7 @@ def train(config: TrainConfig, session: Session) -> dict:
                     config=config.model_dump()))
                 if session.tokenizer is not None:  # serving and evaluation need it beside the weights
                     session.tokenizer.save(Path(saved) / "tokenizer")
+            overhead["checkpoint_time_s"] += time.perf_counter() - t0 if save else 0.0
             if session.rank == 0:
                 print(progress_line(metrics), flush=True)
             session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))

@@ -34,7 +34,7 @@ class Oracle:
         self.next = {tuple(s[:i + 1]): s[i + 1] for s in sequences for i in range(len(s) - 1)}
         self.max_rows = 0
 
-    def __call__(self, ids):
+    def __call__(self, ids, at=None):
         B, T = ids.shape
         self.max_rows = max(self.max_rows, B)
         logits = torch.zeros(B, T, self.vocab)
@@ -44,7 +44,7 @@ class Oracle:
                 token = self.next.get(tuple(row[:t + 1]))
                 if token is not None:
                     logits[b, t, token] = 10.0
-        return logits
+        return logits if at is None else logits[at]
 
 
 def scripted_oracle(spec, items, answer):
@@ -95,7 +95,7 @@ def test_batching_does_not_change_answers(bundle):
 
 def test_uniform_model_picks_the_first_choice(bundle):
     spec = next(s for s in read_specs(bundle) if s.label == "mc")
-    result = evaluate_task(lambda ids: torch.zeros(*ids.shape, BYTES.vocab_size), BYTES, spec, MC)
+    result = evaluate_task(lambda ids, at: torch.zeros(len(at[0]), BYTES.vocab_size), BYTES, spec, MC)
     assert result["accuracy"] == pytest.approx(4 / 12)  # gold == 0 on 4 items; all losses tie -> choice 0
     assert result["centered"] == pytest.approx(0.0)
 
@@ -146,7 +146,7 @@ def test_truncation_keeps_the_last_tokens(bundle):
         truncate([list(range(10))], [2], [10], max_len=8)
     spec = next(s for s in read_specs(bundle) if s.label == "lm")
     seen = []
-    evaluate_task(lambda ids: seen.append(ids.shape[1]) or torch.zeros(*ids.shape, BYTES.vocab_size),
+    evaluate_task(lambda ids, at: seen.append(ids.shape[1]) or torch.zeros(len(at[0]), BYTES.vocab_size),
                   BYTES, spec, LM, max_len=24)
     assert max(seen) == 24
     rows, starts, ends = prepare_example(BYTES, spec, prepare_items(LM, None), 0, max_len=24)

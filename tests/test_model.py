@@ -63,6 +63,15 @@ def test_causality():
     assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
 
 
+def test_logits_at_chosen_positions():
+    config = tiny_config()
+    model = randomized(config)
+    idx = torch.randint(config.vocab_size, (3, 20))
+    rows, positions = torch.tensor([0, 0, 2, 1]), torch.tensor([5, 19, 0, 7])
+    with torch.no_grad():
+        assert torch.allclose(model(idx, at=(rows, positions)), model(idx)[rows, positions], atol=1e-5)
+
+
 @pytest.mark.parametrize("pattern", ["L", "SL"])
 def test_kv_cache_decode_equals_full_forward(pattern):
     config = tiny_config(seq_len=256 if pattern == "L" else 512, window_pattern=pattern)

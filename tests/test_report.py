@@ -176,3 +176,18 @@ def test_a_failed_write_keeps_the_old_files(tmp_path, series, monkeypatch):
         write_report(rows[:1], {}, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == set(before)  # no temp files left behind
     assert (tmp_path / "results.csv").read_bytes() != b""
+
+
+def test_text_plot_places_each_trial(series):
+    from nanoray.report import text_plot
+
+    rows, _ = series
+    text = text_plot(rows, "val_bpb", width=40, height=10)
+    grid = [line.split("|", 1)[1] for line in text.splitlines()[1:11]]
+    where = {ch: (r, c) for r, line in enumerate(grid) for c, ch in enumerate(line) if ch.isdigit()}
+    assert set(where) == {"2", "3", "4"}  # d5 has no val bpb
+    # more FLOPs: further right; lower bpb: further down (top row: the highest value, bottom: the lowest)
+    assert where["2"][1] < where["3"][1] < where["4"][1] and where["2"][0] == 0 < where["3"][0] < where["4"][0] == 9
+    assert "." not in "".join(grid) and text.splitlines()[-1].rstrip().endswith("FLOPs")
+    assert "." in text_plot(rows, "val_bpb", PowerLaw())
+    assert text_plot(rows, "core") == ""  # no trial has a CORE score
