@@ -123,10 +123,24 @@ def run_trial(config: dict) -> None:
     train_config = TrainConfig(plan=run, data=sweep.data, log_every=sweep.log_every or max(1, run.iterations // 25),
                                eval_every=sweep.eval_every or max(1, run.iterations // 5),
                                eval_tokens=sweep.eval_tokens, checkpoint_every=sweep.checkpoint_every)
-    fit(train_config, name=f"{sweep.name}-{point['trial']}", storage_path=os.path.join(sweep.storage_path, "train"),
+    fit(train_config, name=train_run_name(sweep, point["trial"]),
+        storage_path=os.path.join(sweep.storage_path, "train"),
         use_gpu=sweep.use_gpu, gpus_per_worker=sweep.gpus_per_worker, cpus_per_worker=sweep.cpus_per_worker,
         max_failures=sweep.max_failures,
         callbacks=[TuneReportCallback()])
+
+
+def train_run_name(sweep: SweepConfig, trial: str) -> str:
+    return f"{sweep.name}-{trial}"
+
+
+def train_checkpoint(sweep: SweepConfig, trial: str) -> str | None:
+    """The path of a trial's latest Train checkpoint, read from Train's storage: Tune's metrics of a
+    trial that an earlier (killed) driver saw finish may lack it."""
+    from nanoray.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(os.path.join(sweep.storage_path, "train"), train_run_name(sweep, trial))
+    return checkpoint and checkpoint.path
 
 
 def trial_name(trial) -> str:
@@ -201,7 +215,7 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
             gpu_hours=gpu_hours, cost_usd=gpu_hours * usd_per_gpu_hour,
             train_loss=m.get("train_loss", nan), val_loss=m.get("val_loss", nan), val_bpb=m.get("val_bpb", nan),
             core=m.get("core"), tok_per_s=m.get("tok_per_s", nan), mfu=m.get("mfu", nan),
-            checkpoint=m.get("checkpoint_path"),
+            checkpoint=m.get("checkpoint_path") or train_checkpoint(sweep, point["trial"]),
             status="error" if result.error else ("done" if m.get("step") == run.iterations else "stopped"),
         ))
         histories[point["trial"]] = history
@@ -237,6 +251,10 @@ def add_arguments(p, grid: str) -> None:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
     p.add_argument("--out", default=None, help="report directory (default runs/<name>)")
     p.add_argument("--storage", default=None, help="Tune/Train storage: a shared path or s3:// (default runs/sweeps)")
+    p.add_argument("--serve", action="store_true", help="after the report, serve every depth (Ray Serve: chat "
+                   "page, /d{depth}/chat, OpenAI /v1) until stopped, and print the URLs")
+    p.add_argument("--serve-host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    p.add_argument("--serve-port", type=int, default=8000)
 
 
 def _numbers(flag: str, text: str | None, kind) -> list | None:
@@ -381,3 +399,19 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
 
         core = FamilyCore(sweep, out_dir)
     family_report(sweep, run_sweep(sweep, callbacks=core and [core.callback()]), out_dir, core)
+    if args.serve:
+        serve_forever(out_dir, args.serve_host, args.serve_port)
+
+
+def serve_forever(run_dir: str, host: str, port: int) -> None:
+    """Serve the family the report lists (serve/ app) and block; Ctrl-C (or `ray job stop`) ends it."""
+    import time
+
+    from serve.app import ServeArgs, run
+    from serve.family import find_family
+
+    args = ServeArgs(run_dir=run_dir)
+    print("\n".join(run(args, find_family(args.run_dir), host, port)), flush=True)
+    print("serving until stopped (Ctrl-C, or `ray job stop`)", flush=True)
+    while True:
+        time.sleep(3600)

@@ -89,17 +89,22 @@ def prepare_corpus(config: "TrainConfig") -> Corpus:
     return Corpus(train, val, tokenizer, val_rows=max(1, config.eval_tokens // (per_step * plan.seq_len)) * per_step)
 
 
-def latest_position(storage_path: str, name: str) -> StreamPosition:
-    """The data position in the latest checkpoint of Ray Train run `name` (empty for a new run)."""
+def latest_checkpoint(storage_path: str, name: str):
+    """The latest ray.train.Checkpoint of Ray Train run `name`, or None (no run there yet, or no checkpoint)."""
     import ray.train
 
     try:
-        result = ray.train.Result.from_path(os.path.join(storage_path, name))
+        return ray.train.Result.from_path(os.path.join(storage_path, name)).checkpoint
     except (RuntimeError, FileNotFoundError):  # no run there yet
+        return None
+
+
+def latest_position(storage_path: str, name: str) -> StreamPosition:
+    """The data position in the latest checkpoint of Ray Train run `name` (empty for a new run)."""
+    checkpoint = latest_checkpoint(storage_path, name)
+    if checkpoint is None:
         return StreamPosition()
-    if result.checkpoint is None:
-        return StreamPosition()
-    with result.checkpoint.as_directory() as path:
+    with checkpoint.as_directory() as path:
         return StreamPosition.from_json(read_meta(path)["data"]["position"])
 
 

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-replicas", type=int, default=1, help="autoscaling ceiling per depth")
     args = p.parse_args(argv)
 
-    from serve.app import ServeArgs, deployments
+    from serve.app import ServeArgs, run
     from serve.family import find_family
 
     try:
@@ -36,13 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     ray.init()  # joins the cluster of this machine if one runs, else starts one
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(deployments(config, family), name="nanoray", route_prefix="/")
-    base = f"http://{args.host}:{args.port}"
-    print(f"chat page      {base}/")
-    for m in family:
-        print(f"depth {m.depth:<8} {base}/d{m.depth}/chat   (model nanoray-d{m.depth}, {m.params / 1e6:.1f}M params)")
-    print(f"OpenAI API     {base}/v1   (GET {base}/v1/models)")
+    print("\n".join(run(config, family, args.host, args.port)))
     print("Ctrl-C stops serving", flush=True)
     try:
         while True:

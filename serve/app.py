@@ -246,10 +246,12 @@ class Gateway:
         from nanoray.core_eval import evaluate_core
 
         member = self._member(depth)
-        use_gpu = ray.available_resources().get("GPU", 0) >= 1  # a whole free GPU, else CPU
+        # A GPU share where one is free (the replicas hold theirs), else the CPU: never waits for a GPU.
+        share = min(ray.available_resources().get("GPU", 0), 0.5)
         try:
             result = await asyncio.to_thread(evaluate_core, member.checkpoint, tasks=req.tasks, num_workers=1,
-                                             max_per_task=req.max_per_task, use_gpu=use_gpu)
+                                             max_per_task=req.max_per_task, use_gpu=share >= 0.05,
+                                             gpu_share=share)
         except ValueError as e:
             param = str(e).split(":")[0]
             raise ApiError(400, str(e), param if param in S.CoreRequest.model_fields else None,
@@ -381,3 +383,14 @@ def build(args: dict) -> serve.Application:
     """The application builder that serve/config.yaml names: `args` are ServeArgs' fields."""
     args = ServeArgs.model_validate(args)
     return deployments(args, find_family(args.run_dir, args.checkpoints or None))
+
+
+def run(args: ServeArgs, family: list[Member], host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """Serve `family` on the running Ray cluster at host:port; returns the lines that say where."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployments(args, family), name="nanoray", route_prefix="/")
+    base = f"http://{host}:{port}"
+    return ([f"chat page      {base}/"]
+            + [f"depth {m.depth:<8} {base}/d{m.depth}/chat   (model nanoray-d{m.depth}, {m.params / 1e6:.1f}M params)"
+               for m in family]
+            + [f"OpenAI API     {base}/v1   (GET {base}/v1/models)"])

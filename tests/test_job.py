@@ -1,5 +1,6 @@
 """The path a cluster user takes: `ray start --head`, `ray job submit -- python jobs/miniseries.py`, the
-report files; and a driver killed mid-sweep whose re-submitted job resumes without re-training."""
+report files; a driver killed mid-sweep whose re-submitted job resumes without re-training; and the
+same command with --serve, which keeps the family served over HTTP until the job is stopped."""
 
 import csv
 import os
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +66,7 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     ray_bin, address, client = head
     out, storage = tmp_path / "report", tmp_path / "runs"
     command = ["--", sys.executable, "jobs/miniseries.py", "--depths", "1,2", "--ratio", "0.25", "--out", str(out),
-               "--storage", str(storage)]
+               "--storage", str(storage), "--core", "none"]
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
 
     # First submission, without waiting; once d1 is finished and d2 is training, kill the driver.
@@ -98,3 +100,24 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     assert [(r["trial"], r["status"]) for r in rows] == [("d1", "done"), ("d2", "done")]
     for name in ("report.md", "report.html", "bpb_vs_flops.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
+
+    # Once more with --serve: nothing trains, the report is rewritten, and every depth answers over HTTP.
+    port = free_port()
+    run = subprocess.run([*submit, "--no-wait", "--submission-id", "third", *command, "--serve", "--serve-port",
+                          str(port)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    deadline = time.time() + 300
+    while "serving until stopped" not in client.get_job_logs("third"):
+        assert not client.get_job_status("third").is_terminal(), client.get_job_logs("third")[-3000:]
+        assert time.time() < deadline, client.get_job_logs("third")[-3000:]
+        time.sleep(1)
+    assert f"http://127.0.0.1:{port}/d2/chat" in client.get_job_logs("third")
+    models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["nanoray-d1", "nanoray-d2"]
+    reply = requests.post(f"http://127.0.0.1:{port}/d2/chat", timeout=60, json=dict(
+        messages=[dict(role="user", content="hello")], max_tokens=4, temperature=0, stream=False)).json()
+    assert reply["usage"]["completion_tokens"] >= 1, reply
+    assert {p: p.stat().st_mtime for p in (storage / "train" / "miniseries-d1").rglob("model.safetensors")} == stamps
+    client.stop_job("third")
+    while not client.get_job_status("third").is_terminal():
+        time.sleep(0.5)
