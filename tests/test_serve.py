@@ -210,11 +210,17 @@ def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
     ids = tokenizer.encode(text)
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(ids)
     assert "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0 and all(len(t) == 2 for t in lp["top_logprobs"])
-    model, _ = load_model(family / "d1" / "ckpt")
+    # The reference computes as the replica does: fp32 on CPU; bf16 weights on a GPU, where the
+    # rounding of bf16 matmuls depends on shapes, so only ~1e-2 agreement can be asked for there.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(family / "d1" / "ckpt", device=device)
+    tol = 1e-3 if device == "cpu" else 3e-2
+    if device == "cuda":
+        model.prepare_inference(torch.bfloat16)
     with torch.no_grad():
-        logits = model(torch.tensor([[tokenizer.bos_id, *ids]]))[0].float().log_softmax(-1)
+        logits = model(torch.tensor([[tokenizer.bos_id, *ids]], device=device))[0].float().log_softmax(-1).cpu()
     expected = logits[torch.arange(len(ids)), torch.tensor(ids)].tolist()
-    assert lp["token_logprobs"] == pytest.approx(expected, abs=1e-3)
+    assert lp["token_logprobs"] == pytest.approx(expected, abs=tol)
     assert r["usage"]["prompt_tokens"] == len(ids) + 1 + len(tokenizer.encode("x = 1")) + 1
 
     # generate after an echo, from token ids, with a stop string; and streamed
@@ -225,7 +231,8 @@ def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
     assert c["text"].startswith(echoed)
     assert len(c["logprobs"]["tokens"]) == len(ids) + 1 + r["usage"]["completion_tokens"]
     assert c["logprobs"]["token_logprobs"][0] is None  # the first token given has no context
-    assert c["logprobs"]["token_logprobs"][1:len(ids) + 1] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    same = pytest.approx(lp["token_logprobs"], abs=1e-5 if device == "cpu" else tol)
+    assert c["logprobs"]["token_logprobs"][1:len(ids) + 1] == same
     generated = c["text"][len(echoed):]
     plain = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
         model="nanoray-d1", prompt=text, max_tokens=8, temperature=0)).json()["choices"][0]["text"]
