@@ -193,6 +193,8 @@ def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
 
 def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[dict]]]:
     """One row per trial (for the report) and each trial's metric history."""
+    from nanoray.report import TIMINGS
+
     rows, histories = [], {}
     nan, usd_per_gpu_hour = float("nan"), CostModel().usd_per_gpu_hour
     for result in grid:
@@ -217,6 +219,7 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
             core=m.get("core"), tok_per_s=m.get("tok_per_s", nan), mfu=m.get("mfu", nan),
             checkpoint=m.get("checkpoint_path") or train_checkpoint(sweep, point["trial"]),
             status="error" if result.error else ("done" if m.get("step") == run.iterations else "stopped"),
+            **{k: m[k] for k in TIMINGS if k in m},
         ))
         histories[point["trial"]] = history
     rows.sort(key=lambda r: (r["flops_budget"] or 0, r["depth"]))

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -339,7 +340,7 @@ def train(config: TrainConfig, session: Session) -> dict:
     loss_sum, window_steps, excluded = torch.zeros((), device=device), 0, 0.0
     window_start = time.perf_counter()
     # Where a trial's wall time goes besides training steps (the first window includes torch.compile).
-    overhead = dict(setup_s=window_start - entered, first_window_s=None, eval_time_s=0.0, checkpoint_time_s=0.0)
+    overhead = dict(setup_s=window_start - entered, first_window_s=None, eval_time_s=0.0)
     metrics: dict = {}
     try:
         while step < end_step:
@@ -388,7 +389,7 @@ def train(config: TrainConfig, session: Session) -> dict:
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
                 **overhead,
             )
-            checkpoint_dir, t0 = None, time.perf_counter()
+            checkpoint_dir = None
             where = data_position() if save else None  # every rank takes part in gathering it
             if save and session.rank == 0:
                 checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
@@ -399,7 +400,6 @@ def train(config: TrainConfig, session: Session) -> dict:
                     config=config.model_dump()))
                 if session.tokenizer is not None:  # serving and evaluation need it beside the weights
                     session.tokenizer.save(Path(saved) / "tokenizer")
-            overhead["checkpoint_time_s"] += time.perf_counter() - t0 if save else 0.0
             if session.rank == 0:
                 print(progress_line(metrics), flush=True)
             session.report(metrics, checkpoint_dir and str(Path(checkpoint_dir) / "ckpt"))
@@ -416,6 +416,10 @@ def train(config: TrainConfig, session: Session) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config=TrainConfig(...).model_dump())`,
     plus the tokenizer under "_tokenizer" when the data is a corpus."""
+    from ray.train.v2._internal.execution import context
+
+    # Train logs each report's whole metrics dict at INFO, under its file's path; the progress line says it.
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
     config = dict(config)
     tokenizer = config.pop("_tokenizer", None)
     train(TrainConfig.model_validate(config), RaySession(tokenizer))

@@ -83,6 +83,9 @@ def test_sweep_trains_scores_reports_and_resumes(ray_cluster, corpus, tmp_path):
     d1, d2 = rows
     assert float(d2["flops"]) > float(d1["flops"]) > 0 and 0 < float(d2["val_bpb"]) < 8
     assert all(Path(r["checkpoint"]).exists() for r in rows)
+    for r in rows:  # where the wall time went: seconds, none of them more than the trial's wall time
+        timings = [float(r[k]) for k in ("setup_s", "first_window_s", "eval_time_s")]
+        assert all(0 <= t <= float(r["wall_s"]) for t in timings) and timings[1] > 0
     for r in rows:  # CORE = mean centered accuracy of the two tasks, each known to be in its range
         lm_c, mc_c = float(r["core_lm"]), float(r["core_mc"])
         assert 0 <= lm_c <= 1 and -1 <= mc_c <= 1 and float(r["core"]) == pytest.approx((lm_c + mc_c) / 2)
