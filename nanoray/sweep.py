@@ -240,7 +240,8 @@ def add_arguments(p, grid: str) -> None:
     p.add_argument("--budgets", default=None, help="isoflop grid: comma-separated FLOPs budgets")
     p.add_argument("--source", default="stdlib", help="corpus: stdlib, files:<glob>, parquet:<...>, hf:<org/name>, "
                    "debian-docs")
-    p.add_argument("--workers", type=int, default=1, help="Train workers (GPUs) per trial")
+    p.add_argument("--workers", "--workers-per-trial", dest="workers", type=int, default=1,
+                   help="Train workers (GPUs) per trial")
     p.add_argument("--gpus-per-worker", type=float, default=1.0,
                    help="GPU share per worker: 1, or 0.5/0.25 so small trials share a GPU")
     p.add_argument("--core", default="auto", help="CORE of each final checkpoint: core (the DCLM eval bundle, "

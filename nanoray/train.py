@@ -420,6 +420,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Train logs each report's whole metrics dict at INFO, under its file's path; the progress line says it.
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # NVLink multicast (NVLS) off unless the environment says otherwise: on shared multi-GPU hosts a program
+    # using it can take the GPUs out of service. NCCL reads these at its first collective, after this point.
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     config = dict(config)
     tokenizer = config.pop("_tokenizer", None)
     train(TrainConfig.model_validate(config), RaySession(tokenizer))
