@@ -81,21 +81,25 @@ class KVCache:
 
     `pos` says where the next tokens go: an int shared by all rows (prefill, single-sequence decode; forward
     advances it), or a (B,) tensor of per-row positions for a one-token step in which every row is at its own
-    length (continuous batching: each row is a request's slot; the caller sets and advances it)."""
+    length (continuous batching: each row is a request's slot; the caller sets and advances it).
+
+    The tensors are always the whole cache; `rows` and `length` say which rows and positions of them a forward
+    uses, and each write and read indexes the whole tensors. So a compiled decode step mutates its inputs in
+    place (a write through a view of an input, even one layer picked by an int, copies the cache each step)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.prev_emb = torch.zeros(batch_size, 1, config.n_embd, device=device, dtype=dtype)
+        self.rows, self.length = slice(0, batch_size), max_len
         self.pos: int | torch.Tensor = 0
         self._masks: dict[int, torch.Tensor] = {}
 
     def view(self, rows: slice, length: int, pos: int | torch.Tensor) -> "KVCache":
-        """Rows `rows` and the first `length` positions of this cache, sharing its storage, at `pos`."""
+        """Rows `rows` (a slice with start and stop) and the first `length` positions of this cache, at `pos`."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, rows, :, :length], self.v[:, rows, :, :length]
-        view.prev_emb, view.pos, view._masks = self.prev_emb[rows], pos, {}
+        view.rows, view.length, view.pos, view._masks = rows, length, pos, {}
         return view
 
     @property
@@ -105,8 +109,7 @@ class KVCache:
     def row_mask(self, window: int) -> torch.Tensor:
         """(B, 1, 1, S): the keys each row's new token sees (per-row positions); built once per window."""
         if window not in self._masks:
-            B, S = self.k.size(1), self.k.size(3)
-            self._masks[window] = window_mask(1, S, self.pos.view(B, 1, 1, 1), window, self.k.device)
+            self._masks[window] = window_mask(1, self.length, self.pos.view(-1, 1, 1, 1), window, self.k.device)
         return self._masks[window]
 
 
@@ -150,16 +153,18 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, 0, self.window, q.device),
                                                    enable_gqa=gqa)
         elif cache.per_row:  # one new token per row, each row at its own position
-            rows_B = torch.arange(B, device=q.device)
-            cache.k[self.layer, rows_B, :, cache.pos] = k[:, :, 0]
-            cache.v[self.layer, rows_B, :, cache.pos] = v[:, :, 0]
-            k, v = cache.k[self.layer], cache.v[self.layer]
+            rows_B = torch.arange(cache.rows.start, cache.rows.stop, device=q.device)
+            layer_B = torch.full_like(rows_B, self.layer)  # a tensor, not an int (a view): written in place
+            cache.k[layer_B, rows_B, :, cache.pos] = k[:, :, 0]
+            cache.v[layer_B, rows_B, :, cache.pos] = v[:, :, 0]
+            k = cache.k[self.layer, cache.rows, :, :cache.length]
+            v = cache.v[self.layer, cache.rows, :, :cache.length]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.row_mask(self.window), enable_gqa=gqa)
         else:
             start, end = cache.pos, cache.pos + T
-            cache.k[self.layer, :, :, start:end] = k
-            cache.v[self.layer, :, :, start:end] = v
-            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            cache.k[self.layer, cache.rows, :, start:end] = k
+            cache.v[self.layer, cache.rows, :, start:end] = v
+            k, v = cache.k[self.layer, cache.rows, :, :end], cache.v[self.layer, cache.rows, :, :end]
             if T == 1 and self.window >= end - 1:  # one new token that sees the whole cache: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             elif start == 0 and self.window >= T - 1:  # a prefill: causal, the fused kernels need no mask
@@ -308,8 +313,8 @@ class GPT(nn.Module):
         prev = x0[:, :-1]
         if cache is not None:
             if cache.per_row or cache.pos > 0:
-                prev = torch.cat([cache.prev_emb, prev], dim=1)
-            cache.prev_emb.copy_(x0[:, -1:])
+                prev = torch.cat([cache.prev_emb[cache.rows], prev], dim=1)
+            cache.prev_emb[cache.rows] = x0[:, -1:]
         if prev.size(1) == T:
             x0 = x0 + gate * prev
         else:  # first position of a sequence has no predecessor
