@@ -4,10 +4,12 @@
     python benchmarks/serve_throughput.py --depth 2 --preset tiny --quick    # CPU smoke run
     python benchmarks/serve_throughput.py --depth 20                         # random-init gpt2-preset d20 on a GPU
     python benchmarks/serve_throughput.py --depth 20 --checkpoint runs/d20   # a trained checkpoint
+    python benchmarks/serve_throughput.py --depth 12 --no-compile            # eager decode steps in the CUDA graphs
 
 Prompts are random token ids; decoding is greedy and never stops early (no stop tokens), so every stream
-runs its full length. Each measurement runs twice and the first run (CUDA-graph capture, warm-up) is
-discarded. Decode tok/s counts the tokens after every stream has its first one, over the time after that.
+runs its full length. Each measurement runs twice and the first run (decode-step compiles, CUDA-graph capture,
+warm-up) is discarded. Decode tok/s counts the tokens after every stream has its first one, over the time after
+that.
 MBU = (weight bytes + KV bytes read at the mean context) per step / step time / the GPU's peak bandwidth.
 Last line: one JSON object with depth, ttft_ms, decode_tok_s_b1, tok_s_b8/b32/b128, mbu_b1, weight_bytes, gpu, torch.
 """
@@ -94,7 +96,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="a checkpoint directory to serve instead of a random model")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (clipped to half the context)")
     p.add_argument("--tokens", type=int, default=256, help="tokens generated per stream")
-    p.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (each step's kernels launched one by one)")
+    p.add_argument("--no-compile", action="store_true", help="decode steps not compiled (torch.compile)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 16-token prompts, 8 tokens per stream")
     args = p.parse_args()
     if args.quick:
@@ -102,11 +105,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     max_batch = max(CONCURRENCY)
     if args.checkpoint:
-        engine = Engine.from_checkpoint(args.checkpoint, device, max_batch, cuda_graphs=not args.no_graphs)
+        engine = Engine.from_checkpoint(args.checkpoint, device, max_batch, cuda_graphs=not args.no_graphs,
+                                        compile_decode=False if args.no_compile else None)
     else:
         model = build_model(ModelConfig(**plan(args.depth, args.preset).model_kwargs()), device=device)
         byte_tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # a stand-in: ids only
-        engine = Engine(model, byte_tokenizer, max_batch, cuda_graphs=not args.no_graphs)
+        engine = Engine(model, byte_tokenizer, max_batch, cuda_graphs=not args.no_graphs,
+                        compile_decode=False if args.no_compile else None)
     config = engine.model.config
     args.prompt = min(args.prompt, config.seq_len // 2)
     args.tokens = min(args.tokens, config.seq_len - args.prompt)
@@ -125,7 +130,8 @@ def main() -> None:
         depth=args.depth, **result, mbu_b1=round(bytes_per_step / step_s / peak_bandwidth(gpu), 4),
         step_ms_b1=round(1e3 * step_s, 3), weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token,
         prompt_tokens=args.prompt, decode_tokens=args.tokens, max_batch=max_batch, cuda_graphs=engine.cuda_graphs,
-        checkpoint=args.checkpoint, gpu=gpu, torch=torch.__version__, date=datetime.date.today().isoformat())))
+        compile_decode=engine.compile_decode, checkpoint=args.checkpoint, gpu=gpu, torch=torch.__version__,
+        date=datetime.date.today().isoformat())))
 
 
 if __name__ == "__main__":

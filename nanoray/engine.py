@@ -10,8 +10,9 @@ own length. Between decode steps the thread prefills waiting requests (batch 1) 
 each decode step then feeds the last token of every active slot through one forward at per-row positions
 (nanoray.model.KVCache), samples, and hands each token to its request's asyncio.Queue on the caller's event
 loop. A step runs over the smallest power-of-two prefix of slots that holds every active one and attends over
-a power-of-two prefix of positions; on a GPU each (slots, positions) shape is captured once as a CUDA graph
-and replayed. Sampling is Gumbel-max over each row's top-k/top-p set, with noise hashed from (seed, step, rank),
+a power-of-two prefix of positions; on a GPU the decode step is compiled (torch.compile, static shapes, which
+fuses each layer's elementwise work) and each (slots, positions) shape is captured once as a CUDA graph and
+replayed. Sampling is Gumbel-max over each row's top-k/top-p set, with noise hashed from (seed, step, rank),
 so a seeded request draws the same tokens whatever else is in the batch.
 
 Shape legend: B slots in a step, V vocab, K candidates (top-k).
@@ -130,6 +131,13 @@ def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.
     return ids_BK.gather(1, choice_B[:, None])[:, 0]
 
 
+def decode_step(model: GPT, cache: KVCache, idx_B: torch.Tensor, pos_B: torch.Tensor, length: int) -> torch.Tensor:
+    """Logits (B, V) of one token for each of the cache's first B rows, row b at position pos_B[b], attending
+    over the first `length` positions; writes those rows' keys, values and smear state into the cache's whole
+    tensors in place. The function the engine compiles (one graph per (B, length))."""
+    return model(idx_B[:, None], cache=cache.view(slice(0, idx_B.size(0)), length, pos_B))[:, 0]
+
+
 @dataclass(eq=False)
 class _Request:
     prompt: list[int]
@@ -159,7 +167,11 @@ class _Request:
 class Engine:
     """Continuous-batching generation over a fixed pool of `max_batch` KV-cache slots (module docstring)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, cuda_graphs: bool = True):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, cuda_graphs: bool = True,
+                 compile_decode: bool | None = None):
+        """cuda_graphs: replay decode and sampling steps as CUDA graphs (GPU only). compile_decode: torch.compile
+        the decode step (None: on a GPU only, where it fuses each layer's small kernels; a CPU compile is slow
+        to build and gains little). Either falls back to eager, with a warning, where it fails."""
         self.device = model.wte.weight.device
         self.model = model.prepare_inference(compute_dtype(self.device))
         self.tokenizer, self.max_batch, self.seq_len = tokenizer, max_batch, model.config.seq_len
@@ -167,6 +179,8 @@ class Engine:
         self.default_stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.cache = KVCache(model.config, max_batch, self.seq_len, self.device, compute_dtype(self.device))
+        self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
+        self._compiled_decode = torch.compile(decode_step, fullgraph=True, dynamic=False)
         # Static buffers, which the CUDA graphs read and write: decode inputs (token ids, positions), logits,
         # sampling parameters (temperature, top_p; top_k, noise key) and results (token, its logprob).
         self._inputs = torch.zeros(2, max_batch, dtype=torch.long, device=self.device)
@@ -360,8 +374,15 @@ class Engine:
 
     def _decode(self, B: int, length: int) -> torch.Tensor:
         """Logits (B, V) of one token per slot, from the static inputs (token ids, positions)."""
-        idx_B1, pos_B = self._inputs[0, :B, None], self._inputs[1, :B]
-        return self.model(idx_B1, cache=self.cache.view(slice(0, B), length, pos_B))[:, 0]
+        args = (self.model, self.cache, self._inputs[0, :B], self._inputs[1, :B], length)
+        if self.compile_decode:
+            try:  # one graph per (B, length): the buckets bound them (log2 of each), for every engine in the process
+                with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.accumulated_recompile_limit):
+                    return self._compiled_decode(*args)
+            except Exception as e:  # an op this torch cannot compile: stay correct, run eagerly from now on
+                warnings.warn(f"nanoray.engine: torch.compile of the decode step failed, decoding eagerly: {e}")
+                self.compile_decode = False
+        return decode_step(*args)
 
     def _sample(self, B: int, k_max: int) -> None:
         """Static logits and parameters of B rows -> static (token, logprob) per row."""

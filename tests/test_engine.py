@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -9,8 +10,8 @@ import time
 import pytest
 import torch
 
-from nanoray.engine import Engine, SamplingParams, TextStream, render_chat
-from nanoray.model import ModelConfig, build_model
+from nanoray.engine import Engine, SamplingParams, TextStream, decode_step, render_chat
+from nanoray.model import KVCache, ModelConfig, build_model
 from nanoray.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -214,6 +215,46 @@ def test_serve_throughput_benchmark_smoke():
     assert {"depth", "ttft_ms", "decode_tok_s_b1", "tok_s_b8", "tok_s_b32", "tok_s_b128", "mbu_b1",
             "weight_bytes", "gpu", "torch"} <= result.keys()
     assert result["depth"] == 2 and result["decode_tok_s_b1"] > 0 and result["tok_s_b8"] > 0
+
+
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
+                               reason="torch.compile on CPU needs a C++ compiler")
+
+
+@needs_cxx
+def test_compiled_decode_step_equals_eager(tokenizer):
+    """The engine's compiled decode step (static shapes, whole cache tensors mutated in place) against the eager
+    one: three slots at different positions (one past the 128-token short window) and an idle fourth row."""
+    model = tiny_model(tokenizer, seq_len=512, window_pattern="SL", n_kv_head=1)
+    caches = [KVCache(model.config, 4, 512, "cpu", torch.float32) for _ in range(2)]
+    batch = [prompts(1, seed=6)[0] * 8, [5, 6, 7], prompts(1, seed=7)[0]]
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for cache in caches:
+            last = [int(model(torch.tensor([prompt]), cache=cache.view(slice(slot, slot + 1), 512, 0))[0, -1].argmax())
+                    for slot, prompt in enumerate(batch)]
+        idx, pos = torch.tensor(last + [0]), torch.tensor([len(prompt) for prompt in batch] + [0])
+        assert 128 < pos[0] < 250
+        for _ in range(6):
+            eager_BV = decode_step(model, caches[0], idx, pos, 256)
+            compiled_BV = compiled(model, caches[1], idx, pos, 256)
+            torch.testing.assert_close(compiled_BV, eager_BV, atol=1e-4, rtol=1e-4)
+            assert compiled_BV.argmax(dim=-1).tolist() == eager_BV.argmax(dim=-1).tolist()
+            idx, pos = eager_BV.argmax(dim=-1), pos + torch.tensor([1, 1, 1, 0])
+    for name in ("k", "v", "prev_emb"):  # the compiled step wrote the cache itself, like the eager one
+        torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), atol=1e-4, rtol=1e-4)
+
+
+@needs_cxx
+def test_engine_with_compiled_decode_equals_full_recompute(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2, compile_decode=True)  # two compiled shapes: 1 and 2 slots
+    batch = prompts(3, seed=8)
+    try:
+        results = asyncio.run(staggered(engine, batch, SamplingParams(max_tokens=8, temperature=0)))
+    finally:
+        engine.close()
+    assert engine.compile_decode  # it did not fall back to eager
+    assert [r.tokens for r in results] == [naive_greedy(model, prompt, 8) for prompt in batch]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
