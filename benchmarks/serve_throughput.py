@@ -4,7 +4,7 @@
     python benchmarks/serve_throughput.py --depth 2 --preset tiny --quick    # CPU smoke run
     python benchmarks/serve_throughput.py --depth 20                         # random-init gpt2-preset d20 on a GPU
     python benchmarks/serve_throughput.py --depth 20 --checkpoint runs/d20   # a trained checkpoint
-    python benchmarks/serve_throughput.py --depth 12 --no-compile            # eager decode steps in the CUDA graphs
+    python benchmarks/serve_throughput.py --depth 12 --compile               # torch.compile'd decode steps
 
 Prompts are random token ids; decoding is greedy and never stops early (no stop tokens), so every stream
 runs its full length. Each measurement runs twice and the first run (decode-step compiles, CUDA-graph capture,
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (clipped to half the context)")
     p.add_argument("--tokens", type=int, default=256, help="tokens generated per stream")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (each step's kernels launched one by one)")
-    p.add_argument("--no-compile", action="store_true", help="decode steps not compiled (torch.compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode steps (Engine compile_decode)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 16-token prompts, 8 tokens per stream")
     args = p.parse_args()
     if args.quick:
@@ -106,12 +106,12 @@ def main() -> None:
     max_batch = max(CONCURRENCY)
     if args.checkpoint:
         engine = Engine.from_checkpoint(args.checkpoint, device, max_batch, cuda_graphs=not args.no_graphs,
-                                        compile_decode=False if args.no_compile else None)
+                                        compile_decode=args.compile)
     else:
         model = build_model(ModelConfig(**plan(args.depth, args.preset).model_kwargs()), device=device)
         byte_tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # a stand-in: ids only
         engine = Engine(model, byte_tokenizer, max_batch, cuda_graphs=not args.no_graphs,
-                        compile_decode=False if args.no_compile else None)
+                        compile_decode=args.compile)
     config = engine.model.config
     args.prompt = min(args.prompt, config.seq_len // 2)
     args.tokens = min(args.tokens, config.seq_len - args.prompt)

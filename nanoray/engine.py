@@ -168,10 +168,11 @@ class Engine:
     """Continuous-batching generation over a fixed pool of `max_batch` KV-cache slots (module docstring)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 32, cuda_graphs: bool = True,
-                 compile_decode: bool | None = None):
+                 compile_decode: bool = False):
         """cuda_graphs: replay decode and sampling steps as CUDA graphs (GPU only). compile_decode: torch.compile
-        the decode step (None: on a GPU only, where it fuses each layer's small kernels; a CPU compile is slow
-        to build and gains little). Either falls back to eager, with a warning, where it fails."""
+        the decode step, one graph per (slots, positions) bucket, to fuse each layer's small kernels; off until
+        measured on a GPU (equal to eager on CPU; each new bucket costs a compile at its first request).
+        Either falls back to eager, with a warning, where it fails."""
         self.device = model.wte.weight.device
         self.model = model.prepare_inference(compute_dtype(self.device))
         self.tokenizer, self.max_batch, self.seq_len = tokenizer, max_batch, model.config.seq_len
@@ -179,7 +180,7 @@ class Engine:
         self.default_stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.cache = KVCache(model.config, max_batch, self.seq_len, self.device, compute_dtype(self.device))
-        self.compile_decode = self.device.type == "cuda" if compile_decode is None else compile_decode
+        self.compile_decode = compile_decode
         self._compiled_decode = torch.compile(decode_step, fullgraph=True, dynamic=False)
         # Static buffers, which the CUDA graphs read and write: decode inputs (token ids, positions), logits,
         # sampling parameters (temperature, top_p; top_k, noise key) and results (token, its logprob).
