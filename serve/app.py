@@ -150,18 +150,44 @@ class Events:
                 self.stream.cancel()
 
 
+def token_key(entry: dict) -> str:
+    """A token's name in legacy completions logprobs: its text, or where its bytes are not whole UTF-8 (a
+    byte-fallback token, part of a character) "bytes:" and the bytes as \\xNN escapes, as vLLM writes them,
+    so that such tokens do not all collide on U+FFFD."""
+    raw = bytes(entry["bytes"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def _completion_logprobs(pieces: list[dict], offset: int = 0) -> S.CompletionLogprobs:
-    """Legacy completions logprobs (parallel lists) of a choice's text pieces, text offsets from `offset`."""
+    """Legacy completions logprobs (parallel lists) of a choice's text pieces, text offsets from `offset`.
+    Tokens and top_logprobs' keys are named by token_key."""
     out = S.CompletionLogprobs()
     for piece in pieces:
         if lp := piece.get("logprobs"):
-            out.tokens.append(lp["token"])
+            out.tokens.append(token_key(lp))
             out.token_logprobs.append(lp["logprob"])
             out.top_logprobs.append(None if lp["logprob"] is None else
-                                    {t["token"]: t["logprob"] for t in lp["top_logprobs"]})
+                                    {token_key(t): t["logprob"] for t in lp["top_logprobs"]})
             out.text_offset.append(offset)
         offset += len(piece["text"])
     return out
+
+
+def free_gpu_share(most: float = 0.5) -> float:
+    """The GPU share a CORE actor (1 CPU and the share) can have at once on one node: the largest free GPU
+    amount of any single node that also has a CPU free, at most `most`; 0 (run on the CPU) where none has.
+    Cluster-wide sums (ray.available_resources) could name a share that no one node holds, and the actor
+    would then wait."""
+    from ray._private.state import available_resources_per_node
+
+    try:
+        nodes = available_resources_per_node().values()
+    except Exception:  # a private API: without it, the CPU
+        return 0.0
+    return min(max((n.get("GPU", 0.0) for n in nodes if n.get("CPU", 0.0) >= 1), default=0.0), most)
 
 
 @serve.deployment(max_ongoing_requests=1024, graceful_shutdown_timeout_s=20, ray_actor_options={"num_cpus": 0.25})
@@ -174,6 +200,7 @@ class Gateway:
         self.models = models  # depth -> DeploymentHandle
         self.family = {m.depth: m for m in family}
         self.page = PAGE.read_text()
+        self.core_lock = asyncio.Semaphore(1)  # serializes /d{depth}/core runs
 
     def _member(self, depth: int) -> Member:
         if depth not in self.family:
@@ -246,12 +273,12 @@ class Gateway:
         from nanoray.core_eval import evaluate_core
 
         member = self._member(depth)
-        # A GPU share where one is free (the replicas hold theirs), else the CPU: never waits for a GPU.
-        share = min(ray.available_resources().get("GPU", 0), 0.5)
         try:
-            result = await asyncio.to_thread(evaluate_core, member.checkpoint, tasks=req.tasks, num_workers=1,
-                                             max_per_task=req.max_per_task, use_gpu=share >= 0.05,
-                                             gpu_share=share)
+            async with self.core_lock:  # one run at a time per gateway: two would both count the same free share
+                share = free_gpu_share()
+                result = await asyncio.to_thread(evaluate_core, member.checkpoint, tasks=req.tasks, num_workers=1,
+                                                 max_per_task=req.max_per_task, use_gpu=share >= 0.05,
+                                                 gpu_share=share)
         except ValueError as e:
             param = str(e).split(":")[0]
             raise ApiError(400, str(e), param if param in S.CoreRequest.model_fields else None,

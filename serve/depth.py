@@ -151,12 +151,13 @@ class DepthModel:
         yield {"prompt_tokens": len(prompt), "echo": echo}
 
         text, stops = TextStream(self.tokenizer), StopScanner(job["stop"])
-        count, hit = 0, False
+        count, hit, generated = 0, False, []
+        kind = "chat" if job["messages"] is not None else "text"
         if max_tokens:
-            kind = "chat" if job["messages"] is not None else "text"
             async with aclosing(self._sample(prompt, params, self.stop_ids[kind], top_k)) as sampled:
                 async for token, logprobs in sampled:
                     count += 1
+                    generated.append(token)
                     piece, hit = stops.feed(text.feed(token))
                     yield {"id": token, "text": piece, "logprobs": logprobs}
                     if hit:
@@ -167,4 +168,19 @@ class DepthModel:
             if piece:
                 yield {"text": piece}
         full = count == max_tokens or len(prompt) + count >= self.member.seq_len
+        if max_tokens and not full and not hit and job["messages"] is None and (top_k is not None or job["echo"]):
+            # The engine ended on a stop token, which it does not yield. Completions with logprobs or echo
+            # get it as a last piece (text "", its logprob), as vLLM does: lm-eval-harness's loglikelihood
+            # (echo, logprobs, max_tokens 1) slices token_logprobs[ctxlen:-1] and would otherwise lose a
+            # prompt token.
+            yield await self._stop_piece(prompt + generated, self.stop_ids[kind], top_k)
+            count += 1
         yield {"finish_reason": "length" if full and not hit else "stop", "completion_tokens": count}
+
+    async def _stop_piece(self, tokens: list[int], stop_ids: list[int], top_k: int | None) -> dict:
+        """The stop token that ended a request after `tokens` as a piece {"id", "text": "", "logprobs"}, scored
+        by the model. With one stop id (text prompts) it is that one; with several, the most likely of them."""
+        scored = [(await self.engine.score_async(tokens + [s], top_k or 0))[-1] for s in stop_ids]
+        i = max(range(len(stop_ids)), key=lambda j: scored[j]["logprob"])
+        logprobs = None if top_k is None else self._token(stop_ids[i], scored[i]["logprob"], scored[i]["top"])
+        return {"id": stop_ids[i], "text": "", "logprobs": logprobs}

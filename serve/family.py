@@ -50,21 +50,30 @@ def _bpb(row: dict) -> float:
 
 
 def from_run_dir(run_dir: str | os.PathLike) -> list[str]:
-    """Per depth, the checkpoint of the finished trial with the lowest val bpb (results.csv)."""
+    """Per depth, the checkpoint of the finished trial (status "done") with the lowest val bpb (results.csv).
+    A relative checkpoint path is taken from the run directory."""
     table = Path(run_dir) / "results.csv"
     if not table.exists():
         raise FileNotFoundError(f"run_dir: {table} does not exist; point at a run directory "
                                 f"(runs/<name>/ as jobs/miniseries.py writes it)")
-    with open(table, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("checkpoint") and r.get("status", "done") != "error"]
     best: dict[int, dict] = {}
-    for row in rows:
-        depth = int(float(row["depth"]))
-        if depth not in best or _bpb(row) < _bpb(best[depth]):
-            best[depth] = row
+    with open(table, newline="") as f:
+        for number, row in enumerate(csv.DictReader(f), start=1):  # row 1 is the first after the header
+            if not row.get("checkpoint") or row.get("status", "done") != "done":
+                continue
+            try:
+                depth = float(row.get("depth") or "nan")
+                if not depth.is_integer() or depth < 1:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"run_dir: {table} row {number}: depth must be a positive whole number, "
+                                 f"got {row.get('depth')!r}") from None
+            depth = int(depth)
+            if depth not in best or _bpb(row) < _bpb(best[depth]):
+                best[depth] = row
     if not best:
-        raise ValueError(f"run_dir: {table} has no trial with a checkpoint")
-    return [best[d]["checkpoint"] for d in sorted(best)]
+        raise ValueError(f"run_dir: {table} has no finished trial (status done) with a checkpoint")
+    return [str(Path(run_dir) / best[d]["checkpoint"]) for d in sorted(best)]
 
 
 def find_family(run_dir: str | os.PathLike | None = None, checkpoints: list[str] | None = None) -> list[Member]:

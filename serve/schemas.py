@@ -7,7 +7,7 @@ nanochat's abuse limits; unknown fields are ignored, as OpenAI clients send many
 
 import time
 import uuid
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,7 +22,20 @@ def model_id(depth: int) -> str:
 
 
 class Strict(BaseModel):
+    """Null for an optional field is "not given" (many OpenAI clients send every unset field as null): a field
+    that allows null keeps it (its meaning is documented there, e.g. top_k null = off); one that does not gets
+    its default. Null for a required field (model, messages, prompt) stays an error naming it."""
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items()
+                    if not (v is None and k in fields and not fields[k].is_required()
+                            and type(None) not in get_args(fields[k].annotation))}
+        return data
 
 
 class Message(Strict):

@@ -72,8 +72,14 @@ def test_two_depths_stream_side_by_side(url, browser):
     max_tokens.clear()
     max_tokens.send_keys("60")
     browser.execute_script(WATCH)
-    browser.find_element(By.ID, "prompt").send_keys("Which depth writes the better poem?")
-    browser.find_element(By.ID, "send").click()
+    # Send, then Send again at once (one script, so the first cannot have finished): the second waits for
+    # the first stream instead of interleaving the history; its text stays in the box, Send is disabled.
+    waiting = browser.execute_script("""
+      const box = document.getElementById("prompt"), send = document.getElementById("send");
+      box.value = "Which depth writes the better poem?"; send.click();
+      box.value = "second"; send.click();
+      return [box.value, send.disabled];""")
+    assert waiting == ["second", True]
 
     replies = wait.until(lambda b: len(done := b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done=true]"))
                          == 2 and done)
@@ -81,6 +87,14 @@ def test_two_depths_stream_side_by_side(url, browser):
     assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == \
         ["Which depth writes the better poem?"] * 2
     assert all("tokens" in m.text for m in browser.find_elements(By.CSS_SELECTOR, ".meta"))
+    assert wait.until(lambda b: b.find_element(By.ID, "send").is_enabled())
+    # a history too long for the context loses its oldest turns (a system message stays)
+    assert browser.execute_script("""
+      const h = [{role: "system"}, {role: "user"}, {role: "assistant"}, {role: "user"}, {role: "assistant"},
+                 {role: "user"}];
+      const steps = [];
+      while (dropOldestTurn(h)) steps.push(h.map((m) => m.role[0]).join(""));
+      return steps;""") == ["suau", "su"]
     updates = browser.execute_script("return window.updates")
     assert updates["col-d1"] > 3 and updates["col-d2"] > 3, updates  # text arrived piece by piece
 

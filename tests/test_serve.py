@@ -120,6 +120,66 @@ def test_family_from_run_dir_and_checkpoints(family, tmp_path):
         find_family(checkpoints=["s3://b/d4/ckpt"])
 
 
+def test_family_serves_finished_trials_resolves_relative_paths_and_names_bad_rows(family, tmp_path):
+    members = find_family(family)
+    with open(family / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def table(*rows):
+        with open(run / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    # a stopped trial (better bpb) is not served; a relative checkpoint path is taken from the run directory
+    (run / "d2").symlink_to(family / "d2", target_is_directory=True)
+    stopped = dict(rows[0], trial="d1-stopped", val_bpb="1.0", checkpoint=str(family / "nowhere"), status="stopped")
+    table(rows[0], stopped, dict(rows[1], checkpoint="d2/ckpt"))
+    got = find_family(run)
+    assert [m.depth for m in got] == [1, 2] and got[0] == members[0]
+    assert got[1].checkpoint == str((run / "d2" / "ckpt").resolve())
+    table(dict(rows[0], status="stopped"))
+    with pytest.raises(ValueError, match="no finished trial"):
+        find_family(run)
+    for bad in ("", "two", "1.5", "nan"):
+        table(rows[0], dict(rows[1], depth=bad))
+        with pytest.raises(ValueError, match=r"results.csv row 2: depth must be"):
+            find_family(run)
+
+
+def test_completion_logprobs_name_undecodable_tokens_by_their_bytes():
+    from serve.app import _completion_logprobs, token_key
+
+    def entry(raw, lp):
+        return dict(token=raw.decode("utf-8", errors="replace"), logprob=lp, bytes=list(raw))
+
+    assert token_key(entry(b"hi", 0)) == "hi" and token_key(entry(b"\xe2\x80", 0)) == "bytes:\\xe2\\x80"
+    tops = [entry(b"\xe2", -1.0), entry(b"\xe3", -2.0), entry(b"\xe2\x82", -3.0), entry("é".encode(), -4.0)]
+    out = _completion_logprobs([dict(text="", logprobs=dict(entry(b"\xe2", -1.0), top_logprobs=tops))])
+    assert out.tokens == ["bytes:\\xe2"]
+    assert out.top_logprobs == [{"bytes:\\xe2": -1.0, "bytes:\\xe3": -2.0, "bytes:\\xe2\\x82": -3.0, "é": -4.0}]
+
+
+def test_core_takes_a_gpu_share_only_where_one_node_has_it(monkeypatch):
+    import ray._private.state as state
+
+    from serve.app import free_gpu_share
+
+    def nodes(*free):
+        monkeypatch.setattr(state, "available_resources_per_node", lambda: {str(i): n for i, n in enumerate(free)})
+
+    nodes({"CPU": 4, "GPU": 0.3}, {"CPU": 4, "GPU": 0.3})  # 0.6 in all, but no node has more than 0.3
+    assert free_gpu_share() == 0.3
+    nodes({"CPU": 4, "GPU": 1.0}, {"CPU": 4})
+    assert free_gpu_share() == 0.5
+    nodes({"CPU": 0.5, "GPU": 1.0}, {"CPU": 4})  # the node with the GPU has no CPU for the actor
+    assert free_gpu_share() == 0
+    nodes({"CPU": 4})
+    assert free_gpu_share() == 0
+
+
 def test_stop_strings_cut_streamed_text_and_hold_back_what_could_start_one():
     from serve.depth import StopScanner
 
@@ -248,6 +308,85 @@ def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
         cut = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
             model="nanoray-d1", prompt=text, max_tokens=8, temperature=0, stop=[stop])).json()["choices"][0]
         assert cut["text"] == plain[:plain.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def prompt_before_a_stop(model, tokenizer, device, length=8, margin=0.5) -> tuple[list[int], float]:
+    """Token ids (BOS first) after which the model's argmax is <|bos|> (the stop token of text prompts) by
+    `margin` nats, and that token's logprob there. A random model seldom ranks <|bos|> first, so the prompt is
+    searched: coordinate ascent, each step trying every vocabulary token at one position (one batch)."""
+    bos, vocab = tokenizer.bos_id, tokenizer.vocab_size
+    prompt = [bos] * length
+    with torch.no_grad():
+        for _ in range(3):
+            for j in range(length - 1, 0, -1):
+                batch = torch.tensor(prompt).repeat(vocab, 1)
+                batch[:, j] = torch.arange(vocab)
+                logprobs = model(batch.to(device))[:, -1].float().log_softmax(-1).cpu()
+                others = logprobs.clone()
+                others[:, bos] = -torch.inf
+                gap = logprobs[:, bos] - others.max(-1).values
+                prompt[j] = int(gap.argmax())
+                if gap.max() > margin:
+                    return prompt, float(logprobs[prompt[j], bos])
+    pytest.skip("no prompt found after which this random model's argmax is <|bos|>")
+
+
+def test_completions_with_logprobs_end_with_the_stop_token_like_vllm(url, family, tokenizer):
+    """lm-eval-harness's loglikelihood asks echo + logprobs + max_tokens 1 and reads token_logprobs[ctxlen:-1]:
+    where the one generated token is a stop token, it is still the last entry (text "", its logprob)."""
+    from nanoray.checkpoint import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(family / "d1" / "ckpt", device=device)
+    if device == "cuda":
+        model.prepare_inference(torch.bfloat16)
+    prompt, expected = prompt_before_a_stop(model, tokenizer, device)
+    body = dict(model="nanoray-d1", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=body).json()
+    c = r["choices"][0]
+    lp = c["logprobs"]
+    assert c["finish_reason"] == "stop" and c["text"] == tokenizer.decode(prompt)
+    assert len(lp["token_logprobs"]) == len(lp["tokens"]) == len(lp["top_logprobs"]) == len(prompt) + 1
+    assert lp["tokens"][-1] == "<|bos|>" and lp["text_offset"][-1] == len(c["text"])
+    assert lp["token_logprobs"][-1] == pytest.approx(expected, abs=1e-3 if device == "cpu" else 3e-2)
+    assert max(lp["top_logprobs"][-1], key=lp["top_logprobs"][-1].get) == "<|bos|>"  # lm-eval's is_greedy
+    assert r["usage"]["completion_tokens"] == 1
+    # without echo, and streamed: the same last entry
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(body, echo=False)).json()
+    assert r["choices"][0]["logprobs"]["tokens"] == ["<|bos|>"] and r["choices"][0]["text"] == ""
+    chunks = events(requests.post(f"{url}/v1/completions", timeout=60, stream=True, json=dict(body, stream=True)))
+    tokens = [t for ch in chunks[:-1] for t in (ch["choices"][0].get("logprobs") or {}).get("tokens", [])]
+    assert len(tokens) == len(prompt) + 1 and tokens[-1] == "<|bos|>"
+    # no logprobs or echo asked: nothing added
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(body, echo=False, logprobs=None)).json()
+    assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 0
+
+
+NULLS = dict(temperature=None, top_p=None, top_k=None, n=None, stream=None, stream_options=None, stop=None,
+             seed=None, max_tokens=None, user=None, presence_penalty=None, frequency_penalty=None)
+
+
+def test_null_optional_fields_mean_not_given(url):
+    """OpenAI clients (LiteLLM, LangChain) send unset fields as null: the default, not a 400."""
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
+        NULLS, model="nanoray-d1", prompt="x = 1", echo=None, logprobs=None, max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "text_completion" and "logprobs" not in r.json()["choices"][0] or \
+        r.json()["choices"][0]["logprobs"] is None
+    r = requests.post(f"{url}/v1/chat/completions", timeout=60, json=dict(
+        NULLS, model="nanoray-d1", messages=HELLO, logprobs=None, top_logprobs=None, max_completion_tokens=None,
+        max_tokens=3))
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion" and r.json()["usage"]["completion_tokens"] <= 3
+    r = requests.post(f"{url}/d1/chat", timeout=60, json=dict(messages=HELLO, temperature=None, stream=None,
+                                                               max_tokens=2, seed=None))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")  # stream's default
+    for route, body, param in [("/v1/completions", dict(NULLS, model=None, prompt="x"), "model"),
+                               ("/v1/completions", dict(NULLS, model="nanoray-d1", prompt=None), "prompt"),
+                               ("/v1/chat/completions", dict(NULLS, model="nanoray-d1", messages=None), "messages"),
+                               ("/d1/chat", dict(messages=[{"role": "user", "content": None}]), "messages[0].content")]:
+        r = requests.post(f"{url}{route}", timeout=60, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 BAD = [  # (route, body or raw text, status, param)
