@@ -106,4 +106,7 @@ class StartCore(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if self.family is not None and result.get("step") and result.get("step") == result.get("iterations"):
-            self.family.start(trial.config["point"]["trial"], result.get("checkpoint_path"))
+            from nanoray.sweep import storage_uri
+
+            self.family.start(trial.config["point"]["trial"],
+                              storage_uri(self.family.sweep, result.get("checkpoint_path")))

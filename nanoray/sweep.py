@@ -135,12 +135,21 @@ def train_run_name(sweep: SweepConfig, trial: str) -> str:
 
 
 def train_checkpoint(sweep: SweepConfig, trial: str) -> str | None:
-    """The path of a trial's latest Train checkpoint, read from Train's storage: Tune's metrics of a
+    """The location of a trial's latest Train checkpoint, read from Train's storage: Tune's metrics of a
     trial that an earlier (killed) driver saw finish may lack it."""
     from nanoray.train import latest_checkpoint
 
     checkpoint = latest_checkpoint(os.path.join(sweep.storage_path, "train"), train_run_name(sweep, trial))
-    return checkpoint and checkpoint.path
+    return checkpoint and storage_uri(sweep, checkpoint.path)
+
+
+def storage_uri(sweep: SweepConfig, path: str | None) -> str | None:
+    """A checkpoint location as a URI others can open: Train gives paths in its storage's filesystem
+    without the scheme (`bucket/sweeps/...` for s3://bucket/sweeps)."""
+    scheme = sweep.storage_path.split("://")[0] if "://" in sweep.storage_path else None
+    if path is None or scheme is None or "://" in path:
+        return path
+    return f"{scheme}://{path}"
 
 
 def trial_name(trial) -> str:
@@ -164,6 +173,34 @@ def default_concurrency(sweep: SweepConfig, num_trials: int) -> int:
     gpus = ray.cluster_resources().get("GPU", 0)
     fits = int(gpus / (sweep.workers * sweep.gpus_per_worker) + 1e-9)
     return max(1, fits) if gpus else num_trials  # 0 GPUs: an autoscaler will bring them
+
+
+# What a re-run must repeat to resume a sweep (Tune restores trials with the config they started with),
+# and the flag that sets each.
+RESUME_KEYS = {"preset": "--preset", "depths": "--depths", "grid": "--grid", "ratio": "--ratio",
+               "budgets": "--budgets", "workers": "--workers", "gpus_per_worker": "--gpus-per-worker",
+               "use_gpu": "--gpu/--no-gpu", "source": "--source", "eval_tokens": None}
+
+
+def check_resume(sweep: SweepConfig) -> None:
+    """Raise, naming the flag, when `sweep` would restore an earlier sweep of the same name and storage that
+    was started with other settings: Tune would go on with the old ones and print a plan that is not run."""
+    import ray.tune
+
+    path = os.path.join(sweep.storage_path, sweep.name)
+    if not ray.tune.Tuner.can_restore(path):
+        return
+    results = ray.tune.Tuner.restore(path, trainable=run_trial).get_results()
+    started = [r.config["sweep"] for r in results if r.config]  # a trial that never started has no config
+    if not started:
+        return
+    old, new = started[0], sweep.model_dump()
+    old["source"], new["source"] = old["data"]["source"], new["data"]["source"]
+    for key, flag in RESUME_KEYS.items():
+        if old.get(key) != new.get(key):
+            raise ValueError(f"{flag or key}: sweep {sweep.name!r} in {sweep.storage_path} was started with {key} = "
+                             f"{old.get(key)!r}, not {new.get(key)!r}; a re-run resumes it as it was started: give "
+                             f"the same settings, or a new --name")
 
 
 def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
@@ -217,7 +254,7 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
             gpu_hours=gpu_hours, cost_usd=gpu_hours * usd_per_gpu_hour,
             train_loss=m.get("train_loss", nan), val_loss=m.get("val_loss", nan), val_bpb=m.get("val_bpb", nan),
             core=m.get("core"), tok_per_s=m.get("tok_per_s", nan), mfu=m.get("mfu", nan),
-            checkpoint=m.get("checkpoint_path") or train_checkpoint(sweep, point["trial"]),
+            checkpoint=storage_uri(sweep, m.get("checkpoint_path")) or train_checkpoint(sweep, point["trial"]),
             status="error" if result.error else ("done" if m.get("step") == run.iterations else "stopped"),
             **{k: m[k] for k in TIMINGS if k in m},
         ))
@@ -389,6 +426,7 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
     try:
         sweep = sweep_from_args(args, job, cpu_budgets)
         table = plan_table(sweep, plans(sweep))
+        check_resume(sweep)
     except ValueError as e:  # PlanError and pydantic's ValidationError are ValueErrors
         p.error(str(e))
     print(table, flush=True)
@@ -408,14 +446,11 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
 
 
 def serve_forever(run_dir: str, host: str, port: int) -> None:
-    """Serve the family the report lists (serve/ app) and block; Ctrl-C (or `ray job stop`) ends it."""
-    import time
-
-    from serve.app import ServeArgs, run
+    """Serve the family the report lists (serve/ app) until Ctrl-C or `ray job stop`, then take it down."""
+    from serve.app import ServeArgs, run, serve_until_stopped
     from serve.family import find_family
 
     args = ServeArgs(run_dir=run_dir)
     print("\n".join(run(args, find_family(args.run_dir), host, port)), flush=True)
     print("serving until stopped (Ctrl-C, or `ray job stop`)", flush=True)
-    while True:
-        time.sleep(3600)
+    serve_until_stopped()

@@ -6,7 +6,6 @@
 """
 
 import argparse
-import time
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-replicas", type=int, default=1, help="autoscaling ceiling per depth")
     args = p.parse_args(argv)
 
-    from serve.app import ServeArgs, run
+    from serve.app import ServeArgs, run, serve_until_stopped
     from serve.family import find_family
 
     try:
@@ -33,16 +32,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))
 
     import ray
-    from ray import serve
 
     ray.init()  # joins the cluster of this machine if one runs, else starts one
     print("\n".join(run(config, family, args.host, args.port)))
     print("Ctrl-C stops serving", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    serve_until_stopped()
 
 
 if __name__ == "__main__":

@@ -413,11 +413,45 @@ def build(args: dict) -> serve.Application:
 
 
 def run(args: ServeArgs, family: list[Member], host: str = "127.0.0.1", port: int = 8000) -> list[str]:
-    """Serve `family` on the running Ray cluster at host:port; returns the lines that say where."""
+    """Serve `family` on the running Ray cluster at host:port; returns the lines that say where. Raises when
+    the family does not answer there (Serve already running on this cluster keeps its own address)."""
+    import time
+    import urllib.request
+
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployments(args, family), name="nanoray", route_prefix="/")
     base = f"http://{host}:{port}"
+    probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health"
+    for attempt in range(20):
+        try:
+            with urllib.request.urlopen(probe, timeout=5):
+                break
+        except OSError as e:
+            if attempt == 19:
+                raise RuntimeError(f"port: the family does not answer at {probe} ({e}); Ray Serve already runs on "
+                                   f"this cluster at another address? `serve shutdown -y`, or use its port") from e
+            time.sleep(0.5)
     return ([f"chat page      {base}/"]
             + [f"depth {m.depth:<8} {base}/d{m.depth}/chat   (model nanoray-d{m.depth}, {m.params / 1e6:.1f}M params)"
                for m in family]
             + [f"OpenAI API     {base}/v1   (GET {base}/v1/models)"])
+
+
+def serve_until_stopped() -> None:
+    """Block until Ctrl-C or SIGTERM (`ray job stop` sends it), then take the family down: Serve's actors
+    are detached and would otherwise outlive this process, holding their GPU shares."""
+    import signal
+    import time
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete("nanoray", _blocking=False)  # first, at once: `ray job stop` kills us 3 s after SIGTERM
+        serve.shutdown()

@@ -121,3 +121,13 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     client.stop_job("third")
     while not client.get_job_status("third").is_terminal():
         time.sleep(0.5)
+    deadline = time.time() + 60  # stopping the job takes the family down (Serve's actors are detached)
+    while True:
+        try:
+            status = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code
+        except requests.ConnectionError:
+            break
+        if status == 404:
+            break
+        assert time.time() < deadline, f"still serving {status} after the job stopped"
+        time.sleep(1)

@@ -12,7 +12,7 @@ import pytest
 
 from nanoray.data import DataSpec
 from nanoray.dial import PlanError
-from nanoray.sweep import SweepConfig, family_report, grid_points, plans, run_sweep
+from nanoray.sweep import SweepConfig, check_resume, family_report, grid_points, plans, run_sweep, storage_uri
 
 from conftest import write_bundle
 
@@ -93,6 +93,13 @@ def test_sweep_trains_scores_reports_and_resumes(ray_cluster, corpus, tmp_path):
         assert paths[name].stat().st_size > 0
     assert "d2" in paths["report.md"].read_text()
 
+    # A re-run with other settings would resume the old ones: it is refused, naming the flag.
+    check_resume(sweep)
+    with pytest.raises(ValueError, match="--ratio: sweep 'fam'.*ratio = 0.25, not 0.5"):
+        check_resume(sweep.model_copy(update=dict(ratio=0.5)))
+    with pytest.raises(ValueError, match="--depths"):
+        check_resume(sweep.model_copy(update=dict(depths=[1, 2, 3])))
+
     # The same sweep again: Tune restores it, finished trials are neither trained nor scored again.
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "train").rglob("model.safetensors")}
     scored = {p: p.stat().st_mtime for p in (tmp_path / "report" / "core").glob("*.json")}
@@ -106,6 +113,13 @@ def test_sweep_trains_scores_reports_and_resumes(ray_cluster, corpus, tmp_path):
     assert not core.pending and len(scored) == 2
     assert [r["core"] for r in csv.DictReader(open(paths["results.csv"]))] == [d1["core"], d2["core"]]
     assert {p: p.stat().st_mtime for p in (tmp_path / "report" / "core").glob("*.json")} == scored
+
+
+def test_checkpoint_locations_keep_their_storage_scheme():
+    s3 = SweepConfig(depths=[1], storage_path="s3://bucket/sweeps")
+    assert storage_uri(s3, "bucket/sweeps/train/x/checkpoint_1") == "s3://bucket/sweeps/train/x/checkpoint_1"
+    assert storage_uri(s3, "s3://bucket/a") == "s3://bucket/a" and storage_uri(s3, None) is None
+    assert storage_uri(SweepConfig(depths=[1], storage_path="/runs"), "/runs/train/x") == "/runs/train/x"
 
 
 def test_isoflop_fits_from_rows():
