@@ -17,6 +17,9 @@ import glob, os, sys
 files = {p for g in sys.argv[1].removeprefix("files:").split(",") for p in glob.glob(g, recursive=True) if os.path.isfile(p)}
 print(f"source: {len(files)} files, {sum(os.path.getsize(p) for p in files) / 1e6:.0f} MB", flush=True)
 PY
+rc=0
 python jobs/miniseries.py --name gpu-family --preset gpt2 --depths "${DEPTHS:-6,4,2}" --ratio "${RATIO:-12}" \
     --gpus-per-worker "${GPUS_PER_WORKER:-0.33}" --source "$source" --core core-lite --out "$OUT/report" \
-    --storage "$PWD/runs/sweeps" 2>&1 | grep -v "^\s*$" | tee "$OUT/job.log" | grep -E "^(trial|d[0-9]|total|CORE|fit|report|warning|source)|Error|error" || true
+    --storage "$PWD/runs/sweeps" > "$OUT/job.log" 2>&1 || rc=$?
+grep -E "^(trial|d[0-9]|total|CORE|fit|report|warning)|Error" "$OUT/job.log" || true  # the summary; all of it in job.log
+exit $rc

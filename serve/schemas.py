@@ -217,11 +217,16 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletion(BaseModel):
+class Envelope(BaseModel):
+    """What OpenAI's completion objects share: an id, when, which model, and the token counts where known."""
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    usage: Usage | None = None
+
+
+class ChatCompletion(Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -238,13 +243,9 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -262,13 +263,9 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 def new_id(prefix: str) -> str:
