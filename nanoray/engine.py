@@ -115,19 +115,26 @@ def noise_key(seed: int, step: int) -> int:
     return int(_hash32(_hash32(seed) ^ step))
 
 
+def gumbel_noise(key_B: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) standard Gumbel noise, candidate rank r of row b a hash of (key_B[b], r). The uniforms take 23
+    bits, (i + 0.5) / 2**23, so they lie strictly inside (0, 1) in fp32 and the noise stays finite (24 bits
+    would round the top value to 1.0: noise +inf, and -inf + inf = NaN for a masked candidate)."""
+    rank_K = torch.arange(k, device=key_B.device)
+    uniform_BK = ((_hash32(key_B[:, None] ^ rank_K) >> 9).float() + 0.5) / 2**23
+    return -torch.log(-torch.log(uniform_BK))
+
+
 def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
            key_B: torch.Tensor, k_max: int) -> torch.Tensor:
     """One token per row: Gumbel-max over the row's top-k (then top-p) candidates at its temperature.
     Greedy rows come with top_k 1. The noise of candidate rank r is a hash of (key_B, r), so there is no
     generator state and a row's draw does not depend on the other rows. k_max >= every top_k_B."""
     logits_BK, ids_BK = (logits_BV / temperature_B[:, None]).topk(k_max, dim=-1)
-    rank_K = torch.arange(k_max, device=logits_BV.device)
-    logits_BK = logits_BK.masked_fill(rank_K >= top_k_B[:, None], -torch.inf)
+    in_k_BK = torch.arange(k_max, device=logits_BV.device) < top_k_B[:, None]
+    logits_BK = logits_BK.masked_fill(~in_k_BK, -torch.inf)
     probs_BK = logits_BK.softmax(dim=-1)
-    keep_BK = probs_BK.cumsum(dim=-1) - probs_BK < top_p_B[:, None]  # the head of the nucleus, at least rank 0
-    uniform_BK = ((_hash32(key_B[:, None] ^ rank_K) >> 8).float() + 0.5) / 2**24
-    gumbel_BK = -torch.log(-torch.log(uniform_BK))
-    choice_B = (logits_BK + gumbel_BK).masked_fill(~keep_BK, -torch.inf).argmax(dim=-1)
+    keep_BK = in_k_BK & (probs_BK.cumsum(dim=-1) - probs_BK < top_p_B[:, None])  # the nucleus, at least rank 0
+    choice_B = (logits_BK + gumbel_noise(key_B, k_max)).masked_fill(~keep_BK, -torch.inf).argmax(dim=-1)
     return ids_BK.gather(1, choice_B[:, None])[:, 0]
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from nanoray.engine import Engine, SamplingParams, TextStream, decode_step, render_chat
+from nanoray.engine import Engine, SamplingParams, TextStream, decode_step, gumbel_noise, render_chat, sample
 from nanoray.model import KVCache, ModelConfig, build_model
 from nanoray.tokenizer import Tokenizer
 
@@ -101,6 +101,21 @@ def test_seeded_sampling_is_deterministic_and_independent_of_concurrency(engine)
     assert asyncio.run(crowded()) == alone
     other_seed = SamplingParams(max_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=8)
     assert asyncio.run(engine.generate(prompt, other_seed, stop_ids=set())).tokens != alone
+
+
+def test_sampling_noise_is_finite_so_masked_candidates_stay_out():
+    """Key 3256051203 hashes rank 2488 to the top 24-bit value, whose fp32 uniform rounded to 1.0: noise +inf,
+    and a candidate outside the top-k (-inf) + inf = NaN won the argmax. A greedy row of a batch whose k_max
+    was the whole vocabulary then got a random token (the serve load test caught it, about 1 run in 5)."""
+    key = torch.tensor([3256051203])
+    assert torch.isfinite(gumbel_noise(key, 4096)).all()
+    assert torch.isfinite(gumbel_noise(torch.randint(0, 2**32, (256,)), 4096)).all()
+    logits = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))
+    one, inf = torch.ones(1), torch.tensor([torch.inf])
+    assert sample(logits, one, torch.tensor([1]), inf, key, 4096).item() == logits.argmax().item()
+    top3 = set(logits.topk(3).indices[0].tolist())
+    draws = {sample(logits, one, torch.tensor([3]), inf, torch.tensor([k]), 4096).item() for k in range(64)}
+    assert draws <= top3 and len(draws) > 1
 
 
 def test_top_k_1_equals_greedy_and_stop_tokens(engine, model):
