@@ -55,12 +55,15 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
         torch.save(rng_state(), tmp / RNG)
         meta = dict(meta, model=model.config.model_dump())
         (tmp / META).write_text(json.dumps(meta, indent=2))
+        for f in [*tmp.iterdir(), tmp]:  # on disk before the rename makes them the checkpoint
+            _fsync(f)
         old = None
         if path.exists():  # move the old one aside first: there is always a complete checkpoint on disk
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -69,8 +72,24 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
     return path
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover(path: Path) -> Path:
+    """A checkpoint that a crash caught between its two renames is still whole under its `.old` name."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and (old / META).exists():
+        os.replace(old, path)
+    return path
+
+
 def read_meta(path: str | os.PathLike) -> dict:
-    meta_file = Path(path) / META
+    meta_file = _recover(Path(path)) / META
     if not meta_file.exists():
         raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})")
     return json.loads(meta_file.read_text())

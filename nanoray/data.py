@@ -113,8 +113,13 @@ class BestFitPacker:
         self.docs_in += 1
         self.tokens_in += len(doc)
 
+    def buffered_tokens(self) -> int:
+        return self.tokens_in - self.tokens_out - self.cropped_tokens
+
     def ready(self) -> bool:
-        return len(self._docs) >= self.buffer_docs
+        """Enough documents to choose from, and enough tokens for a whole row (1000 one-token documents
+        are not one)."""
+        return len(self._docs) >= self.buffer_docs and self.buffered_tokens() >= self.row_len
 
     def pop_row(self) -> np.ndarray:
         """One row from the buffer (call while ready(), or to drain at the end of a stream)."""
@@ -146,6 +151,6 @@ def pack_rows(docs: Iterable[list[int]], row_len: int, buffer_docs: int = 1000,
         packer.add(doc)
         while packer.ready():
             yield packer.pop_row()
-    while packer.tokens_in - packer.tokens_out - packer.cropped_tokens >= row_len:
+    while packer.buffered_tokens() >= row_len:
         yield packer.pop_row()
 

@@ -21,6 +21,7 @@ Validation reads the val split once, in shard order, and keeps the first `rows` 
 """
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -275,6 +276,23 @@ class TokenizePack:
             ids = split_long(ids, self.spec.row_len, self.tokenizer.bos_id)
         rows = list(pack_rows(ids, self.spec.row_len))
         return np.stack(rows) if rows else np.empty((0, self.spec.row_len), dtype=np.int32)
+
+
+def shard_fingerprint(spec: StreamSpec) -> dict:
+    """What a position's slot numbers refer to: the split's shard count and a digest of their names in order.
+    Slots map to shards through that list (a seeded order of its length), so a checkpoint's position
+    means the same rows only over the same list."""
+    names = [os.path.basename(p) for p in parquet_shards(spec.source, spec.split).paths]
+    return dict(count=len(names), sha1=hashlib.sha1("\n".join(names).encode()).hexdigest()[:16])
+
+
+def check_fingerprint(saved: dict | None, now: dict, source: str) -> None:
+    """Raise if the train shards of `source` changed (`now`) since a checkpoint saved `saved` with its
+    position (None: a checkpoint from before fingerprints: nothing to check)."""
+    if saved is not None and saved != now:
+        raise ValueError(f"data: the train shards of {source} changed since the checkpoint ({saved['count']} "
+                         f"shards then, {now['count']} now, or other names): its data position would name other "
+                         "rows. Put the shards back as they were, or train under a new run name.")
 
 
 def slot_items(spec: StreamSpec, shards: ParquetShards, position: StreamPosition) -> list[dict]:

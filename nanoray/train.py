@@ -35,9 +35,12 @@ from nanoray.dial import Horizon, RunPlan, plan
 from nanoray.hardware import device_name, peak_flops, prefer_cudnn_attention
 from nanoray.model import ModelConfig, build_model
 from nanoray.optim import apply_schedule, build_optimizers
-from nanoray.stream import (StreamBatches, StreamPosition, StreamSpec, build_dataset, epochs_for, local_rows,
-                            prepare_data, rebatch, to_device)
+from nanoray.stream import (StreamBatches, StreamPosition, StreamSpec, build_dataset, check_fingerprint, epochs_for,
+                            local_rows, prepare_data, rebatch, shard_fingerprint, to_device)
 from nanoray.tokenizer import Tokenizer
+
+
+GC_EVERY = 5000  # steps between the loop's garbage collections (nanochat's)
 
 
 class TrainConfig(BaseModel):
@@ -46,11 +49,11 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
     plan: RunPlan
     data: DataSpec = DataSpec()
-    max_steps: int | None = Field(None, description="stop after this many steps (default: plan.iterations)")
-    log_every: int = Field(10, description="report metrics every N steps")
-    eval_every: int = Field(250, description="val loss (and bpb) every N steps, and at the end (0: only at the end)")
-    eval_tokens: int = Field(2**20, description="val tokens per evaluation, whatever the batch shape")
-    checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: plan.iterations)")
+    log_every: int = Field(10, ge=1, description="report metrics every N steps")
+    eval_every: int = Field(250, ge=0, description="val loss (and bpb) every N steps, and at the end (0: only at the end)")
+    eval_tokens: int = Field(2**20, ge=1, description="val tokens per evaluation, whatever the batch shape")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     checkpoint_at_end: bool = Field(True, description="checkpoint after the last step")
     eval_at_end: bool = Field(True, description="val loss after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
@@ -63,13 +66,14 @@ class Corpus:
 
     def __init__(self, train: StreamSpec, val: StreamSpec, tokenizer: Tokenizer, val_rows: int):
         self.train, self.val, self.tokenizer, self.val_rows = train, val, tokenizer, val_rows
+        self.shards = shard_fingerprint(train)  # saved with each checkpoint's position
 
     def datasets(self, storage_path: str, name: str) -> dict:
         """Ray Datasets for TorchTrainer, as callables: Train calls them at every (re)start of the worker
         group, so the train stream always begins where the run's latest checkpoint left it."""
         train, val, tokenizer, rows = self.train, self.val, self.tokenizer, self.val_rows
         # The trainer's progress line reports the stream; Ray Data's own bars would only clutter the log.
-        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name),
+        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name, train),
                                                progress_bars=False),
                 "val": lambda: build_dataset(val, tokenizer, limit_rows=rows, progress_bars=False)}
 
@@ -100,13 +104,17 @@ def latest_checkpoint(storage_path: str, name: str):
         return None
 
 
-def latest_position(storage_path: str, name: str) -> StreamPosition:
-    """The data position in the latest checkpoint of Ray Train run `name` (empty for a new run)."""
+def latest_position(storage_path: str, name: str, spec: StreamSpec | None = None) -> StreamPosition:
+    """The data position in the latest checkpoint of Ray Train run `name` (empty for a new run). With the
+    train stream's `spec`, first checks that its shards are the ones the position was saved over."""
     checkpoint = latest_checkpoint(storage_path, name)
     if checkpoint is None:
         return StreamPosition()
     with checkpoint.as_directory() as path:
-        return StreamPosition.from_json(read_meta(path)["data"]["position"])
+        data = read_meta(path)["data"]
+    if spec is not None:
+        check_fingerprint(data.get("shards"), shard_fingerprint(spec), spec.source)
+    return StreamPosition.from_json(data["position"])
 
 
 class Session:
@@ -136,14 +144,14 @@ class Session:
 class RaySession(Session):
     """Inside a Ray Train worker: DDP through ray.train.torch, reports and checkpoints through ray.train."""
 
-    def __init__(self, tokenizer: Tokenizer | None = None):
+    def __init__(self, tokenizer: Tokenizer | None = None, shards: dict | None = None):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.tokenizer = tokenizer
+        self.tokenizer, self.shards = tokenizer, shards
 
     def batches(self, split, batch_size, position=None):
         import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)
@@ -185,7 +193,7 @@ class LocalSession(Session):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.out_dir, self.resume_from, self.corpus = device, out_dir, resume_from, corpus
-        self.tokenizer = corpus and corpus.tokenizer
+        self.tokenizer, self.shards = corpus and corpus.tokenizer, corpus and corpus.shards
         self.history: list[dict] = []
         self.checkpoints: list[str] = []
 
@@ -201,7 +209,11 @@ class LocalSession(Session):
         self.history.append(metrics)
         if checkpoint_dir and self.out_dir:
             dest = Path(self.out_dir) / f"step_{metrics['step']:06d}"
-            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)  # a resume never finds a half-copied step
             self.checkpoints.append(str(dest))
 
     @contextlib.contextmanager
@@ -285,9 +297,12 @@ def train(config: TrainConfig, session: Session) -> dict:
                 if meta["data"].get(key) != getattr(config.data, key):
                     raise ValueError(f"{path}: checkpoint read data.{key} = {meta['data'].get(key)!r}, this run "
                                      f"reads {getattr(config.data, key)!r}")
+            if corpus and session.shards is not None:
+                check_fingerprint(meta["data"].get("shards"), session.shards, config.data.source)
             step, position = meta["step"], meta["data"]["position"]
             train_time, val_loss = meta["loop"]["train_time_s"], meta["loop"]["val_loss"]
             val_bpb = meta["loop"].get("val_bpb", float("nan"))
+            val_step = meta["loop"].get("val_step", -1)
             finished = meta["loop"].get("metrics")
     if step >= end_step and finished:  # resumed after the last step (a restored sweep, say): report it again
         session.report(finished, None)
@@ -357,10 +372,12 @@ def train(config: TrainConfig, session: Session) -> dict:
             model.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
-            if gc.isenabled():  # nanochat: GC pauses cost ~500 ms, and nothing cyclic is made after the first step
+            if gc.isenabled():  # nanochat: GC pauses cost ~500 ms; after the first step, collect by hand, rarely
                 gc.collect()
                 gc.freeze()
                 gc.disable()
+            elif step % GC_EVERY == 0:  # what a step leaves in cycles (iterator futures, tracebacks) goes now
+                gc.collect()
 
             last = step == end_step
             evaluating = (last and config.eval_at_end) or (config.eval_every and step % config.eval_every == 0)
@@ -394,8 +411,10 @@ def train(config: TrainConfig, session: Session) -> dict:
             if save and session.rank == 0:
                 checkpoint_dir = tempfile.mkdtemp(prefix="nanoray-ckpt-")
                 saved = save_checkpoint(Path(checkpoint_dir) / "ckpt", model, optimizers, dict(
-                    plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=where),
-                    loop=dict(train_time_s=train_time, val_loss=val_loss, val_bpb=val_bpb, train_loss=train_loss,
+                    plan=plan.model_dump(), step=step, data=dict(config.data.model_dump(), position=where,
+                                                                shards=session.shards),
+                    loop=dict(train_time_s=train_time, val_loss=val_loss, val_bpb=val_bpb, val_step=val_step,
+                              train_loss=train_loss,
                               metrics=metrics),
                     config=config.model_dump()))
                 if session.tokenizer is not None:  # serving and evaluation need it beside the weights
@@ -409,6 +428,7 @@ def train(config: TrainConfig, session: Session) -> dict:
             window_steps, excluded = 0, 0.0
             window_start = time.perf_counter() if save else now  # a report's own cost counts, a checkpoint's does not
     finally:
+        gc.unfreeze()
         gc.enable()
     return metrics
 
@@ -425,8 +445,8 @@ def train_loop_per_worker(config: dict) -> None:
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     config = dict(config)
-    tokenizer = config.pop("_tokenizer", None)
-    train(TrainConfig.model_validate(config), RaySession(tokenizer))
+    tokenizer, shards = config.pop("_tokenizer", None), config.pop("_shards", None)
+    train(TrainConfig.model_validate(config), RaySession(tokenizer, shards))
 
 
 def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False, gpus_per_worker: float = 1,
@@ -444,7 +464,8 @@ def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False
     loop_config, datasets, dataset_config = config.model_dump(), None, None
     if config.data.kind == "corpus":
         corpus = prepare_corpus(config)
-        loop_config["_tokenizer"] = corpus.tokenizer
+        loop_config["_tokenizer"], loop_config["_shards"] = corpus.tokenizer, corpus.shards
+        latest_position(storage_path, name, corpus.train)  # other shards than the checkpoint's: fail here, named
         datasets = corpus.datasets(storage_path, name)
         # Rows in the order the stream makes them: a run and its resumption read the same sequence.
         ingest = ray.train.DataConfig.default_ingest_options()

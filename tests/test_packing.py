@@ -43,6 +43,12 @@ def test_packing_invariants(row_len, buffer_docs):
         sum(len(docs[i]) - 1 for i in bos_only)
 
 
+def test_many_tiny_documents_still_make_whole_rows():
+    """1000 two-token documents are a full buffer but not a row of 2049: wait for tokens, never emit short."""
+    rows = list(pack_rows([[BOS, t] for t in range(5000)], 2049, buffer_docs=1000))
+    assert len(rows) == 4 and all(r.shape == (2049,) for r in rows)
+
+
 def test_best_fit_prefers_whole_documents():
     packer = BestFitPacker(row_len=10, buffer_docs=3)
     for doc in ([BOS] * 6, [BOS] * 4, [BOS] * 3):

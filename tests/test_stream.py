@@ -134,3 +134,23 @@ def test_training_on_the_stream_resumes_at_the_next_row(ray_cluster, corpus, tmp
     consumed = position_of(regrown)
     count = sum(b - a for s in consumed.slots.values() for ranges in s.rows.values() for a, b in ranges)
     assert consumed.done_slots == [] and count == 4 * rows_per_step
+
+
+def test_resume_over_other_shards_is_refused_before_training(ray_cluster, corpus, tmp_path):
+    """A position names slots, and slots name shards through the shard list: resuming after shards were
+    added (a download still writing, say) would read other rows than it claims; it stops, saying why."""
+    import shutil
+
+    import pytest
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(corpus[2], data_dir)
+    storage = str(tmp_path / "runs")
+    fit(corpus_run(data_dir, 1, max_steps=2), "grown", storage, cpus_per_worker=1)
+    train_dir = data_dir / "shards" / "train"
+    first = sorted(train_dir.glob("*.parquet"))[0]
+    shutil.copy(first, train_dir / ("zz-" + first.name))
+    with pytest.raises(ValueError, match=r"train shards of parquet:.* changed since the checkpoint \(5 shards then, 6"):
+        fit(corpus_run(data_dir, 1), "grown", storage, cpus_per_worker=1)
+    (train_dir / ("zz-" + first.name)).unlink()
+    assert fit(corpus_run(data_dir, 1), "grown", storage, cpus_per_worker=1).metrics["step"] == 4

@@ -63,6 +63,9 @@ def test_checkpoint_roundtrip_is_atomic_and_checked(tmp_path):
         load_checkpoint(path, other)
     with pytest.raises(FileNotFoundError, match="not a nanoray checkpoint"):
         load_checkpoint(tmp_path, model)
+    # A crash between overwriting's two renames leaves the previous checkpoint under its .old name: found.
+    path.rename(tmp_path / ".ckpt.old")
+    assert load_checkpoint(path, model)["step"] == 7 and (path / "meta.json").exists()
 
 
 def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
