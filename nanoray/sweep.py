@@ -20,6 +20,7 @@ from nanoray.data import DataSpec
 from nanoray.dial import CostModel, Horizon, PlanError, RunPlan, get_preset, plan
 
 GRIDS = ("ratio", "isoflop")
+CHECKPOINT_MINUTES = 15  # by default a failed trial loses at most about this much training
 
 
 class SweepConfig(BaseModel):
@@ -44,7 +45,8 @@ class SweepConfig(BaseModel):
     log_every: int | None = Field(None, description="report every N steps (default: ~25 reports per trial)")
     eval_every: int | None = Field(None, description="val loss/bpb every N steps and at the end (default: ~5 per trial)")
     eval_tokens: int = Field(2**20, description="val tokens per evaluation")
-    checkpoint_every: int = Field(0, description="checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int | None = Field(None, ge=0, description="checkpoint every N steps (0: only at the end; "
+                                         f"None: about every {CHECKPOINT_MINUTES} minutes of estimated training)")
     core: str | None = Field(None, description="CORE task set for each final checkpoint: core, core-lite or a "
                              "bundle-shaped directory; None: no CORE")
     core_max_per_task: int | None = Field(None, ge=1, description="CORE examples per task (None: all)")
@@ -122,12 +124,21 @@ def run_trial(config: dict) -> None:
     run = trial_plan(sweep, point)
     train_config = TrainConfig(plan=run, data=sweep.data, log_every=sweep.log_every or max(1, run.iterations // 25),
                                eval_every=sweep.eval_every or max(1, run.iterations // 5),
-                               eval_tokens=sweep.eval_tokens, checkpoint_every=sweep.checkpoint_every)
+                               eval_tokens=sweep.eval_tokens, checkpoint_every=checkpoint_interval(sweep, run))
     fit(train_config, name=train_run_name(sweep, point["trial"]),
         storage_path=os.path.join(sweep.storage_path, "train"),
         use_gpu=sweep.use_gpu, gpus_per_worker=sweep.gpus_per_worker, cpus_per_worker=sweep.cpus_per_worker,
         max_failures=sweep.max_failures,
         callbacks=[TuneReportCallback()])
+
+
+def checkpoint_interval(sweep: SweepConfig, run: RunPlan) -> int:
+    """Steps between a trial's checkpoints: the sweep's, or so that a failure loses about CHECKPOINT_MINUTES
+    of training by the dial's time estimate (none before the end for a trial shorter than that)."""
+    if sweep.checkpoint_every is not None:
+        return sweep.checkpoint_every
+    minutes = run.gpu_hours / run.num_workers * 60
+    return 0 if minutes <= CHECKPOINT_MINUTES else max(1, int(run.iterations * CHECKPOINT_MINUTES / minutes))
 
 
 def train_run_name(sweep: SweepConfig, trial: str) -> str:
@@ -290,6 +301,8 @@ def add_arguments(p, grid: str) -> None:
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train on GPUs (default: if the cluster has any now)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between a trial's checkpoints "
+                   f"(default: about every {CHECKPOINT_MINUTES} min of estimated training; 0: only at the end)")
     p.add_argument("--out", default=None, help="report directory (default runs/<name>)")
     p.add_argument("--storage", default=None, help="Tune/Train storage: a shared path or s3:// (default runs/sweeps)")
     p.add_argument("--serve", action="store_true", help="after the report, serve every depth (Ray Serve: chat "
@@ -336,6 +349,8 @@ def sweep_from_args(args, job: str, cpu_budgets: list[float]) -> SweepConfig:
         raise ValueError("--budgets: the isoflop grid needs FLOPs budgets, e.g. --budgets 1e17,3e17,1e18")
     actors = args.tokenizer_actors or (4 if gpu else 1)
     core = {"auto": "core" if gpu else "core-lite", "none": None}.get(args.core, args.core)
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every: must be >= 0 (0: only at the end), got {args.checkpoint_every}")
     if args.core_max_per_task is not None and args.core_max_per_task < 1:
         raise ValueError(f"--core-max-per-task: must be >= 1, got {args.core_max_per_task}")
     return SweepConfig(
@@ -345,6 +360,7 @@ def sweep_from_args(args, job: str, cpu_budgets: list[float]) -> SweepConfig:
         core_max_per_task=args.core_max_per_task or (500 if gpu else 20),
         data=DataSpec(kind="corpus", source=args.source, actors=actors, cpus_per_actor=1.0 if gpu else 0.5),
         storage_path=args.storage or os.path.abspath("runs/sweeps"), max_concurrent=args.max_concurrent,
+        checkpoint_every=args.checkpoint_every,
         eval_tokens=2**20 if gpu else 2**15)
 
 

@@ -53,6 +53,7 @@ def test_budget_too_small_fails_before_training():
     (["--grid", "isoflop", "--budgets", "1e3"], "flops"),
     (["--core", "no/such/bundle"], "tasks"),
     (["--gpus-per-worker", "1.5"], "gpus_per_worker"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"),
 ])
 def test_job_rejects_bad_flags_before_starting(args, flag, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "jobs" / "miniseries.py"), *args, "--out", str(tmp_path),
@@ -113,6 +114,19 @@ def test_sweep_trains_scores_reports_and_resumes(ray_cluster, corpus, tmp_path):
     assert not core.pending and len(scored) == 2
     assert [r["core"] for r in csv.DictReader(open(paths["results.csv"]))] == [d1["core"], d2["core"]]
     assert {p: p.stat().st_mtime for p in (tmp_path / "report" / "core").glob("*.json")} == scored
+
+
+def test_long_trials_checkpoint_about_every_15_minutes_short_ones_at_the_end():
+    from nanoray.sweep import CHECKPOINT_MINUTES, checkpoint_interval, plans
+
+    sweep = SweepConfig(preset="gpt2", depths=[12, 20], ratio=12)
+    d12, d20 = plans(sweep).values()
+    assert d20.gpu_hours * 60 > 10 * CHECKPOINT_MINUTES  # hours on one GPU: a checkpoint every ~15 min
+    every = checkpoint_interval(sweep, d20)
+    assert every == int(d20.iterations * CHECKPOINT_MINUTES / (d20.gpu_hours * 60)) and 0 < every < d20.iterations
+    eight = sweep.model_copy(update=dict(workers=8))
+    assert checkpoint_interval(eight, plans(eight)["d12"]) == 0  # ~5 minutes on 8 GPUs: only the final one
+    assert checkpoint_interval(sweep.model_copy(update=dict(checkpoint_every=7)), d12) == 7
 
 
 def test_checkpoint_locations_keep_their_storage_scheme():
