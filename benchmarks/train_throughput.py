@@ -1,15 +1,18 @@
 """Training throughput of one depth: tok/s, MFU, step time, peak memory. Random tokens (or a corpus streamed
 through Ray Data with --data), gpt2 preset by default.
 
-Runs nanoray's trainer through Ray Train with one GPU worker, or with --bare the same loop in this
+Runs nanoray's trainer through Ray Train with one GPU worker (or --workers N: DDP over N GPUs, the same
+total batch, so N=1 against N=all is the scaling efficiency), or with --bare the same loop in this
 process without Ray, so Ray's overhead is the difference. The first report window (torch.compile
 and warm-up) is excluded; the figure is tokens / time over the remaining windows.
 
     python benchmarks/train_throughput.py --depth 12 --steps 25
     python benchmarks/train_throughput.py --depth 20 --steps 12 --log-every 3 --bare
     python benchmarks/train_throughput.py --depth 12 --data stdlib --tokenizer-actors 6   # real tokens
+    python benchmarks/train_throughput.py --depth 12 --workers 8 --baseline-tok-per-s 548088   # scaling
 
-Last line: one JSON object with depth, tok_per_s, mfu, step_s, peak_mem_gb, gpu, torch.
+Last line: one JSON object with depth, workers, tok_per_s (all workers), tok_per_s_per_gpu, mfu (per GPU),
+step_s, peak_mem_gb, gpu, torch; with --baseline-tok-per-s (a 1-worker tok/s) also scaling_efficiency.
 """
 
 import argparse
@@ -49,12 +52,18 @@ def main() -> None:
     p.add_argument("--preset", default="gpt2", help="model family (tiny: a CPU smoke run)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-step (default: the dial's)")
     p.add_argument("--bare", action="store_true", help="run the loop in this process, without Ray")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (GPUs), DDP")
+    p.add_argument("--baseline-tok-per-s", type=float, default=None,
+                   help="a 1-worker tok/s: adds scaling_efficiency = tok_per_s / (workers x baseline)")
     p.add_argument("--data", default="random", help="random, or a corpus source (stdlib, parquet:..., hf:...)")
     p.add_argument("--tokenizer-actors", type=int, default=4, help="Ray Data tokenizer actors (corpus data)")
     args = p.parse_args()
-    assert args.steps > args.log_every * args.skip_windows, "--steps must leave at least one measured window"
+    if args.steps <= args.log_every * args.skip_windows:
+        p.error("--steps must leave at least one measured window after --skip-windows x --log-every")
+    if args.workers < 1 or (args.bare and args.workers != 1):
+        p.error(f"--workers: >= 1, and 1 with --bare (one process); got {args.workers}")
 
-    run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size)
+    run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size, num_workers=args.workers)
     data = DataSpec(kind="random") if args.data == "random" else DataSpec(kind="corpus", source=args.data,
                                                                           actors=args.tokenizer_actors)
     config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=args.log_every,
@@ -74,8 +83,12 @@ def main() -> None:
                 cpus_per_worker=4 if torch.cuda.is_available() else 1, callbacks=[metrics_log(log)])
             history = [json.loads(line) for line in open(log)]
         ray.shutdown()
-    result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", data=args.data,
-                  **steady_state(history, args.skip_windows),
+    measured = steady_state(history, args.skip_windows)
+    per_gpu = measured["tok_per_s"] / args.workers
+    scaling = {} if args.baseline_tok_per_s is None else \
+        dict(scaling_efficiency=round(per_gpu / args.baseline_tok_per_s, 4))
+    result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", data=args.data, workers=args.workers,
+                  **measured, tok_per_s_per_gpu=round(per_gpu), **scaling,
                   device_batch_size=run.device_batch_size, grad_accum=run.grad_accum,
                   total_batch_tokens=run.total_batch_tokens, flops_per_token=run.flops_per_token,
                   gpu=device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu",
