@@ -304,6 +304,8 @@ def train(config: TrainConfig, session: Session) -> dict:
             val_bpb = meta["loop"].get("val_bpb", float("nan"))
             val_step = meta["loop"].get("val_step", -1)
             finished = meta["loop"].get("metrics")
+            if session.rank == 0:
+                print(f"resumed from step {step} of {plan.iterations} ({path})", flush=True)
     if step >= end_step and finished:  # resumed after the last step (a restored sweep, say): report it again
         session.report(finished, None)
         return finished
@@ -353,6 +355,7 @@ def train(config: TrainConfig, session: Session) -> dict:
     peak = peak_flops(device_name(device)) * session.world_size
     tokens_per_step = plan.total_batch_tokens
     loss_sum, window_steps, excluded = torch.zeros((), device=device), 0, 0.0
+    start_step = step  # where this worker group began: > 0 after a restart or resume
     window_start = time.perf_counter()
     # Where a trial's wall time goes besides training steps (the first window includes torch.compile).
     overhead = dict(setup_s=window_start - entered, first_window_s=None, eval_time_s=0.0)
@@ -400,7 +403,7 @@ def train(config: TrainConfig, session: Session) -> dict:
             metrics = dict(
                 step=step, iterations=plan.iterations, depth=plan.depth, tokens=step * tokens_per_step,
                 flops=float(step * tokens_per_step * plan.flops_per_token), train_loss=train_loss, val_loss=val_loss,
-                val_bpb=val_bpb, val_step=val_step,
+                val_bpb=val_bpb, val_step=val_step, start_step=start_step,
                 tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / peak, lr_mult=lr_mult,
                 step_s=dt / window_steps, train_time_s=train_time, window_steps=window_steps,
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
