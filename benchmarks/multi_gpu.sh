@@ -16,6 +16,8 @@ GPUS=$(nvidia-smi -L | wc -l)
 STEP=${STEP:?STEP=throughput|packed|spread|kill}
 FAMILY=${FAMILY:-4,6,8,10}
 RATIO=${RATIO:-4}
+DEPTHS=${DEPTHS:-12,20}
+PRESET=${PRESET:-gpt2}  # tiny: a CPU smoke run of this script (with a stand-in nvidia-smi)
 echo "step $STEP on $GPUS GPUs"
 
 nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/gpu_util_$STEP.csv" &
@@ -30,16 +32,17 @@ case $STEP in
   throughput)
     for depth in ${DEPTHS//,/ }; do
       steps=$([ "$depth" -ge 20 ] && echo "--steps 12 --log-every 3" || echo "--steps 25 --log-every 5")
-      one=$(python benchmarks/train_throughput.py --depth "$depth" $steps | tail -1)
+      one=$(python benchmarks/train_throughput.py --preset "$PRESET" --depth "$depth" $steps | tail -1)
       echo "$one" | tee -a "$OUT/throughput.jsonl"
       base=$(echo "$one" | python -c "import json, sys; print(json.loads(sys.stdin.read())['tok_per_s'])")
-      python benchmarks/train_throughput.py --depth "$depth" $steps --workers "$GPUS" --baseline-tok-per-s "$base" \
+      python benchmarks/train_throughput.py --preset "$PRESET" --depth "$depth" $steps --workers "$GPUS" \
+        --baseline-tok-per-s "$base" \
         | tail -1 | tee -a "$OUT/throughput.jsonl"
     done ;;
   packed|spread)
     workers=$([ "$STEP" = packed ] && echo 1 || echo "$GPUS")
     start=$(date +%s)
-    python jobs/miniseries.py --name "$STEP" --preset gpt2 --depths "$FAMILY" --ratio "$RATIO" \
+    python jobs/miniseries.py --name "$STEP" --preset "$PRESET" --depths "$FAMILY" --ratio "$RATIO" \
       --workers-per-trial "$workers" --core none --source stdlib --out "$OUT/$STEP" --storage "$PWD/runs/sweeps" \
       > "$OUT/$STEP.log" 2>&1
     grep -E "^(trial|d[0-9]|total|fit|report)" "$OUT/$STEP.log" || true
@@ -47,7 +50,7 @@ case $STEP in
 family=sys.argv[4], ratio=float(sys.argv[5]), job_wall_s=int(sys.argv[6]))))" \
       "$STEP" "$GPUS" "$workers" "$FAMILY" "$RATIO" "$(( $(date +%s) - start ))" | tee -a "$OUT/family.jsonl" ;;
   kill)
-    python benchmarks/kill_worker.py --checkpoint-every 20 -- --preset gpt2 --depths "${KILL_DEPTH:-8}" --ratio 2 \
+    python benchmarks/kill_worker.py --checkpoint-every 20 -- --preset "$PRESET" --depths "${KILL_DEPTH:-8}" --ratio 2 \
       --workers-per-trial "$GPUS" --core none --source stdlib > "$OUT/kill.log" 2>&1 || true
     grep -E "killed Train|resumed from" "$OUT/kill.log" || true
     tail -1 "$OUT/kill.log" | tee -a "$OUT/kill.jsonl" ;;
