@@ -10,9 +10,8 @@ own length. Between decode steps the thread prefills waiting requests (batch 1) 
 each decode step then feeds the last token of every active slot through one forward at per-row positions
 (nanoray.model.KVCache), samples, and hands each token to its request's asyncio.Queue on the caller's event
 loop. A step runs over the smallest power-of-two prefix of slots that holds every active one and attends over
-a power-of-two prefix of positions; on a GPU the decode step is compiled (torch.compile, static shapes, which
-fuses each layer's elementwise work) and each (slots, positions) shape is captured once as a CUDA graph and
-replayed. Sampling is Gumbel-max over each row's top-k/top-p set, with noise hashed from (seed, step, rank),
+a power-of-two prefix of positions; on a GPU each (slots, positions) shape is captured once as a CUDA graph
+and replayed (with `compile_decode`, an opt-in until measured, the step is torch.compiled first). Sampling is Gumbel-max over each row's top-k/top-p set, with noise hashed from (seed, step, rank),
 so a seeded request draws the same tokens whatever else is in the batch.
 
 Shape legend: B slots in a step, V vocab, K candidates (top-k).

@@ -424,8 +424,8 @@ def family_report(sweep: SweepConfig, grid, out_dir: str, core=None) -> dict:
         with open(os.path.join(out_dir, "report.md"), "a") as f:
             f.write("\n## Compute-optimal allocation (isoFLOP minima)\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     for r in rows:
-        core = f"  CORE {r['core']:.4f}" if r.get("core") is not None else ""
-        print(f"{r['trial']:<12} {r['status']:<8} steps {r['steps_done']:>6}  val bpb {r['val_bpb']:.4f}{core}  "
+        core_text = f"  CORE {r['core']:.4f}" if r.get("core") is not None else ""
+        print(f"{r['trial']:<12} {r['status']:<8} steps {r['steps_done']:>6}  val bpb {r['val_bpb']:.4f}{core_text}  "
               f"FLOPs {r['flops']:.2e}  {r['wall_s']:.0f} s", flush=True)
     for line in ([f"fit: {fit}"] if fit is not None else []) + notes:
         print(line, flush=True)

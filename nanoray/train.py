@@ -73,7 +73,7 @@ class Corpus:
         group, so the train stream always begins where the run's latest checkpoint left it."""
         train, val, tokenizer, rows = self.train, self.val, self.tokenizer, self.val_rows
         # The trainer's progress line reports the stream; Ray Data's own bars would only clutter the log.
-        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name, train),
+        return {"train": lambda: build_dataset(train, tokenizer, latest_position(storage_path, name),
                                                progress_bars=False),
                 "val": lambda: build_dataset(val, tokenizer, limit_rows=rows, progress_bars=False)}
 
@@ -104,16 +104,16 @@ def latest_checkpoint(storage_path: str, name: str):
         return None
 
 
-def latest_position(storage_path: str, name: str, spec: StreamSpec | None = None) -> StreamPosition:
+def latest_position(storage_path: str, name: str, corpus: Corpus | None = None) -> StreamPosition:
     """The data position in the latest checkpoint of Ray Train run `name` (empty for a new run). With the
-    train stream's `spec`, first checks that its shards are the ones the position was saved over."""
+    `corpus`, first checks that its train shards are the ones the position was saved over."""
     checkpoint = latest_checkpoint(storage_path, name)
     if checkpoint is None:
         return StreamPosition()
     with checkpoint.as_directory() as path:
         data = read_meta(path)["data"]
-    if spec is not None:
-        check_fingerprint(data.get("shards"), shard_fingerprint(spec), spec.source)
+    if corpus is not None:
+        check_fingerprint(data.get("shards"), corpus.shards, corpus.train.source)
     return StreamPosition.from_json(data["position"])
 
 
@@ -391,8 +391,9 @@ def train(config: TrainConfig, session: Session) -> dict:
             if evaluating:
                 t0 = time.perf_counter()
                 (val_loss, val_bpb), val_step = validate(), step
-                excluded += time.perf_counter() - t0
-                overhead["eval_time_s"] += time.perf_counter() - t0
+                spent = time.perf_counter() - t0
+                excluded += spent
+                overhead["eval_time_s"] += spent
             train_loss = loss_sum.item() / (window_steps * plan.grad_accum)  # syncs with the device
             now = time.perf_counter()
             dt = now - window_start - excluded
@@ -468,7 +469,7 @@ def fit(config: TrainConfig, name: str, storage_path: str, use_gpu: bool = False
     if config.data.kind == "corpus":
         corpus = prepare_corpus(config)
         loop_config["_tokenizer"], loop_config["_shards"] = corpus.tokenizer, corpus.shards
-        latest_position(storage_path, name, corpus.train)  # other shards than the checkpoint's: fail here, named
+        latest_position(storage_path, name, corpus)  # other shards than the checkpoint's: fail here, before Train
         datasets = corpus.datasets(storage_path, name)
         # Rows in the order the stream makes them: a run and its resumption read the same sequence.
         ingest = ray.train.DataConfig.default_ingest_options()

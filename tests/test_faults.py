@@ -6,22 +6,14 @@ import signal
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
+from benchmarks.kill_worker import train_workers
+from nanoray.checkpoint import read_meta
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
 from nanoray.stream import StreamPosition
-from nanoray.checkpoint import read_meta
 from nanoray.train import TrainConfig, fit, latest_checkpoint
-
-
-def train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 @pytest.mark.parametrize("workers", [1, 2])
