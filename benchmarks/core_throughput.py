@@ -34,11 +34,9 @@ from nanoray.tokenizer import Tokenizer  # noqa: E402
 def random_checkpoint(depth: int, preset: str, out: Path) -> Path:
     """A checkpoint of a randomly initialized model with a trained tokenizer of the preset's vocabulary."""
     run = plan(depth, preset)
-    _, tokenizer_dir = prepare_data("stdlib", run.vocab_size)
-    ckpt = save_checkpoint(out / f"d{depth}", build_model(ModelConfig(**run.model_kwargs())), None,
-                           dict(plan=run.model_dump(), step=0))
-    Tokenizer.load(tokenizer_dir).save(ckpt / "tokenizer")
-    return ckpt
+    _, tokenizer_dir = prepare_data("stdlib", run.model.vocab_size)
+    return save_checkpoint(out / f"d{depth}", build_model(run.model), None, dict(plan=run.model_dump(), step=0),
+                           tokenizer=Tokenizer.load(tokenizer_dir))
 
 
 def main() -> None:

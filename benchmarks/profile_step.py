@@ -34,10 +34,10 @@ def main() -> None:
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     prefer_cudnn_attention()
-    model = build_model(ModelConfig(**run.model_kwargs()), device=device)
+    model = build_model(run.model, device=device)
     optimizers = build_optimizers(model, run, compile=True)
     forward = torch.compile(model, dynamic=False)
-    batches = WorkerBatches(SyntheticTokens(run.vocab_size, run.seq_len), run.device_batch_size, 0, 1, device)
+    batches = WorkerBatches(SyntheticTokens(run.model.vocab_size, run.model.seq_len), run.device_batch_size, 0, 1, device)
 
     def step(i: int) -> None:
         for _ in range(run.grad_accum):

@@ -108,7 +108,7 @@ def main() -> None:
         engine = Engine.from_checkpoint(args.checkpoint, device, max_batch, cuda_graphs=not args.no_graphs,
                                         compile_decode=args.compile)
     else:
-        model = build_model(ModelConfig(**plan(args.depth, args.preset).model_kwargs()), device=device)
+        model = build_model(plan(args.depth, args.preset).model, device=device)
         byte_tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # a stand-in: ids only
         engine = Engine(model, byte_tokenizer, max_batch, cuda_graphs=not args.no_graphs,
                         compile_decode=args.compile)

@@ -1,30 +1,51 @@
-"""Checkpoints on disk: safetensors weights, optimizer state, RNG state and a JSON meta with the RunPlan.
-
-Layout of one checkpoint directory:
+"""Checkpoints on disk: what a checkpoint directory holds is known here and nowhere else.
 
     model.safetensors   the model's parameters (fp32, names of the uncompiled, unwrapped module)
-    optimizer.pt        [AdamW state dict, Muon state dict]
+    optimizer.pt        [AdamW state dict, Muon state dict]            (training checkpoints)
     rng.pt              torch (CPU and CUDA), Python and NumPy RNG states
-    meta.json           {"plan": RunPlan, "model": ModelConfig, "step": ..., "data": {...}, ...}
+    meta.json           {"plan": RunPlan, "model": ModelConfig, "step", "data": {..., "position"}, "loop", ...}
+    tokenizer/          the tokenizer the model was trained with (nanoray.tokenizer's two text files)
 
-Writes are atomic: everything goes into a sibling temp directory that is renamed into place, so a
-crash never leaves a half-written checkpoint behind a valid name.
+    save_checkpoint(path, model, optimizers, meta, state=LoopState(step=7), tokenizer=tok)
+    state = restore(path, model, optimizers)           # training: weights, optimizer, RNG; where the loop was
+    model, tokenizer, meta = load_for_inference(path)  # serving, CORE: the model in eval mode and its tokenizer
+
+Writes are atomic (nanoray.storage.atomic_dir): a crash never leaves a half-written checkpoint behind a valid
+name, and one caught between replacing an old checkpoint's two renames is found under its old name.
 """
 
 import json
+import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
+from nanoray.storage import atomic_dir, recover
+from nanoray.tokenizer import Tokenizer
 
-WEIGHTS, OPTIMIZER, RNG, META = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json"
+WEIGHTS, OPTIMIZER, RNG, META, TOKENIZER = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json", "tokenizer"
+
+
+class LoopState(BaseModel):
+    """Where a training loop stands, beyond weights and optimizer state: what a resumed run goes on from."""
+
+    step: int = Field(0, description="optimizer steps done")
+    position: Any = Field(None, description="the data position (JSON): what the run has consumed")
+    train_time_s: float = Field(0.0, description="seconds spent in training steps so far")
+    train_loss: float = Field(math.nan, description="mean train loss of the last report window")
+    val_loss: float = Field(math.nan, description="the latest val loss")
+    val_bpb: float = Field(math.nan, description="the latest val bits per byte")
+    val_step: int = Field(-1, description="the step of the latest evaluation")
+    metrics: dict | None = Field(None, description="the last report (a finished run reports it again)")
+    plan: dict = Field({}, description="the RunPlan the checkpoint was trained with")
+    data: dict = Field({}, description="the data the checkpoint read: DataSpec fields and the train shards")
 
 
 def rng_state() -> dict:
@@ -43,53 +64,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Optimizer] | None,
-                    meta: dict) -> Path:
-    """Write a checkpoint directory atomically; returns its path. `meta` must be JSON-serializable."""
+                    meta: dict, state: LoopState | None = None, tokenizer: Tokenizer | None = None) -> Path:
+    """Write a checkpoint directory atomically; returns its path. `meta` (JSON) is kept as it is, with the
+    model's config and, for a training checkpoint, the loop `state` (step, data position, loop counters)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    meta = dict(meta, model=model.config.model_dump())
+    if state is not None:
+        loop = state.model_dump(exclude={"step", "position", "plan", "data"})
+        meta.update(step=state.step, loop=loop, data=dict(meta.get("data", {}), position=state.position))
+    with atomic_dir(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
         if optimizers is not None:
             torch.save([opt.state_dict() for opt in optimizers], tmp / OPTIMIZER)
         torch.save(rng_state(), tmp / RNG)
-        meta = dict(meta, model=model.config.model_dump())
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        for f in [*tmp.iterdir(), tmp]:  # on disk before the rename makes them the checkpoint
-            _fsync(f)
-        old = None
-        if path.exists():  # move the old one aside first: there is always a complete checkpoint on disk
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _recover(path: Path) -> Path:
-    """A checkpoint that a crash caught between its two renames is still whole under its `.old` name."""
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and (old / META).exists():
-        os.replace(old, path)
+        if tokenizer is not None:  # serving and evaluation need it beside the weights
+            tokenizer.save(tmp / TOKENIZER)
     return path
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    meta_file = _recover(Path(path)) / META
+    meta_file = recover(path, META) / META
     if not meta_file.exists():
         raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})")
     return json.loads(meta_file.read_text())
@@ -113,9 +108,35 @@ def load_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
     return meta
 
 
+def restore(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Optimizer]) -> LoopState:
+    """Resume training from a checkpoint: weights, optimizer and RNG state into the objects given; returns
+    where the loop stood, with the plan and data the checkpoint was trained with."""
+    meta = load_checkpoint(path, model, optimizers, restore_rng=True)
+    loop = meta.get("loop", {})
+    return LoopState(**{k: v for k, v in loop.items() if k in LoopState.model_fields}, step=meta["step"],
+                     position=meta["data"].get("position"), plan=meta["plan"], data=meta["data"])
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The checkpoint's tokenizer, checked against the model's vocabulary."""
+    meta = read_meta(path)
+    tokenizer = Tokenizer.load(Path(path) / TOKENIZER)
+    if tokenizer.vocab_size != meta["model"]["vocab_size"]:
+        raise ValueError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{meta['model']['vocab_size']}; they must come from the same run")
+    return tokenizer
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """A model ready for inference from a checkpoint directory, and the checkpoint's meta."""
+    """A model ready for inference (eval mode, fp32 master weights) and the checkpoint's meta."""
     meta = read_meta(path)
     model = build_model(ModelConfig(**meta["model"]), device=device)
     load_checkpoint(path, model)
     return model.eval(), meta
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """(model in eval mode, its tokenizer, meta): what serving and evaluation need from a checkpoint."""
+    tokenizer = load_tokenizer(path)  # a missing or mismatched tokenizer fails before the weights load
+    model, meta = load_model(path, device)
+    return model, tokenizer, meta

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoray.checkpoint import load_for_inference, load_tokenizer
 from nanoray.core_data.bundle import TaskSpec, read_items, read_specs, resolve_tasks
 
 SHUFFLE_SEED, FEWSHOT_SEED = 1337, 1234
@@ -183,28 +184,12 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, items: list[dict], max_per_t
                 examples_per_s=len(results) / seconds, correct=results)
 
 
-def load_tokenizer(checkpoint_dir: str):
-    """The checkpoint's tokenizer (its tokenizer/ subdirectory), checked against the model's vocabulary."""
-    from nanoray.checkpoint import read_meta
-    from nanoray.tokenizer import Tokenizer
-
-    meta = read_meta(checkpoint_dir)
-    tokenizer = Tokenizer.load(Path(checkpoint_dir) / "tokenizer")
-    if tokenizer.vocab_size != meta["model"]["vocab_size"]:
-        raise ValueError(f"{checkpoint_dir}: its tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {meta['model']['vocab_size']}; they must come from the same run")
-    return tokenizer
-
-
 class CoreWorker:
     """A Ray actor holding one model; evaluates whole tasks."""
 
     def __init__(self, checkpoint_dir: str, device: str):
-        from nanoray.checkpoint import load_model
-
         self.device = device
-        self.tokenizer = load_tokenizer(checkpoint_dir)
-        self.model, _ = load_model(checkpoint_dir, device=device)
+        self.model, self.tokenizer, _ = load_for_inference(checkpoint_dir, device)
         if device != "cpu":  # bf16 weights, cast once (the GPU computes in bf16 anyway)
             self.model.prepare_inference(torch.bfloat16)
 

@@ -16,9 +16,10 @@ import argparse
 import json
 import math
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nanoray.hardware import peak_flops
+from nanoray.model import ModelConfig, padded_vocab, value_embedding_layers
 
 DEFAULT_RATIO = 12.0  # tokens : scaling params of a compute-optimal run (nanochat, Mar 2026)
 BATCH_EXPONENT = 0.383  # B_opt ∝ D^0.383 (Power Lines)
@@ -27,8 +28,6 @@ BASE_LR = dict(embedding=0.3, unembedding=0.008, matrix=0.02, scalar=0.5)
 BASE_WEIGHT_DECAY = 0.28  # Muon λ at the reference depth
 WARMDOWN_RATIO = 0.65
 FINAL_LR_FRAC = 0.05
-SHORT_WINDOW_ROUND = 128  # an S layer sees ceil(T/4) tokens, rounded up to a multiple of this
-VOCAB_PAD = 64  # embedding and lm_head rows are padded to a multiple of this
 # Training memory per GPU, fitted to peaks measured on an H100 with the fused kernels (d12 at 64 rows 45.8 GB,
 # d20 at 16 rows 38.0 GB; d20 at 32 rows ran, unmeasured peak):
 # 16 bytes per parameter (fp32 weights, grads, two moments) + per token 29 bytes per layer x width
@@ -101,17 +100,7 @@ class RunPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
     depth: int
     preset: str
-    # shapes
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    vocab_size: int
-    padded_vocab_size: int
-    seq_len: int
-    window_pattern: str
-    windows: tuple[int, ...] = Field(description="attention window of each layer, in tokens")
+    model: ModelConfig = Field(description="the network's shape")
     split_long_docs: bool = Field(False, description="data: documents longer than a row are cut, not cropped")
     # accounting
     total_params: int
@@ -146,17 +135,12 @@ class RunPlan(BaseModel):
     gpu_hours: float
     cost_usd: float
 
-    def model_kwargs(self) -> dict:
-        """The fields that define the network (nanoray.model.ModelConfig)."""
-        return dict(vocab_size=self.vocab_size, seq_len=self.seq_len, n_layer=self.n_layer,
-                    n_embd=self.n_embd, n_head=self.n_head, n_kv_head=self.n_kv_head,
-                    head_dim=self.head_dim, window_pattern=self.window_pattern)
-
     def table(self) -> str:
+        m = self.model
         rows = [
             ("depth / preset", f"d{self.depth} / {self.preset}"),
-            ("width, heads, head dim", f"{self.n_embd}, {self.n_head}, {self.head_dim}"),
-            ("vocab, seq len, windows", f"{self.vocab_size}, {self.seq_len}, {self.window_pattern}"),
+            ("width, heads, head dim", f"{m.n_embd}, {m.n_head}, {m.head_dim}"),
+            ("vocab, seq len, windows", f"{m.vocab_size}, {m.seq_len}, {m.window_pattern}"),
             ("params total / scaling", f"{self.total_params / 1e6:,.1f}M / {self.scaling_params / 1e6:,.1f}M"),
             ("FLOPs per token", f"{self.flops_per_token:.3e}"),
             ("horizon", f"{self.horizon_mode}: {self.tokens / 1e9:.3f}B tokens ({self.tokens_per_param:.1f} per param)"),
@@ -179,25 +163,6 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise PlanError(f"preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def layer_windows(n_layer: int, seq_len: int, pattern: str) -> tuple[int, ...]:
-    """Window of each layer: the pattern tiled over layers, last layer always full context."""
-    if not pattern or set(pattern) - {"S", "L"}:
-        raise PlanError(f"window_pattern: must be a non-empty string of S and L, got {pattern!r}")
-    short = -(-seq_len // 4 // SHORT_WINDOW_ROUND) * SHORT_WINDOW_ROUND
-    windows = [seq_len if pattern[i % len(pattern)] == "L" else min(short, seq_len) for i in range(n_layer)]
-    windows[-1] = seq_len
-    return tuple(windows)
-
-
-def value_embedding_layers(n_layer: int) -> list[int]:
-    """Layers with a value embedding: every other one, always including the last."""
-    return [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
-
-
-def padded_vocab(vocab_size: int) -> int:
-    return -(-vocab_size // VOCAB_PAD) * VOCAB_PAD
 
 
 def param_counts(n_layer: int, n_embd: int, n_head: int, vocab_size: int) -> dict[str, int]:
@@ -260,11 +225,16 @@ def plan(
         raise PlanError(f"cost.mfu: must be in (0, 1], got {cost.mfu}")
 
     n_embd, n_head = shape(depth, preset)
+    try:
+        model = ModelConfig(vocab_size=preset.vocab_size, seq_len=preset.seq_len, n_layer=depth, n_embd=n_embd,
+                            n_head=n_head, n_kv_head=n_head, head_dim=preset.head_dim,
+                            window_pattern=preset.window_pattern)
+    except ValidationError as e:  # ModelConfig's own message names the field ("window_pattern: ...")
+        raise PlanError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
     counts = param_counts(depth, n_embd, n_head, preset.vocab_size)
     n_scaling = counts["transformer_matrices"] + counts["lm_head"]
     n_matmul = n_scaling + 24  # + the smear gate, a 24 -> 1 linear
-    windows = layer_windows(depth, preset.seq_len, preset.window_pattern)
-    flops_per_token = 6 * n_matmul + 12 * n_embd * sum(windows)
+    flops_per_token = 6 * n_matmul + 12 * n_embd * sum(model.windows)
 
     # The batch and weight-decay rules compare r x N with the reference depth's r x N, in every horizon
     # mode (as nanochat does): r cancels, so B and λ depend only on N / N_ref, and a FLOPs budget or a
@@ -310,10 +280,7 @@ def plan(
     total_flops = float(flops_per_token) * tokens
     gpu_hours = total_flops / (cost.mfu * peak_flops(cost.gpu)) / 3600
     return RunPlan(
-        depth=depth, preset=preset.name, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
-        head_dim=preset.head_dim, vocab_size=preset.vocab_size, padded_vocab_size=padded_vocab(preset.vocab_size),
-        seq_len=preset.seq_len, window_pattern=preset.window_pattern, windows=windows,
-        split_long_docs=preset.split_long_docs,
+        depth=depth, preset=preset.name, model=model, split_long_docs=preset.split_long_docs,
         total_params=counts["total"], scaling_params=n_scaling, matmul_params=n_matmul,
         flops_per_token=flops_per_token, horizon_mode=horizon.mode, target_tokens=target,
         total_batch_tokens=total_batch_tokens, iterations=iterations, tokens=tokens, total_flops=total_flops,

@@ -1,7 +1,7 @@
 """Inference for one GPT: prefill, KV-cache decode, sampling, and continuous batching behind an async API.
 
     engine = Engine.from_checkpoint("runs/d12")                  # cuda if available, else cpu
-    prompt = render_chat(engine.tokenizer, [{"role": "user", "content": "Why is the sky blue?"}])
+    prompt = nanoray.tokenizer.render_chat(engine.tokenizer, [{"role": "user", "content": "Why is the sky blue?"}])
     done = await engine.generate(prompt, SamplingParams(max_tokens=64, temperature=0))
     async for token in engine.stream(prompt, SamplingParams(seed=1)): ...
 
@@ -18,7 +18,6 @@ Shape legend: B slots in a step, V vocab, K candidates (top-k).
 """
 
 import asyncio
-import codecs
 import concurrent.futures
 import os
 import threading
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoray.checkpoint import load_for_inference
 from nanoray.hardware import compute_dtype
 from nanoray.model import GPT, KVCache
 from nanoray.tokenizer import Tokenizer
@@ -56,50 +56,12 @@ class SamplingParams:
                 raise ValueError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    """nanochat's chat format, ending with <|assistant_start|> for the model to complete. A leading system
-    message is merged into the first user message with a blank line."""
-    if not messages:
-        raise ValueError("messages: need at least one message")
-    for i, m in enumerate(messages):
-        if m.get("role") not in ("system", "user", "assistant") or (m["role"] == "system" and i > 0):
-            raise ValueError(f"messages[{i}].role: must be user or assistant (or system first), got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}].content: must be a string")
-    if messages[0]["role"] == "system":
-        if len(messages) < 2 or messages[1]["role"] != "user":
-            raise ValueError("messages[1].role: a system message must be followed by a user message")
-        merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-        messages = [merged, *messages[2:]]
-    special = tokenizer.encode_special
-    ids = [tokenizer.bos_id]
-    for m in messages:
-        role = m["role"]
-        ids += [special(f"<|{role}_start|>"), *tokenizer.encode(m["content"]), special(f"<|{role}_end|>")]
-    return ids + [special("<|assistant_start|>")]
-
-
 @dataclass
 class Completion:
     tokens: list[int]  # generated tokens, stop token excluded
     text: str
     finish_reason: str  # "stop" (a stop token) | "length" (max_tokens or the context is full)
     prompt_tokens: int
-
-
-class TextStream:
-    """Incremental detokenizer: feed(token) returns the text that is safe to show now (an incomplete UTF-8
-    character is held back until its last byte arrives); flush() returns the rest."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._token_bytes = tokenizer.encoding.decode_single_token_bytes
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, token: int) -> str:
-        return self._decoder.decode(self._token_bytes(token))
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
 
 
 def _hash32(x):
@@ -208,11 +170,8 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path, device: str | None = None, max_batch: int = 32, **kwargs) -> "Engine":
-        from nanoray.checkpoint import load_model
-        from nanoray.core_eval import load_tokenizer
-
-        model, _ = load_model(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model, load_tokenizer(path), max_batch=max_batch, **kwargs)
+        model, tokenizer, _ = load_for_inference(path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model, tokenizer, max_batch=max_batch, **kwargs)
 
     # ------------------------------------------------------------------------------------ public API
 

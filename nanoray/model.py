@@ -23,9 +23,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from nanoray.dial import layer_windows, padded_vocab, value_embedding_layers
 from nanoray.hardware import compute_dtype
 from nanoray import kernels
 from nanoray.kernels import (flash_attention, flash_attention_available, fused_cross_entropy_available,
@@ -36,24 +35,55 @@ VE_GATE_CHANNELS = 12  # value-embedding gates read the first 12 channels of the
 SOFTCAP = 15.0
 ROPE_BASE = 100_000
 QK_GAIN = 1.2  # "sharper attention" after QK-norm
+SHORT_WINDOW_ROUND = 128  # an S layer sees ceil(T/4) tokens, rounded up to a multiple of this
+VOCAB_PAD = 64  # embedding and lm_head rows are padded to a multiple of this
 
 
 class ModelConfig(BaseModel):
-    """The network's shape; built from a RunPlan with `ModelConfig(**plan.model_kwargs())`."""
+    """The network's shape (the dial's RunPlan carries one as `plan.model`)."""
 
     model_config = ConfigDict(frozen=True)
-    vocab_size: int
-    seq_len: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    window_pattern: str = "L"
+    vocab_size: int = Field(description="tokenizer vocabulary, special tokens included")
+    seq_len: int = Field(description="context length in tokens")
+    n_layer: int = Field(description="transformer blocks (the depth)")
+    n_embd: int = Field(description="model width")
+    n_head: int = Field(description="query heads")
+    n_kv_head: int = Field(description="key/value heads")
+    head_dim: int = Field(description="channels per head")
+    window_pattern: str = Field("L", description="per-layer attention window, tiled: L = full context, S = quarter")
+
+    @field_validator("window_pattern")
+    @classmethod
+    def _pattern(cls, pattern: str) -> str:
+        if not pattern or set(pattern) - {"S", "L"}:
+            raise ValueError(f"window_pattern: must be a non-empty string of S and L, got {pattern!r}")
+        return pattern
 
     @property
     def windows(self) -> tuple[int, ...]:
+        """Attention window of each layer, in tokens."""
         return layer_windows(self.n_layer, self.seq_len, self.window_pattern)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab(self.vocab_size)
+
+
+def layer_windows(n_layer: int, seq_len: int, pattern: str) -> tuple[int, ...]:
+    """Window of each layer: the pattern tiled over layers, last layer always full context."""
+    short = -(-seq_len // 4 // SHORT_WINDOW_ROUND) * SHORT_WINDOW_ROUND
+    windows = [seq_len if pattern[i % len(pattern)] == "L" else min(short, seq_len) for i in range(n_layer)]
+    windows[-1] = seq_len
+    return tuple(windows)
+
+
+def value_embedding_layers(n_layer: int) -> list[int]:
+    """Layers with a value embedding: every other one, always including the last."""
+    return [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_PAD) * VOCAB_PAD
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,16 @@ nanochat's nine special tokens after the merges (`<|bos|>` first). On disk, a to
     tokenizer.json     {"pattern": ..., "special_tokens": {name: id}, "vocab_size": ...}
     ranks.tiktoken     one "<base64 token bytes> <rank>" line per ordinary token (tiktoken's format)
 
+Text to tokens and back for chat: `render_chat` (nanochat's conversation format) and `TextStream`
+(incremental detokenization that never splits a UTF-8 character), so the inference engine stays
+token-in, token-out.
+
     python -m nanoray.tokenizer train --source stdlib --vocab-size 4096 --out runs/tokenizer
 """
 
 import argparse
 import base64
+import codecs
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -19,6 +24,8 @@ from pathlib import Path
 import rustbpe
 import tiktoken
 import torch
+
+from nanoray.storage import atomic_write
 
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                  r"""\s*[\r\n]|\s+(?!\S)|\s+""")
@@ -88,10 +95,8 @@ class Tokenizer:
                         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
         config = dict(pattern=self.encoding._pat_str, special_tokens=self.encoding._special_tokens,
                       vocab_size=self.vocab_size)
-        for name, text in ((RANKS, lines), (CONFIG, json.dumps(config, indent=2))):
-            tmp = directory / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, directory / name)
+        atomic_write(directory / RANKS, lines)
+        atomic_write(directory / CONFIG, json.dumps(config, indent=2))
         return directory
 
     @classmethod
@@ -113,6 +118,47 @@ class Tokenizer:
         if tokenizer.vocab_size != config["vocab_size"]:
             raise ValueError(f"{directory}: {tokenizer.vocab_size} tokens on disk, {CONFIG} says {config['vocab_size']}")
         return tokenizer
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """nanochat's chat format, ending with <|assistant_start|> for the model to complete. A leading system
+    message is merged into the first user message with a blank line."""
+    if not messages:
+        raise ValueError("messages: need at least one message")
+    for i, m in enumerate(messages):
+        if m.get("role") not in CHAT_ROLES or (m["role"] == "system" and i > 0):
+            raise ValueError(f"messages[{i}].role: must be user or assistant (or system first), got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content: must be a string")
+    if messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("messages[1].role: a system message must be followed by a user message")
+        merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        messages = [merged, *messages[2:]]
+    special = tokenizer.encode_special
+    ids = [tokenizer.bos_id]
+    for m in messages:
+        role = m["role"]
+        ids += [special(f"<|{role}_start|>"), *tokenizer.encode(m["content"]), special(f"<|{role}_end|>")]
+    return ids + [special("<|assistant_start|>")]
+
+
+class TextStream:
+    """Incremental detokenizer: feed(token) returns the text that is safe to show now (an incomplete UTF-8
+    character is held back until its last byte arrives); flush() returns the rest."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._token_bytes = tokenizer.encoding.decode_single_token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
 
 
 def _capped(texts: Iterable[str], doc_cap: int, max_chars: int | None) -> Iterator[str]:

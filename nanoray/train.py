@@ -81,17 +81,17 @@ class Corpus:
 def prepare_corpus(config: "TrainConfig") -> Corpus:
     """Shards and tokenizer for `config.data` (made once, then reused), and the streams over them."""
     plan, data = config.plan, config.data
-    spec, tokenizer_dir = prepare_data(data.source, plan.vocab_size, data.data_dir)
+    spec, tokenizer_dir = prepare_data(data.source, plan.model.vocab_size, data.data_dir)
     tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer.vocab_size != plan.vocab_size:
-        raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} tokens, plan.vocab_size is "
-                         f"{plan.vocab_size}")
-    train = StreamSpec(source=spec, split="train", seq_len=plan.seq_len, seed=data.seed,
+    if tokenizer.vocab_size != plan.model.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} tokens, plan.model.vocab_size is "
+                         f"{plan.model.vocab_size}")
+    train = StreamSpec(source=spec, split="train", seq_len=plan.model.seq_len, seed=data.seed,
                        epochs=data.epochs or epochs_for(spec, plan.tokens), split_long_docs=plan.split_long_docs,
                        actors=data.actors, cpus_per_actor=data.cpus_per_actor)
     val = train.model_copy(update=dict(split="val", epochs=1))
     per_step = plan.device_batch_size * plan.num_workers
-    return Corpus(train, val, tokenizer, val_rows=max(1, config.eval_tokens // (per_step * plan.seq_len)) * per_step)
+    return Corpus(train, val, tokenizer, val_rows=max(1, config.eval_tokens // (per_step * plan.model.seq_len)) * per_step)
 
 
 def latest_checkpoint(storage_path: str, name: str):
@@ -277,7 +277,7 @@ def train(config: TrainConfig, session: Session) -> dict:
         torch.backends.cudnn.allow_tf32 = True
         prefer_cudnn_attention()
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
-    model = build_model(ModelConfig(**plan.model_kwargs()), device=device, seed=config.seed)
+    model = build_model(plan.model, device=device, seed=config.seed)
     optimizers = build_optimizers(model, plan, compile=use_compile)
 
     corpus = config.data.kind == "corpus"
@@ -313,7 +313,7 @@ def train(config: TrainConfig, session: Session) -> dict:
     wrapped = session.wrap(model)
     forward = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
     is_ddp = wrapped is not model
-    eval_batches = max(1, config.eval_tokens // (plan.device_batch_size * plan.seq_len * session.world_size))
+    eval_batches = max(1, config.eval_tokens // (plan.device_batch_size * plan.model.seq_len * session.world_size))
     if corpus:
         position = StreamPosition.from_json(position)
         batches = StreamBatches(session.batches("train", plan.device_batch_size, position), device, position)
@@ -330,7 +330,7 @@ def train(config: TrainConfig, session: Session) -> dict:
                                      f"{session.world_size} workers; give it more documents")
             return evaluate(model, iter(val_set), len(val_set), token_bytes)
     else:
-        source = dict(vocab_size=plan.vocab_size, seq_len=plan.seq_len, kind=config.data.kind, seed=config.data.seed)
+        source = dict(vocab_size=plan.model.vocab_size, seq_len=plan.model.seq_len, kind=config.data.kind, seed=config.data.seed)
         batches = WorkerBatches(SyntheticTokens(**source, split="train"), plan.device_batch_size,
                                 session.rank, session.world_size, device, position or 0)
 

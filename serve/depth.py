@@ -74,7 +74,7 @@ class DepthModel:
 
     def _prompt(self, job: dict) -> tuple[list[int], int]:
         """The prompt's tokens and where the caller's own tokens start (after an added BOS)."""
-        from nanoray.engine import render_chat
+        from nanoray.tokenizer import render_chat
 
         if job["messages"] is not None:
             try:
@@ -126,7 +126,8 @@ class DepthModel:
         job: messages (chat) or prompt (text or token ids); max_tokens (None: up to the context),
         temperature, top_k, top_p, seed; stop (strings); logprobs (None, or how many alternatives);
         echo (the prompt's tokens, with logprobs when asked, in the first event)."""
-        from nanoray.engine import SamplingParams, TextStream
+        from nanoray.engine import SamplingParams
+        from nanoray.tokenizer import TextStream
 
         try:
             prompt, start = self._prompt(job)

@@ -238,8 +238,7 @@ def test_checkpoint_of_another_vocab_is_refused(tmp_path):
     from nanoray.dial import plan
     from nanoray.model import ModelConfig, build_model
 
-    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(ModelConfig(**plan(2, "tiny").model_kwargs())), None, {})
-    BYTES.save(ckpt / "tokenizer")
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(plan(2, "tiny").model), None, {}, tokenizer=BYTES)
     with pytest.raises(ValueError, match="tokenizer has 265 tokens but the model's vocab_size is 4096"):
         evaluate_core(str(ckpt), tasks="core-lite")
 
@@ -267,27 +266,26 @@ def tiny_checkpoint(tmp_path_factory, corpus):
     from nanoray.model import ModelConfig, build_model
 
     run = plan(2, "tiny")
-    model = build_model(ModelConfig(**run.model_kwargs()))
+    model = build_model(run.model)
     with torch.no_grad():  # perturb the zero-initialized projections so the answers depend on the input
         gen = torch.Generator().manual_seed(0)
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("core") / "ckpt", model, None, dict(plan=run.model_dump(), step=0))
-    corpus[1].save(ckpt / "tokenizer")
-    return ckpt
+    return save_checkpoint(tmp_path_factory.mktemp("core") / "ckpt", model, None, dict(plan=run.model_dump(), step=0),
+                           tokenizer=corpus[1])
 
 
 def test_tiny_checkpoint_through_ray(ray_cluster, tiny_checkpoint, bundle, capsys):
-    from nanoray.checkpoint import load_model
+    from nanoray.checkpoint import load_for_inference
 
     result = evaluate_core(str(tiny_checkpoint), tasks=str(bundle), num_workers=2, max_per_task=8)
     assert list(result["tasks"]) == ["mc", "schema", "lm"] and result["workers"] == 2
     assert result["examples"] == 8 + 8 + 8 and result["examples_per_s"] > 0
     assert result["core"] == pytest.approx(sum(r["centered"] for r in result["tasks"].values()) / 3)
     # the same numbers without Ray
-    model, _ = load_model(tiny_checkpoint)
+    model, tokenizer, _ = load_for_inference(tiny_checkpoint)
     for spec in read_specs(bundle):
-        local = evaluate_task(model, Tokenizer.load(tiny_checkpoint / "tokenizer"), spec, read_items(spec), 8,
+        local = evaluate_task(model, tokenizer, spec, read_items(spec), 8,
                               max_len=model.config.seq_len)
         assert local["accuracy"] == result["tasks"][spec.label]["accuracy"]
     main(["--checkpoint", str(tiny_checkpoint), "--tasks", str(bundle), "--max-per-task", "4"])

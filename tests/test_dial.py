@@ -21,7 +21,7 @@ NANOCHAT = get_preset("gpt2").model_copy(update={"window_pattern": "SSSL"})
 def test_reproduces_nanochat_table(depth):
     D, H, total, scaling, flops, log2b, iters, wd = NANOCHAT_TABLE[depth]
     p = plan(depth, NANOCHAT)
-    assert (p.n_embd, p.n_head, p.head_dim) == (D, H, 128)
+    assert (p.model.n_embd, p.model.n_head, p.model.head_dim) == (D, H, 128)
     assert p.total_params / 1e6 == pytest.approx(total, rel=2e-3)
     assert p.scaling_params / 1e6 == pytest.approx(scaling, rel=2e-3)
     assert p.flops_per_token == pytest.approx(flops, rel=5e-3)
@@ -50,12 +50,12 @@ def test_d12_and_d20_exact_values():
 
 def test_default_preset_uses_full_windows():
     p = plan(12)
-    assert p.window_pattern == "L" and set(p.windows) == {2048}
+    assert p.model.window_pattern == "L" and set(p.model.windows) == {2048}
     assert p.flops_per_token == 6 * (p.scaling_params + 24) + 12 * 768 * 12 * 2048
 
 
 def test_odd_depth_width_rounds_up_to_head_dim():
-    assert plan(25).n_embd == 1664  # 64 * 25 = 1600 -> 1664
+    assert plan(25).model.n_embd == 1664  # 64 * 25 = 1600 -> 1664
 
 
 def test_horizon_precedence_and_modes():
@@ -93,7 +93,7 @@ def test_device_batch_fits_gpu_memory():
     gpt2 = get_preset("gpt2")
     for depth, rows, measured in [(12, 64, 45.8), (20, 16, 38.0)]:  # with the fused kernels
         p = plan(depth)
-        assert training_memory_gib(rows, depth, p.n_embd, p.total_params, gpt2) == pytest.approx(measured, rel=0.03)
+        assert training_memory_gib(rows, depth, p.model.n_embd, p.total_params, gpt2) == pytest.approx(measured, rel=0.03)
     assert plan(4, "tiny").device_batch_size == 16  # no memory rule on the CPU preset
 
 
@@ -126,10 +126,12 @@ def test_cli_json_and_errors():
     out = subprocess.run([sys.executable, "-m", "nanoray.dial", "--depth", "12", "--json"],
                          capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
-    for key in ("depth n_layer n_embd n_head vocab_size seq_len scaling_params flops_per_token total_batch_tokens "
+    for key in ("depth model scaling_params flops_per_token total_batch_tokens "
                 "tokens iterations grad_accum matrix_lr embedding_lr unembedding_lr weight_decay gpu_hours cost_usd").split():
         assert key in data
-    assert data["n_embd"] == 768
+    for key in "n_layer n_embd n_head vocab_size seq_len".split():
+        assert key in data["model"]
+    assert data["model"]["n_embd"] == 768
     table = subprocess.run([sys.executable, "-m", "nanoray.dial", "--depth", "4", "--preset", "tiny"],
                            capture_output=True, text=True, check=True).stdout
     assert "GPU-hours" in table and "d4 / tiny" in table

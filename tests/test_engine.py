@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from nanoray.engine import Engine, SamplingParams, TextStream, decode_step, gumbel_noise, render_chat, sample
+from nanoray.engine import Engine, SamplingParams, decode_step, gumbel_noise, sample
 from nanoray.model import KVCache, ModelConfig, build_model
-from nanoray.tokenizer import Tokenizer
+from nanoray.tokenizer import TextStream, Tokenizer, render_chat
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 TEXT = ("The quick brown fox jumps over the lazy dog. Ünïcödé: naïve café, 日本語のテキスト, emoji 🙂🚀. "

@@ -48,4 +48,4 @@ def test_killed_worker_restarts_and_resumes_at_the_exact_row(ray_cluster, corpus
         position = StreamPosition.from_json(read_meta(Path(d))["data"]["position"])
     # every row consumed exactly once: 12 steps x 16 rows (a repeated row would have raised in the worker)
     consumed = sum(b - a for s in position.slots.values() for ranges in s.rows.values() for a, b in ranges)
-    assert position.done_slots == [] and consumed == 12 * run.total_batch_tokens // run.seq_len
+    assert position.done_slots == [] and consumed == 12 * run.total_batch_tokens // run.model.seq_len

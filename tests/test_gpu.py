@@ -18,14 +18,14 @@ def test_compiled_bf16_forward_matches_eager_fp32():
     device = torch.device("cuda", 0)
     prefer_cudnn_attention()
     run = plan(4, "tiny")
-    model = build_model(ModelConfig(**run.model_kwargs()), device=device)
+    model = build_model(run.model, device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    x, y = SyntheticTokens(run.vocab_size, run.seq_len, kind="markov").batch(0, 8, device)
+    x, y = SyntheticTokens(run.model.vocab_size, run.model.seq_len, kind="markov").batch(0, 8, device)
     assert compute_dtype(device) == torch.bfloat16
     compiled = torch.compile(model, dynamic=False)(x, y)
-    reference = build_model(ModelConfig(**run.model_kwargs()), device="cpu")
+    reference = build_model(run.model, device="cpu")
     reference.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     expected = reference(x.cpu(), y.cpu())  # fp32 on CPU
     assert compiled.dtype == torch.float32

@@ -7,7 +7,7 @@ from nanoray.model import GPT, KVCache, ModelConfig, build_model, window_mask
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    return ModelConfig(**dict(plan(3, "tiny").model_kwargs(), **overrides))
+    return ModelConfig(**plan(3, "tiny").model.model_dump() | overrides)
 
 
 def randomized(config: ModelConfig, seed: int = 0) -> GPT:
@@ -37,7 +37,7 @@ def test_shapes_and_dtypes():
 def test_model_accounting_agrees_with_dial(depth, preset):
     p = plan(depth, preset)
     with torch.device("meta"):
-        model = GPT(ModelConfig(**p.model_kwargs()))
+        model = GPT(p.model)
     assert model.num_scaling_params() == p.scaling_params
     assert model.num_matmul_params() == p.matmul_params
     assert model.flops_per_token() == p.flops_per_token
@@ -48,8 +48,8 @@ def test_sliding_window_flops_agree_with_dial():
     sssl = get_preset("gpt2").model_copy(update={"window_pattern": "SSSL"})
     p = plan(12, sssl)
     with torch.device("meta"):
-        model = GPT(ModelConfig(**p.model_kwargs()))
-    assert model.config.windows == p.windows and model.flops_per_token() == p.flops_per_token
+        model = GPT(p.model)
+    assert model.config.windows == p.model.windows and model.flops_per_token() == p.flops_per_token
 
 
 def test_causality():
@@ -164,7 +164,7 @@ def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("depth", [3, 4])
 def test_forward_matches_plain_reference(depth):
-    config = ModelConfig(**plan(depth, "tiny").model_kwargs())
+    config = plan(depth, "tiny").model
     model = randomized(config, seed=depth)
     idx = torch.randint(config.vocab_size, (2, 33))
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_forward_matches_plain_reference(depth):
 
 
 def test_init_scales():
-    config = ModelConfig(**plan(4, "tiny").model_kwargs())
+    config = plan(4, "tiny").model
     model = build_model(config, seed=0)
     s = 3**0.5 / config.n_embd**0.5
     attn, mlp = model.blocks[1].attn, model.blocks[1].mlp

@@ -38,7 +38,7 @@ def test_schedules_match_nanochat():
 
 def test_param_groups_cover_the_model_and_follow_the_schedule():
     p = plan(3, "tiny", Horizon(iterations=100))
-    model = build_model(ModelConfig(**p.model_kwargs()))
+    model = build_model(p.model)
     adamw, muon = build_optimizers(model, p)
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     n_adam = sum(x.numel() for g in adamw.param_groups for x in g["params"])
@@ -125,7 +125,7 @@ def test_adamw_groups_match_nanochat_table():
     p = plan(12, "gpt2")
     with torch.device("meta"):
         from nanoray.model import GPT
-        model = GPT(ModelConfig(**p.model_kwargs()))
+        model = GPT(p.model)
     adamw, _ = build_optimizers(model, p)
     groups = [(g["params"], g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in adamw.param_groups]
     expected = [

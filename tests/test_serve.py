@@ -24,13 +24,13 @@ def write_family(root, tokenizer, depths=(1, 2)):
     rows = []
     for depth in depths:
         run = plan(depth, "tiny")
-        model = build_model(ModelConfig(**run.model_kwargs()))
+        model = build_model(run.model)
         with torch.no_grad():  # perturb the zero-initialized projections so the text depends on the prompt
             gen = torch.Generator().manual_seed(depth)
             for p in model.parameters():
                 p.add_(0.5 * torch.randn(p.shape, generator=gen))
-        ckpt = save_checkpoint(root / f"d{depth}" / "ckpt", model, None, dict(plan=run.model_dump(), step=0))
-        tokenizer.save(ckpt / "tokenizer")
+        ckpt = save_checkpoint(root / f"d{depth}" / "ckpt", model, None, dict(plan=run.model_dump(), step=0),
+                               tokenizer=tokenizer)
         rows.append(dict(trial=f"d{depth}", depth=depth, val_bpb=3.0, checkpoint=str(ckpt), status="done"))
     with open(root / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -502,7 +502,7 @@ def assert_greedy_up_to_rounding(model, prompt: list[int], ids: list[int], tol: 
 
 def test_64_concurrent_streams_across_two_depths(url, family, tokenizer):
     from nanoray.checkpoint import load_model
-    from nanoray.engine import render_chat
+    from nanoray.tokenizer import render_chat
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(64) as pool:

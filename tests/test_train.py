@@ -52,13 +52,13 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoint_roundtrip_is_atomic_and_checked(tmp_path):
     run = plan(2, "tiny")
-    model = build_model(ModelConfig(**run.model_kwargs()), seed=3)
+    model = build_model(run.model, seed=3)
     opts = build_optimizers(model, run)
     path = save_checkpoint(tmp_path / "ckpt", model, opts, dict(plan=run.model_dump(), step=7))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp directory left behind
     loaded, meta = load_model(path)
     assert meta["step"] == 7 and all(torch.equal(x, y) for x, y in zip(model.parameters(), loaded.parameters()))
-    other = build_model(ModelConfig(**plan(3, "tiny").model_kwargs()))
+    other = build_model(plan(3, "tiny").model)
     with pytest.raises(ValueError, match="does not match"):
         load_checkpoint(path, other)
     with pytest.raises(FileNotFoundError, match="not a nanoray checkpoint"):
@@ -101,21 +101,21 @@ def test_evaluate_counts_only_byte_tokens():
     from nanoray.train import evaluate
 
     run = plan(2, "tiny")
-    model = build_model(ModelConfig(**run.model_kwargs()))
-    source = SyntheticTokens(run.vocab_size, run.seq_len, kind="markov")
-    ones = torch.ones(run.vocab_size, dtype=torch.int32)
+    model = build_model(run.model)
+    source = SyntheticTokens(run.model.vocab_size, run.model.seq_len, kind="markov")
+    ones = torch.ones(run.model.vocab_size, dtype=torch.int32)
     x, y = source.batch(0, 2)
     mean_loss = model(x, y).item()
     loss, bpb = evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1, ones)
     assert loss == pytest.approx(mean_loss, rel=1e-5)
     assert bpb == pytest.approx(mean_loss / math.log(2), rel=1e-5)  # one byte per token: bpb = loss / ln 2
     # tokens with zero bytes (the special tokens) drop out of both sums; rows in chunks change nothing
-    lengths = torch.randint(1, 5, (run.vocab_size,), dtype=torch.int32)
+    lengths = torch.randint(1, 5, (run.model.vocab_size,), dtype=torch.int32)
     lengths[:100] = 0
     per_token = model(x, y, loss_reduction="none")
     counted = lengths[y] > 0
     expected = per_token[counted].sum().item() / (math.log(2) * lengths[y].sum().item())
-    one_row = run.seq_len * run.vocab_size
+    one_row = run.model.seq_len * run.model.vocab_size
     for max_logits in (2**29, one_row):
         loss, bpb = evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1, lengths, max_logits=max_logits)
         assert bpb == pytest.approx(expected, rel=1e-5) and loss == pytest.approx(mean_loss, rel=1e-5)
