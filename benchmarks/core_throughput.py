@@ -26,7 +26,8 @@ from nanoray.checkpoint import save_checkpoint  # noqa: E402
 from nanoray.core_eval import evaluate_core, format_table  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
 from nanoray.hardware import device_name  # noqa: E402
-from nanoray.model import ModelConfig, build_model  # noqa: E402
+from nanoray.model import build_model  # noqa: E402
+from nanoray.storage import RunStore  # noqa: E402
 from nanoray.stream import prepare_data  # noqa: E402
 from nanoray.tokenizer import Tokenizer  # noqa: E402
 
@@ -34,7 +35,7 @@ from nanoray.tokenizer import Tokenizer  # noqa: E402
 def random_checkpoint(depth: int, preset: str, out: Path) -> Path:
     """A checkpoint of a randomly initialized model with a trained tokenizer of the preset's vocabulary."""
     run = plan(depth, preset)
-    _, tokenizer_dir = prepare_data("stdlib", run.model.vocab_size)
+    _, tokenizer_dir = prepare_data("stdlib", run.model.vocab_size, RunStore("runs").data_dir("stdlib"))
     return save_checkpoint(out / f"d{depth}", build_model(run.model), None, dict(plan=run.model_dump(), step=0),
                            tokenizer=Tokenizer.load(tokenizer_dir))
 

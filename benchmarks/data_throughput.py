@@ -41,19 +41,20 @@ def main() -> None:
     p.add_argument("--preset", default="gpt2", help="vocabulary and row length")
     p.add_argument("--seconds", type=float, default=30.0, help="measure this long after the first batch")
     p.add_argument("--batch-size", type=int, default=32, help="rows per batch pulled")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="prepared shards and tokenizer (default runs/data/<source>)")
     args = p.parse_args()
 
     import numpy as np
     import ray
 
     from nanoray.dial import get_preset
+    from nanoray.storage import RunStore
     from nanoray.stream import StreamSpec, build_dataset, prepare_data
     from nanoray.tokenizer import Tokenizer
 
     preset = get_preset(args.preset)
     t0 = time.perf_counter()
-    spec, tokenizer_dir = prepare_data(args.source, preset.vocab_size, args.data_dir)
+    spec, tokenizer_dir = prepare_data(args.source, preset.vocab_size, args.data_dir or RunStore("runs").data_dir(args.source))
     prepare_s = time.perf_counter() - t0
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = tokenizer.token_bytes().numpy().astype(np.int64)

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,35 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-import re
-
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def registered_checkpoint(storage: Path) -> int | None:
-    """The step of a checkpoint Ray Train has registered for a trial, or None. A checkpoint directory on
-    disk is not enough: one whose worker dies before its report is registered is not resumed from."""
-    from nanoray.train import latest_checkpoint
-
-    for run in (storage / "train").glob("*/checkpoint_manager_snapshot.json"):
-        checkpoint = latest_checkpoint(str(storage / "train"), run.parent.name)
-        if checkpoint is not None:
-            return int(Path(checkpoint.path).name.removeprefix("step_"))
-    return None
+from nanoray.dev.procs import registered_checkpoint, train_workers  # noqa: E402
+from nanoray.storage import RunStore  # noqa: E402
 
 
 def main() -> None:
@@ -85,7 +62,7 @@ def main() -> None:
         def killer():  # once Train has registered a periodic checkpoint, SIGKILL one Train worker
             while job.poll() is None and not killed:
                 workers = train_workers()
-                step = registered_checkpoint(storage)
+                step = registered_checkpoint(RunStore(storage))
                 if workers and step is not None:
                     victim = workers[-1]
                     os.kill(victim.pid, signal.SIGKILL)

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from nanoray.data import SyntheticTokens, WorkerBatches  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
 from nanoray.hardware import prefer_cudnn_attention  # noqa: E402
-from nanoray.model import ModelConfig, build_model  # noqa: E402
+from nanoray.model import build_model  # noqa: E402
 from nanoray.optim import apply_schedule, build_optimizers  # noqa: E402
 
 

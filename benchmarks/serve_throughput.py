@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
 from nanoray.engine import Engine, SamplingParams  # noqa: E402
 from nanoray.hardware import device_name  # noqa: E402
-from nanoray.model import Linear, ModelConfig, build_model  # noqa: E402
+from nanoray.model import Linear, build_model  # noqa: E402
 from nanoray.tokenizer import Tokenizer  # noqa: E402
 
 # HBM peak bytes/s from the vendors' datasheets, keyed like nanoray.hardware.PEAK_BF16_FLOPS (specific first).

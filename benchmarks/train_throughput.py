@@ -29,7 +29,9 @@ import torch  # noqa: E402
 from nanoray.data import DataSpec  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
 from nanoray.hardware import device_name  # noqa: E402
-from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, prepare_corpus, train  # noqa: E402
+from nanoray.storage import RunStore  # noqa: E402
+from nanoray.stream import prepare_corpus  # noqa: E402
+from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train  # noqa: E402
 
 
 def steady_state(history: list[dict], skip_windows: int) -> dict:
@@ -69,9 +71,10 @@ def main() -> None:
     config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=args.log_every,
                          eval_every=0, eval_at_end=False, checkpoint_at_end=False)
     if args.bare:
-        corpus = prepare_corpus(config) if data.kind == "corpus" else None
+        corpus = prepare_corpus(run, data, config.eval_tokens, RunStore("runs").data_dir(data.source)) \
+            if data.kind == "corpus" else None
         session = LocalSession("cuda" if torch.cuda.is_available() else "cpu", corpus=corpus)
-        train(config, session)
+        train(config, session, corpus)
         history = session.history
     else:
         import ray
@@ -79,7 +82,7 @@ def main() -> None:
         ray.init(log_to_driver=True)
         with tempfile.TemporaryDirectory() as tmp:
             log = os.path.join(tmp, "metrics.jsonl")
-            fit(config, name="train-throughput", storage_path=tmp, use_gpu=torch.cuda.is_available(),
+            fit(config, name="train-throughput", store=tmp, use_gpu=torch.cuda.is_available(),
                 cpus_per_worker=4 if torch.cuda.is_available() else 1, callbacks=[metrics_log(log)])
             history = [json.loads(line) for line in open(log)]
         ray.shutdown()

@@ -15,11 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from nanoray.sweep import job_main  # noqa: E402
+from jobs._cli import job_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    job_main(argv, prog="jobs/miniseries.py", doc=__doc__, job="miniseries", grid="ratio", cpu_budgets=[])
+    job_main(argv, prog="jobs/miniseries.py", doc=__doc__, job="miniseries", grid="ratio")
 
 
 if __name__ == "__main__":

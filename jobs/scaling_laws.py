@@ -13,13 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from nanoray.sweep import job_main  # noqa: E402
-
-CPU_BUDGETS = [5e11, 2e12]
+from jobs._cli import job_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    job_main(argv, prog="jobs/scaling_laws.py", doc=__doc__, job="scaling-laws", grid="isoflop", cpu_budgets=CPU_BUDGETS)
+    job_main(argv, prog="jobs/scaling_laws.py", doc=__doc__, job="scaling-laws", grid="isoflop")
 
 
 if __name__ == "__main__":

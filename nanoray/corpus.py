@@ -48,6 +48,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from nanoray.storage import atomic_file, filesystem as filesystem_of
+
 VAL_PERCENT = 2
 CHUNK_CHARS = 8_000  # files are cut into documents of about this size, at blank lines
 PACK_CHARS = 4_000  # dictionary entries and WordNet synsets are packed into documents of about this size
@@ -426,7 +428,7 @@ def parquet_shards(spec: str, split: str) -> ParquetShards:
         filesystem, location = _hf_filesystem(), f"datasets/{_hf_repo(spec)}"
     elif spec.startswith("parquet:"):
         location = spec.removeprefix("parquet:")
-        filesystem, location = object_store(location) if "://" in location else (None, location)
+        filesystem, location = filesystem_of(location) if "://" in location else (None, location)
     else:
         raise ValueError(f"source {spec!r}: not parquet; write it as parquet shards first "
                          f"(write_shards, or python -m nanoray.corpus write --source {spec} --out DIR)")
@@ -443,16 +445,6 @@ def _hf_repo(spec: str) -> str:
     if not spec.startswith("hf:") or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ValueError(f"source {spec!r}: expected hf:<org>/<name>")
     return repo
-
-
-def object_store(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a URI; s3://anonymous@bucket/... reads a public bucket unsigned."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme == "s3" and parts.username == "anonymous":
-        bucket = parts.hostname
-        region = urllib.parse.parse_qs(parts.query).get("region", [None])[0] or pafs.resolve_s3_region(bucket)
-        return pafs.S3FileSystem(anonymous=True, region=region), f"{bucket}{parts.path}".rstrip("/")
-    return pafs.FileSystem.from_uri(uri)
 
 
 def _hf_filesystem() -> pafs.FileSystem:
@@ -563,9 +555,8 @@ def write_shards(docs: Iterable[str], out_dir: str | os.PathLike,
 
     def flush():
         path = out_dir / f"shard_{len(written):05d}.parquet"
-        tmp = out_dir / f".{path.name}.tmp"
-        pq.write_table(pa.table({"text": batch}), tmp, row_group_size=ROW_GROUP_DOCS, compression="zstd")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            pq.write_table(pa.table({"text": batch}), tmp, row_group_size=ROW_GROUP_DOCS, compression="zstd")
         written.append(path)
 
     for doc in docs:
@@ -625,18 +616,13 @@ def download_file(url: str, path: Path, fetch=fetch_url, sleep=time.sleep) -> bo
     A file already there is kept; returns whether it was fetched."""
     if path.exists():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
 
     def attempt():
-        try:
+        with atomic_file(path) as tmp:
             with open(tmp, "wb") as out:
                 fetch(url, out)
             if path.suffix == ".parquet" and not _parquet_magic(tmp):
                 raise ValueError("the response is not a parquet file")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     with_retries(url, attempt, sleep=sleep)
     return True
 

@@ -1,8 +1,9 @@
 """Token sources for the trainer, and BOS-aligned best-fit packing of documents into rows.
 
-Real text streams through Ray Data (nanoray/stream.py); this module holds what needs no Ray. A source hands each worker batches of rows of seq_len + 1 tokens (inputs = row[:-1], targets = row[1:])
-and a position: the number of micro-batches this worker has consumed. The position goes into every
-checkpoint, so a resumed run continues with the next unseen batch.
+`TrainData` is what the training loop reads: its micro-batches, a validation, and its position (what the
+run has consumed, saved in every checkpoint, so a resumed run continues with the next unseen batch). Real
+text streams through Ray Data (`nanoray.stream.CorpusData`); this module holds what needs no Ray:
+`SyntheticData` and the packer. Rows are seq_len + 1 tokens (inputs = row[:-1], targets = row[1:]).
 
 `SyntheticTokens` is the in-process source: deterministic rows computed from (seed, split, batch
 index), so any position can be resumed exactly with no I/O (`random` rows are drawn on the target
@@ -13,10 +14,14 @@ probability 0.9, so a model can learn them and the loss visibly falls (tests, de
 
 import bisect
 from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nanoray.evaluate import evaluate
+from nanoray.tokenizer import Tokenizer
 
 SYNTHETIC_KINDS = ("random", "markov")
 DATA_KINDS = (*SYNTHETIC_KINDS, "corpus")
@@ -41,6 +46,20 @@ class DataSpec(BaseModel):
         if kind not in DATA_KINDS:
             raise ValueError(f"data.kind: unknown kind {kind!r}; allowed: {', '.join(DATA_KINDS)}")
         return kind
+
+
+class TrainData(Protocol):
+    """What the training loop reads, on one worker."""
+
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]  # this worker's train micro-batches (inputs, targets)
+    tokenizer: Tokenizer | None  # saved beside the weights (None: synthetic tokens)
+    shards: dict | None  # which train shards a corpus position refers to, saved with it (None: synthetic)
+
+    def validate(self, model) -> tuple[float, float]:
+        """(val loss, val bpb) of `model`, summed over every worker."""
+
+    def position(self) -> Any:
+        """What the whole run has consumed, as JSON (a collective: every worker calls it)."""
 
 
 class SyntheticTokens:
@@ -84,6 +103,28 @@ class WorkerBatches:
         index = self.position * self.world_size + self.rank
         self.position += 1
         return self.source.batch(index, self.batch_size, self.device)
+
+
+class SyntheticData:
+    """TrainData over SyntheticTokens. The position is the number of micro-batches each worker has consumed,
+    so a resume needs the same worker count and device batch; validation reads `eval_batches` val batches."""
+
+    tokenizer, shards = None, None
+
+    def __init__(self, spec: DataSpec, vocab_size: int, seq_len: int, batch_size: int, rank: int,
+                 world_size: int, device, position: int | None, eval_batches: int):
+        def tokens(split):
+            return SyntheticTokens(vocab_size, seq_len, kind=spec.kind, seed=spec.seed, split=split)
+
+        self.batches = WorkerBatches(tokens("train"), batch_size, rank, world_size, device, position or 0)
+        self._val = lambda: WorkerBatches(tokens("val"), batch_size, rank, world_size, device)
+        self.eval_batches = eval_batches
+
+    def validate(self, model) -> tuple[float, float]:
+        return evaluate(model, self._val(), self.eval_batches)
+
+    def position(self) -> int:
+        return self.batches.position
 
 
 class BestFitPacker:

@@ -159,6 +159,39 @@ class RunPlan(BaseModel):
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+class Defaults(BaseModel):
+    """What a job assumes where a flag is not given, by the kind of machine it runs on: one place for the sweep
+    jobs (jobs/) and `python -m nanoray.train`. CPU defaults make a family that trains in minutes on a laptop."""
+
+    model_config = ConfigDict(frozen=True)
+    preset: str = Field(description="model family")
+    depth: int = Field(description="the depth of a single training run")
+    depths: list[int] = Field(description="the depths of a miniseries")
+    ratio: float = Field(description="tokens per scaling parameter")
+    cpu_budgets: list[float] = Field(description="isoFLOP budgets where none are given (GPU: none, ask for them)")
+    eval_tokens: int = Field(description="val tokens per evaluation")
+    log_every: int = Field(description="steps between reports of a single run")
+    tokenizer_actors: int = Field(description="Ray Data tokenizer actors per trial")
+    cpus_per_actor: float = Field(description="logical CPUs per tokenizer actor")
+    core: str = Field(description="CORE task set scored for each finished trial")
+    core_max_per_task: int = Field(description="CORE examples per task")
+
+
+DEFAULTS = {
+    True: Defaults(preset="gpt2", depth=12, depths=[6, 8, 10, 12], ratio=DEFAULT_RATIO, cpu_budgets=[],
+                   eval_tokens=2**20, log_every=10, tokenizer_actors=4, cpus_per_actor=1.0, core="core",
+                   core_max_per_task=500),
+    False: Defaults(preset="tiny", depth=2, depths=[1, 2, 3], ratio=1.0, cpu_budgets=[5e11, 2e12],
+                    eval_tokens=2**15, log_every=20, tokenizer_actors=1, cpus_per_actor=0.5, core="core-lite",
+                    core_max_per_task=20),
+}
+
+
+def defaults(gpu: bool) -> Defaults:
+    """The defaults of a machine with GPUs (`gpu`) or without."""
+    return DEFAULTS[bool(gpu)]
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise PlanError(f"preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
@@ -198,19 +231,7 @@ def scaling_params(depth: int, preset: Preset) -> int:
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
-def plan(
-    depth: int,
-    preset: str | Preset = "gpt2",
-    horizon: Horizon | None = None,
-    num_workers: int = 1,
-    device_batch_size: int | None = None,
-    total_batch_tokens: int | None = None,
-    cost: CostModel | None = None,
-) -> RunPlan:
-    """Derive the whole run from `depth`. Raises PlanError naming the offending field."""
-    horizon = horizon or Horizon()
-    cost = cost or CostModel()
-    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+def _check_inputs(depth, horizon: Horizon, num_workers: int, cost: CostModel) -> None:
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise PlanError(f"depth: must be an integer >= 1, got {depth!r}")
     if not horizon.ratio > 0:
@@ -224,6 +245,33 @@ def plan(
     if not 0 < cost.mfu <= 1:
         raise PlanError(f"cost.mfu: must be in (0, 1], got {cost.mfu}")
 
+
+def default_device_batch(preset: Preset, depth: int, n_embd: int, total_params: int, num_workers: int,
+                         total_batch_tokens: int) -> int:
+    """The preset's largest device batch, halved until a micro-step fits in GPU memory and one micro-step
+    across all workers fits in the total batch (bigger micro-steps run faster: +3% at d12, 64 vs 32 rows)."""
+    rows = preset.device_batch_size
+    while rows > 1 and (rows * preset.seq_len * num_workers > total_batch_tokens
+                        or training_memory_gib(rows, depth, n_embd, total_params, preset)
+                        > MEMORY_HEADROOM * (preset.gpu_memory_gib or float("inf"))):
+        rows //= 2
+    return rows
+
+
+def plan(
+    depth: int,
+    preset: str | Preset = "gpt2",
+    horizon: Horizon | None = None,
+    num_workers: int = 1,
+    device_batch_size: int | None = None,
+    total_batch_tokens: int | None = None,
+    cost: CostModel | None = None,
+) -> RunPlan:
+    """Derive the whole run from `depth`. Raises PlanError naming the offending field."""
+    horizon = horizon or Horizon()
+    cost = cost or CostModel()
+    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    _check_inputs(depth, horizon, num_workers, cost)
     n_embd, n_head = shape(depth, preset)
     try:
         model = ModelConfig(vocab_size=preset.vocab_size, seq_len=preset.seq_len, n_layer=depth, n_embd=n_embd,
@@ -257,15 +305,9 @@ def plan(
         raise PlanError(f"horizon.{horizon.mode}: gives 0 iterations at depth {depth} "
                         f"(one step is {total_batch_tokens:,} tokens = {flops_per_token * total_batch_tokens:.3e} FLOPs)")
 
-    # Device batch: the preset's largest, halved until a micro-step fits in GPU memory and one micro-step
-    # across all workers fits in the total batch (bigger micro-steps run faster: +3% at d12, 64 vs 32 rows).
     if device_batch_size is None:
-        device_batch_size = preset.device_batch_size
-        while device_batch_size > 1 and (
-                device_batch_size * preset.seq_len * num_workers > total_batch_tokens
-                or training_memory_gib(device_batch_size, depth, n_embd, counts["total"], preset)
-                > MEMORY_HEADROOM * (preset.gpu_memory_gib or float("inf"))):
-            device_batch_size //= 2
+        device_batch_size = default_device_batch(preset, depth, n_embd, counts["total"], num_workers,
+                                                 total_batch_tokens)
     elif device_batch_size < 1:
         raise PlanError(f"device_batch_size: must be >= 1, got {device_batch_size}")
     micro_tokens = device_batch_size * preset.seq_len * num_workers

@@ -24,13 +24,14 @@ import csv
 import html
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from nanoray.storage import atomic_write
 
 COLUMNS = ["trial", "depth", "preset", "horizon", "ratio", "flops_budget", "params", "total_params", "tokens",
            "flops", "iterations", "steps_done", "wall_s", "train_s", "gpu_hours", "cost_usd", "train_loss",
@@ -44,10 +45,11 @@ DPI = 110
 
 
 def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, title: str = "nanoray miniseries",
-                 fit=None) -> dict[str, Path]:
+                 fit=None, sections: dict[str, list[str]] | None = None) -> dict[str, Path]:
     """Writes results.csv, plots (PNG) and report.md + report.html into out_dir; returns {name: path}.
 
     `fit` is anything with `predict(flops) -> val bpb` and a `__str__` (nanoray.scaling's power law), or None.
+    `sections`: more text at the end of the pages, {heading: bullet lines}.
     """
     _check(rows)
     extra = [k for k in TIMINGS if any(k in r for r in rows)] + sorted({k for r in rows for k in r
@@ -71,8 +73,11 @@ def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, ti
     summary = _summary(rows)
     fit_line = None if fit is None else f"Fit: {fit}"
     text = text_plot(rows, "val_bpb", fit)
-    paths[REPORT_MD] = _write(out / REPORT_MD, _markdown(title, summary, header, cells, fit_line, plots, text).encode())
-    paths[REPORT_HTML] = _write(out / REPORT_HTML, _html(title, summary, header, cells, fit_line, plots).encode())
+    sections = sections or {}
+    paths[REPORT_MD] = _write(out / REPORT_MD, _markdown(title, summary, header, cells, fit_line, plots, text,
+                                                         sections).encode())
+    paths[REPORT_HTML] = _write(out / REPORT_HTML, _html(title, summary, header, cells, fit_line, plots,
+                                                         sections).encode())
     return paths
 
 
@@ -123,15 +128,7 @@ def _csv(rows: list[dict], extra: list[str]) -> str:
     return buf.getvalue()
 
 
-def _write(path: Path, data: bytes) -> Path:
-    """Atomic: a temp sibling, then rename over the old file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+_write = atomic_write  # every file of the report: a temp sibling, then a rename over the old one
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,7 +331,7 @@ def _loss_plot(rows, histories, colors) -> bytes:
 # Pages
 
 
-def _markdown(title, summary, header, cells, fit_line, plots, text) -> str:
+def _markdown(title, summary, header, cells, fit_line, plots, text, sections) -> str:
     def line(values):
         return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
     parts = [f"# {title}", "", summary, "", line(header), line(["---"] * len(header))]
@@ -345,6 +342,8 @@ def _markdown(title, summary, header, cells, fit_line, plots, text) -> str:
         parts += ["", f"![{caption}]({name})"]
     if text:
         parts += ["", "```", text, "```"]
+    for heading, lines in sections.items():
+        parts += ["", f"## {heading}", "", *(f"- {line}" for line in lines)]
     return "\n".join(parts) + "\n"
 
 
@@ -358,7 +357,7 @@ img { max-width: 100%; }
 figcaption { color: #555; font-size: 0.9rem; }"""
 
 
-def _html(title, summary, header, cells, fit_line, plots) -> str:
+def _html(title, summary, header, cells, fit_line, plots, sections) -> str:
     esc = html.escape
     parts = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{esc(title)}</title>",
              f"<style>\n{CSS}\n</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>", f"<p>{esc(summary)}</p>",
@@ -371,5 +370,7 @@ def _html(title, summary, header, cells, fit_line, plots) -> str:
         data = base64.b64encode(png).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(caption)}">'
                      f"<figcaption>{esc(caption)} ({esc(name)})</figcaption></figure>")
+    for heading, lines in sections.items():
+        parts += [f"<h2>{esc(heading)}</h2>", "<ul>", *(f"<li>{esc(line)}</li>" for line in lines), "</ul>"]
     parts += ["</body>", "</html>"]
     return "\n".join(parts) + "\n"

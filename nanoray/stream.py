@@ -1,7 +1,8 @@
 """The token stream: parquet shards -> tokenized, BOS-aligned best-fit rows -> Ray Train workers.
 
-    prepare_data("stdlib", vocab_size=4096)     # shards + tokenizer under runs/data/stdlib, made once
-    train_dataset(spec, tokenizer, position)    # a Ray Dataset of rows of seq_len + 1 tokens
+    corpus = prepare_corpus(plan, DataSpec(kind="corpus", source="stdlib"), eval_tokens, store.data_dir("stdlib"))
+    corpus.datasets(store, run)                 # Ray Datasets for the TorchTrainer, from the latest position
+    CorpusData(corpus, rows, ...)               # in a Train worker: the TrainData the loop reads
 
 Slots and units. The train stream is a sequence of *slots*: slot s reads shard `slot_file(s)`, which
 walks the shards in a fresh seeded order every epoch. A slot's *units* are its shard's row groups
@@ -24,17 +25,21 @@ import functools
 import hashlib
 import logging
 import os
-import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
+from nanoray.checkpoint import read_meta
 from nanoray.corpus import ROW_GROUP_DOCS, ParquetShards, parquet_shards, read_source, split_of, write_shards
-from nanoray.data import pack_rows
+from nanoray.data import DataSpec, pack_rows
+from nanoray.dial import RunPlan
+from nanoray.evaluate import evaluate
+from nanoray.storage import RunStore, atomic_dir
 from nanoray.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -358,11 +363,7 @@ def rebatch(blocks: Iterator[dict[str, np.ndarray]], batch_size: int, drop_last:
 # Preparing a source
 
 
-def default_data_dir(source: str) -> Path:
-    return Path("runs/data") / re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-")
-
-
-def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike | None = None,
+def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike,
                  max_chars: int = 2_000_000_000) -> tuple[str, Path]:
     """Make `source` streamable: (a parquet-backed source spec, the tokenizer's directory).
 
@@ -370,25 +371,20 @@ def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike | Non
     written once as parquet shards under data_dir/shards. The tokenizer (vocab_size, trained on the
     train split) is kept in data_dir/tokenizer-<vocab_size>. Both are reused when present.
     """
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir(source)
+    data_dir = Path(data_dir)
     if source.startswith(("parquet:", "hf:")):
         spec = source
     else:
         shards = data_dir / "shards"
         if not shards.is_dir():
-            data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = data_dir / f".shards-{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            for split in ("train", "val"):
-                skipped: list = []
-                if not write_shards(read_source(source, split, skipped), tmp / split, docs_per_shard=ROW_GROUP_DOCS):
-                    raise ValueError(f"source {source!r}: no {split} documents")
-                if skipped:
-                    log.warning("%s (%s): skipped %d, e.g. %s: %s", source, split, len(skipped), *skipped[0])
-            try:
-                os.rename(tmp, shards)
-            except OSError:  # another process finished first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_dir(shards, replace=False) as tmp:  # another process finishing first keeps theirs
+                for split in ("train", "val"):
+                    skipped: list = []
+                    if not write_shards(read_source(source, split, skipped), tmp / split,
+                                        docs_per_shard=ROW_GROUP_DOCS):
+                        raise ValueError(f"source {source!r}: no {split} documents")
+                    if skipped:
+                        log.warning("%s (%s): skipped %d, e.g. %s: %s", source, split, len(skipped), *skipped[0])
         spec = f"parquet:{shards}"
     tokenizer_dir = data_dir / f"tokenizer-{vocab_size}"
     if not (tokenizer_dir / "tokenizer.json").exists():
@@ -409,8 +405,95 @@ def epochs_for(spec: str, tokens: int) -> int:
     return int(tokens / per_epoch) + 2
 
 
+class Corpus(BaseModel):
+    """A corpus ready to stream (made on the driver by `prepare_corpus`): the train and val streams, the
+    tokenizer, how many val rows every evaluation reads, and which train shards the positions refer to."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    train: StreamSpec
+    val: StreamSpec
+    tokenizer: Tokenizer
+    val_rows: int = Field(description="val rows per evaluation, a whole number of batches on every worker")
+    shards: dict = Field(description="the train shards' count and a digest of their names (shard_fingerprint)")
+
+    def datasets(self, store: RunStore, run: str) -> dict:
+        """Ray Datasets for TorchTrainer, as callables: Train calls them at every (re)start of the worker
+        group, so the train stream always begins where run `run`'s latest checkpoint left it."""
+        # The trainer's progress line reports the stream; Ray Data's own bars would only clutter the log.
+        return {"train": lambda: build_dataset(self.train, self.tokenizer, latest_position(store, run),
+                                               progress_bars=False),
+                "val": lambda: build_dataset(self.val, self.tokenizer, limit_rows=self.val_rows, progress_bars=False)}
+
+
+def prepare_corpus(plan: RunPlan, data: DataSpec, eval_tokens: int, data_dir: str | os.PathLike) -> Corpus:
+    """Shards and tokenizer for `data` in data_dir (made once, then reused), and the streams over them."""
+    spec, tokenizer_dir = prepare_data(data.source, plan.model.vocab_size, data_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size != plan.model.vocab_size:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} tokens, plan.model.vocab_size is "
+                         f"{plan.model.vocab_size}")
+    train = StreamSpec(source=spec, split="train", seq_len=plan.model.seq_len, seed=data.seed,
+                       epochs=data.epochs or epochs_for(spec, plan.tokens), split_long_docs=plan.split_long_docs,
+                       actors=data.actors, cpus_per_actor=data.cpus_per_actor)
+    val = train.model_copy(update=dict(split="val", epochs=1))
+    per_step = plan.device_batch_size * plan.num_workers
+    val_rows = max(1, eval_tokens // (per_step * plan.model.seq_len)) * per_step
+    return Corpus(train=train, val=val, tokenizer=tokenizer, val_rows=val_rows, shards=shard_fingerprint(train))
+
+
+def latest_position(store: RunStore, run: str, corpus: Corpus | None = None) -> StreamPosition:
+    """The data position in the latest checkpoint of Ray Train run `run` (empty for a new run). With the
+    `corpus`, first checks that its train shards are the ones the position was saved over."""
+    checkpoint = store.latest_checkpoint(run)
+    if checkpoint is None:
+        return StreamPosition()
+    with checkpoint.as_directory() as path:
+        data = read_meta(path)["data"]
+    if corpus is not None:
+        check_fingerprint(data.get("shards"), corpus.shards, corpus.train.source)
+    return StreamPosition.from_json(data["position"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # In the Train worker
+
+
+class CorpusData:
+    """The TrainData of a corpus on one worker. `rows(split, batch_size, position)` gives this worker's
+    batches of rows of a split (from its Ray Data shard, or the local stream); the val rows are read once, at
+    the first evaluation, and kept on the device."""
+
+    def __init__(self, corpus: Corpus, rows: Callable[..., Iterator[dict[str, np.ndarray]]], batch_size: int,
+                 device, position: dict | None):
+        position = StreamPosition.from_json(position)
+        self.batches = StreamBatches(rows("train", batch_size, position), device, position)
+        self.tokenizer, self.shards = corpus.tokenizer, corpus.shards
+        self._rows, self._batch_size, self._device, self._source = rows, batch_size, device, corpus.train.source
+        self._val: list = []
+        self._token_bytes = corpus.tokenizer.token_bytes()
+
+    def validate(self, model) -> tuple[float, float]:
+        if not self._val:
+            self._val.extend(to_device(b, self._device) for b in self._rows("val", self._batch_size, None))
+            if len(self._val) > 1 and len(self._val[-1][0]) < self._batch_size:
+                self._val.pop()  # a short last batch only when it is all there is (it costs a recompile)
+            if not self._val:
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                raise ValueError(f"data: the val split of {self._source} has fewer rows than the {world} workers; "
+                                 "give it more documents")
+        return evaluate(model, iter(self._val), len(self._val), self._token_bytes)
+
+    def position(self) -> dict:
+        """The union of every worker's position: what the whole run has consumed."""
+        states = [self.batches.position.to_json()]
+        if dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, self.batches.position.to_json())
+        merged = StreamPosition()
+        for state in states:
+            merged = merged.merge(StreamPosition.from_json(state))
+        return merged.to_json()
+
 
 
 class StreamBatches:
@@ -421,8 +504,6 @@ class StreamBatches:
     """
 
     def __init__(self, batches: Iterator[dict[str, np.ndarray]], device, position: StreamPosition | None = None):
-        import torch
-
         self._batches, self.device = iter(batches), torch.device(device)
         self.position = position or StreamPosition()
         self._restored = StreamPosition.from_json(self.position.to_json())
@@ -454,8 +535,6 @@ class StreamBatches:
 
 def to_device(batch: dict[str, np.ndarray], device):
     """(inputs, targets) of a batch of rows, int64 on `device` (through pinned memory to a GPU)."""
-    import torch
-
     rows = batch["tokens"]  # read-only (Ray's zero-copy view): copied once, into pinned memory for a GPU
     tokens = torch.empty(rows.shape, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
     tokens.numpy()[:] = rows

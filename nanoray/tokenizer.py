@@ -25,6 +25,7 @@ import rustbpe
 import tiktoken
 import torch
 
+from nanoray.corpus import read_source
 from nanoray.storage import atomic_write
 
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -172,8 +173,6 @@ def _capped(texts: Iterable[str], doc_cap: int, max_chars: int | None) -> Iterat
 
 
 def main(argv: list[str] | None = None) -> None:
-    from nanoray.corpus import read_source  # the corpus sources live with the data pipeline
-
     p = argparse.ArgumentParser(prog="python -m nanoray.tokenizer", description="Train a BPE tokenizer.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on a corpus source and save beside the data")

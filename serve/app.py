@@ -455,3 +455,10 @@ def serve_until_stopped() -> None:
     finally:
         serve.delete("nanoray", _blocking=False)  # first, at once: `ray job stop` kills us 3 s after SIGTERM
         serve.shutdown()
+
+
+def serve_family(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the family `args` names on the running Ray cluster until Ctrl-C or `ray job stop`, then take it down."""
+    print("\n".join(run(args, find_family(args.run_dir, args.checkpoints or None), host, port)), flush=True)
+    print("serving until stopped (Ctrl-C, or `ray job stop`)", flush=True)
+    serve_until_stopped()

@@ -1,9 +1,16 @@
-"""One local Ray cluster per test session, with the knobs that keep Train fits fast on 2 cores."""
+"""Shared fixtures and helpers: one local Ray cluster per test session (with the knobs that keep Train fits
+fast on 2 cores), a small prepared corpus, CORE task bundles, Train worker processes."""
 
+import itertools
 import json
 import os
 
 import pytest
+import yaml
+
+from nanoray.corpus import read_source, write_shards
+from nanoray.stream import prepare_data
+from nanoray.tokenizer import Tokenizer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -26,12 +33,6 @@ def ray_cluster():
 def corpus(tmp_path_factory):
     """Five train shards of 96 stdlib documents (one row group each) and one val shard, plus a tokenizer
     of the tiny preset's vocabulary, as prepare_data lays them out: (source spec, tokenizer, data dir)."""
-    import itertools
-
-    from nanoray.corpus import read_source, write_shards
-    from nanoray.stream import prepare_data
-    from nanoray.tokenizer import Tokenizer
-
     root = tmp_path_factory.mktemp("corpus")
     docs = list(itertools.islice(read_source("stdlib", "train"), 5 * 96))
     write_shards(docs, root / "shards" / "train", docs_per_shard=96)
@@ -40,10 +41,14 @@ def corpus(tmp_path_factory):
     return spec, Tokenizer.load(tokenizer_dir), root
 
 
-def write_bundle(root, tasks, baselines=None):
-    """A bundle-shaped directory: {label: (type, shots, items)} -> core.yaml, meta csv, jsonl files."""
-    import yaml
+@pytest.fixture
+def write_bundle():
+    """write_bundle(root, {label: (type, shots, items)}, baselines) makes a bundle-shaped directory: core.yaml,
+    the meta csv and one jsonl file per task."""
+    return make_bundle
 
+
+def make_bundle(root, tasks, baselines=None):
     (root / "eval_data" / "x").mkdir(parents=True, exist_ok=True)
     icl, meta = [], ["Eval Task,Random baseline"]
     for label, (task_type, shots, items) in tasks.items():

@@ -15,7 +15,6 @@ from nanoray.core_eval import (centered, core_score, evaluate_core, evaluate_tas
                                prepare_example, prepare_items, render_prompts, tokenize_prompts, truncate)
 from nanoray.tokenizer import Tokenizer
 
-from conftest import write_bundle
 
 BYTES = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # one token per byte: 265 with specials
 
@@ -63,7 +62,7 @@ def scripted_oracle(spec, items, answer):
 
 
 @pytest.fixture
-def bundle(tmp_path):
+def bundle(tmp_path, write_bundle):
     return write_bundle(tmp_path / "bundle", {"mc": ("multiple_choice", 2, MC), "schema": ("schema", 1, SCHEMA),
                                               "lm": ("language_modeling", 3, LM)},
                         baselines={"mc": 100 / 3, "schema": 50})
@@ -156,7 +155,7 @@ def test_truncation_keeps_the_last_tokens(bundle):
         prepare_example(BYTES, spec, prepare_items(LM, None), 0, max_len=2)
 
 
-def test_bad_input_is_named(tmp_path, bundle):
+def test_bad_input_is_named(tmp_path, bundle, write_bundle):
     lines = (bundle / "eval_data" / "x" / "mc.jsonl").read_text().splitlines()
     lines[2] = '{"query": "broken"'
     (bundle / "eval_data" / "x" / "mc.jsonl").write_text("\n".join(lines))
@@ -236,7 +235,7 @@ def test_concurrent_builders_build_once(tmp_path, bundle):
 def test_checkpoint_of_another_vocab_is_refused(tmp_path):
     from nanoray.checkpoint import save_checkpoint
     from nanoray.dial import plan
-    from nanoray.model import ModelConfig, build_model
+    from nanoray.model import build_model
 
     ckpt = save_checkpoint(tmp_path / "ckpt", build_model(plan(2, "tiny").model), None, {}, tokenizer=BYTES)
     with pytest.raises(ValueError, match="tokenizer has 265 tokens but the model's vocab_size is 4096"):
@@ -263,7 +262,7 @@ def test_core_lite_converts(tmp_path):
 def tiny_checkpoint(tmp_path_factory, corpus):
     from nanoray.checkpoint import save_checkpoint
     from nanoray.dial import plan
-    from nanoray.model import ModelConfig, build_model
+    from nanoray.model import build_model
 
     run = plan(2, "tiny")
     model = build_model(run.model)

@@ -20,8 +20,9 @@ import pytest
 
 from nanoray import corpus
 from nanoray.corpus import (APT_INSTALL, DICTD_DIGITS, ParquetShards, austen_chapters, download, download_file,
-                            download_plan, gcide_text, object_store, parquet_shards, pod_text, r_strings,
+                            download_plan, gcide_text, parquet_shards, pod_text, r_strings,
                             read_source, split_of, wordnet_line, write_shards)
+from nanoray.storage import filesystem
 
 
 def both_splits(spec: str, skipped: list | None = None) -> list[str]:
@@ -268,7 +269,7 @@ def test_hf_source_on_a_fake_hub(tmp_path, monkeypatch):
 
 
 def test_s3_uri_filesystem():
-    fs, path = object_store("s3://anonymous@some-public-bucket/climbmix/shards?region=us-east-1")  # no network
+    fs, path = filesystem("s3://anonymous@some-public-bucket/climbmix/shards?region=us-east-1")  # no network
     assert fs.type_name == "s3" and path == "some-public-bucket/climbmix/shards"
     assert fs.__reduce__()[1][0]["anonymous"] is True
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kill_worker import train_workers
 from nanoray.checkpoint import read_meta
 from nanoray.data import DataSpec
+from nanoray.dev.procs import train_workers
 from nanoray.dial import Horizon, plan
+from nanoray.storage import RunStore
 from nanoray.stream import StreamPosition
-from nanoray.train import TrainConfig, fit, latest_checkpoint
+from nanoray.train import TrainConfig, fit
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -23,14 +24,14 @@ def test_killed_worker_restarts_and_resumes_at_the_exact_row(ray_cluster, corpus
     config = TrainConfig(plan=run, data=DataSpec(kind="corpus", source=spec, data_dir=str(data_dir),
                                                  cpus_per_actor=0.5),
                          log_every=1, eval_every=0, eval_tokens=8 * 256, checkpoint_every=2)
-    storage = tmp_path / "runs"
+    store = RunStore(tmp_path / "runs")
     seen, killed, done = set(), [], threading.Event()
 
     def killer():  # once Train has registered a checkpoint (not merely written it), SIGKILL a worker
         while not done.is_set():
             workers = train_workers()
             seen.update(p.pid for p in workers)
-            if not killed and workers and latest_checkpoint(str(storage), "killed") is not None:
+            if not killed and workers and store.latest_checkpoint("killed") is not None:
                 os.kill(workers[0].pid, signal.SIGKILL)
                 killed.append(workers[0].pid)
             done.wait(0.05)
@@ -38,7 +39,7 @@ def test_killed_worker_restarts_and_resumes_at_the_exact_row(ray_cluster, corpus
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        result = fit(config, "killed", str(storage), cpus_per_worker=1, max_failures=1)
+        result = fit(config, "killed", store, cpus_per_worker=1, max_failures=1)
     finally:
         done.set()
         thread.join()

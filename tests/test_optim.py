@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanoray.dial import Horizon, plan
-from nanoray.model import build_model, ModelConfig
+from nanoray.model import build_model
 from nanoray.optim import (POLAR_EXPRESS, Muon, apply_schedule, build_optimizers, lr_multiplier, muon_momentum,
                            muon_weight_decay, polar_express)
 

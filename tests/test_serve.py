@@ -19,7 +19,7 @@ def write_family(root, tokenizer, depths=(1, 2)):
     """A run directory: one tiny random checkpoint per depth (with the tokenizer beside it) and a results.csv."""
     from nanoray.checkpoint import save_checkpoint
     from nanoray.dial import plan
-    from nanoray.model import ModelConfig, build_model
+    from nanoray.model import build_model
 
     rows = []
     for depth in depths:

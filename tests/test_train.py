@@ -1,5 +1,4 @@
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ from safetensors.torch import load_file
 from nanoray.checkpoint import load_checkpoint, load_model, read_meta, save_checkpoint
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
-from nanoray.model import ModelConfig, build_model
+from nanoray.model import build_model
 from nanoray.optim import build_optimizers
 from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train
 
@@ -94,32 +93,6 @@ def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
     local_weights = load_file(Path(local.checkpoints[-1]) / "model.safetensors")
     for name, value in local_weights.items():
         assert (ddp_weights[name] - value).norm() <= 0.03 * value.norm() + 1e-6, name
-
-
-def test_evaluate_counts_only_byte_tokens():
-    from nanoray.data import SyntheticTokens, WorkerBatches
-    from nanoray.train import evaluate
-
-    run = plan(2, "tiny")
-    model = build_model(run.model)
-    source = SyntheticTokens(run.model.vocab_size, run.model.seq_len, kind="markov")
-    ones = torch.ones(run.model.vocab_size, dtype=torch.int32)
-    x, y = source.batch(0, 2)
-    mean_loss = model(x, y).item()
-    loss, bpb = evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1, ones)
-    assert loss == pytest.approx(mean_loss, rel=1e-5)
-    assert bpb == pytest.approx(mean_loss / math.log(2), rel=1e-5)  # one byte per token: bpb = loss / ln 2
-    # tokens with zero bytes (the special tokens) drop out of both sums; rows in chunks change nothing
-    lengths = torch.randint(1, 5, (run.model.vocab_size,), dtype=torch.int32)
-    lengths[:100] = 0
-    per_token = model(x, y, loss_reduction="none")
-    counted = lengths[y] > 0
-    expected = per_token[counted].sum().item() / (math.log(2) * lengths[y].sum().item())
-    one_row = run.model.seq_len * run.model.vocab_size
-    for max_logits in (2**29, one_row):
-        loss, bpb = evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1, lengths, max_logits=max_logits)
-        assert bpb == pytest.approx(expected, rel=1e-5) and loss == pytest.approx(mean_loss, rel=1e-5)
-    assert math.isnan(evaluate(model, WorkerBatches(source, 2, 0, 1, "cpu"), 1)[1])
 
 
 def test_resuming_a_finished_run_reports_its_final_metrics(tmp_path):

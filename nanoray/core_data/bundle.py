@@ -13,13 +13,16 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from nanoray.core_data import bigbench
+from nanoray.corpus import download_file, fetch_url
+from nanoray.storage import atomic_dir
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -65,13 +68,10 @@ def _build_once(target: Path, build) -> Path:
     with _locked(target.with_name(f".{target.name}.lock")):
         if (target / "core.yaml").exists():  # another process built it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            built = build(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # a leftover without core.yaml
-            os.replace(built, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as work, \
+                atomic_dir(target) as out:  # replaces a leftover without core.yaml
+            for child in build(Path(work)).iterdir():
+                os.replace(child, out / child.name)
     return target
 
 
@@ -98,8 +98,6 @@ def _unpack(zip_path: Path, tmp: Path) -> Path:
 def ensure_bundle(cache: str | os.PathLike | None = None, fetch=None, sleep=time.sleep) -> Path:
     """nanochat's eval bundle, unpacked at <cache>/eval_bundle: downloaded (or taken from a zip already
     placed at <cache>/eval_bundle.zip), verified and unpacked once per machine."""
-    from nanoray.corpus import download_file, fetch_url
-
     cache = Path(cache) if cache is not None else cache_dir()
     zip_path = cache / "eval_bundle.zip"
 
@@ -119,8 +117,6 @@ def ensure_bundle(cache: str | os.PathLike | None = None, fetch=None, sleep=time
 
 def ensure_core_lite(cache: str | os.PathLike | None = None, source: str | os.PathLike | None = None) -> Path:
     """The core-lite bundle converted from BIG-bench raw data, cached under a key of the converter version."""
-    from nanoray.core_data import bigbench
-
     cache = Path(cache) if cache is not None else cache_dir()
     return _build_once(cache / f"core-lite-v{bigbench.VERSION}",
                        lambda tmp: bigbench.write_bundle(tmp / "bundle", source))

@@ -1,0 +1,165 @@
+"""What the sweep jobs share (jobs/miniseries.py, jobs/scaling_laws.py): the flags and their defaults per
+machine, starting or joining Ray, the plan table, the run, the summary and "serve when done".
+
+A bad flag stops the job before anything starts, naming the flag (argparse's exit status 2).
+"""
+
+import argparse
+import os
+
+import ray
+
+from nanoray.data import DataSpec
+from nanoray.dial import defaults, get_preset
+from nanoray.family import FamilyCore, family_results, prepare_family, write_family_report
+from nanoray.sweep import CHECKPOINT_MINUTES, ResumeMismatch, SweepConfig, Trial, check_resume, run_sweep, trials
+from serve.app import ServeArgs, serve_family
+
+# The flag that sets each SweepConfig field a message may name.
+FLAGS = {"name": "--name", "preset": "--preset", "depths": "--depths", "grid": "--grid", "ratio": "--ratio",
+         "budgets": "--budgets", "workers": "--workers", "gpus_per_worker": "--gpus-per-worker",
+         "use_gpu": "--gpu/--no-gpu", "data.source": "--source", "storage_path": "--storage",
+         "checkpoint_every": "--checkpoint-every", "core_max_per_task": "--core-max-per-task",
+         "max_concurrent": "--max-concurrent"}
+
+
+def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
+    """The flags of a sweep job. Defaults depend on whether the cluster has GPUs (nanoray.dial.defaults)."""
+    cpu, gpu = defaults(False), defaults(True)
+    p.add_argument("--name", default=None, help="sweep name (default: the job's name); the same name resumes")
+    p.add_argument("--preset", default=None, help=f"gpt2 or tiny (default: {gpu.preset} with GPUs, {cpu.preset} "
+                   "without)")
+    p.add_argument("--depths", default=None, help="comma-separated depths (default: "
+                   f"{','.join(map(str, gpu.depths))} on GPUs, {','.join(map(str, cpu.depths))} on CPU)")
+    p.add_argument("--grid", default=grid, choices=("ratio", "isoflop"))
+    p.add_argument("--ratio", type=float, default=None, help=f"ratio grid: tokens per param (default {gpu.ratio:g} "
+                   f"GPU, {cpu.ratio:g} CPU)")
+    p.add_argument("--budgets", default=None, help="isoflop grid: comma-separated FLOPs budgets")
+    p.add_argument("--source", default="stdlib", help="corpus: stdlib, files:<glob>, parquet:<...>, hf:<org/name>, "
+                   "debian-docs")
+    p.add_argument("--workers", "--workers-per-trial", dest="workers", type=int, default=1,
+                   help="Train workers (GPUs) per trial")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPU share per worker: 1, or 0.5/0.25 so small trials share a GPU")
+    p.add_argument("--core", default="auto", help="CORE of each final checkpoint: core (the DCLM eval bundle, "
+                   "downloaded once), core-lite (offline BIG-bench), a bundle directory, or none "
+                   "(default auto: core on GPUs, core-lite on CPU, skipped with a warning when unavailable)")
+    p.add_argument("--core-max-per-task", type=int, default=None, help="CORE examples per task (default "
+                   f"{gpu.core_max_per_task} on GPUs, {cpu.core_max_per_task} on CPU)")
+    p.add_argument("--tokenizer-actors", type=int, default=None, help="Ray Data tokenizer actors per trial")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on GPUs (default: if the cluster has any now)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between a trial's checkpoints "
+                   f"(default: about every {CHECKPOINT_MINUTES} min of estimated training; 0: only at the end)")
+    p.add_argument("--out", default=None, help="report directory (default runs/<name>)")
+    p.add_argument("--storage", default=None, help="storage root for Tune, Train and prepared data: a shared path "
+                   "or s3://... (default runs/sweeps)")
+    p.add_argument("--serve", action="store_true", help="after the report, serve every depth (Ray Serve: chat "
+                   "page, /d{depth}/chat, OpenAI /v1) until stopped, and print the URLs")
+    p.add_argument("--serve-host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    p.add_argument("--serve-port", type=int, default=8000)
+
+
+def numbers(flag: str, text: str | None, kind) -> list | None:
+    """A comma-separated list of numbers, or None when the flag was not given."""
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{flag}: comma-separated numbers, got {text!r}")
+    return values
+
+
+def init_ray() -> None:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
+    # A trial waits for its GPUs (an autoscaler adding a node, a CORE evaluation holding a share) rather
+    # than failing after Train's default 60 s. Reaches a local cluster started below; a cluster's nodes
+    # set it themselves (cluster.yaml).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:  # a laptop: logical CPUs are bookkeeping, so trial driver, worker and data actors coexist
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 100})
+
+
+def sweep_from_args(args, job: str) -> SweepConfig:
+    """Check the flags, start (or join) Ray, and make the SweepConfig with the machine's defaults. Raises
+    naming a bad flag, before anything runs."""
+    depths = numbers("--depths", args.depths, int)
+    budgets = numbers("--budgets", args.budgets, float)
+    if args.preset is not None:
+        get_preset(args.preset)
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every: must be >= 0 (0: only at the end), got {args.checkpoint_every}")
+    if args.core_max_per_task is not None and args.core_max_per_task < 1:
+        raise ValueError(f"--core-max-per-task: must be >= 1, got {args.core_max_per_task}")
+    init_ray()
+    gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    machine = defaults(gpu)
+    budgets = budgets or machine.cpu_budgets
+    if args.grid == "isoflop" and not budgets:
+        raise ValueError("--budgets: the isoflop grid needs FLOPs budgets, e.g. --budgets 1e17,3e17,1e18")
+    return SweepConfig(
+        name=args.name or job, preset=args.preset or machine.preset, depths=depths or machine.depths,
+        grid=args.grid, ratio=args.ratio or machine.ratio, budgets=budgets, workers=args.workers, use_gpu=gpu,
+        gpus_per_worker=args.gpus_per_worker, core={"auto": machine.core, "none": None}.get(args.core, args.core),
+        core_max_per_task=args.core_max_per_task or machine.core_max_per_task,
+        data=DataSpec(kind="corpus", source=args.source, actors=args.tokenizer_actors or machine.tokenizer_actors,
+                      cpus_per_actor=machine.cpus_per_actor),
+        storage_path=args.storage or "runs/sweeps", max_concurrent=args.max_concurrent,
+        checkpoint_every=args.checkpoint_every, eval_tokens=machine.eval_tokens)
+
+
+def plan_table(grid: list[Trial]) -> str:
+    """One line per trial, with what the family costs in total."""
+    lines = [f"{'trial':<12}{'params':>10}{'tokens':>10}{'FLOPs':>11}{'steps':>8}{'batch':>9}"
+             f"{'GPU-h':>8}{'cost $':>9}"]
+    for t in grid:
+        p = t.plan
+        lines.append(f"{t.name:<12}{p.scaling_params / 1e6:>9.2f}M{p.tokens / 1e6:>9.1f}M{p.total_flops:>11.2e}"
+                     f"{p.iterations:>8}{p.total_batch_tokens:>9}{p.gpu_hours:>8.2f}{p.cost_usd:>9.2f}")
+    total_flops = sum(t.plan.total_flops for t in grid)
+    lines.append(f"{'total':<12}{'':>20}{total_flops:>11.2e}{'':>17}{sum(t.plan.gpu_hours for t in grid):>8.2f}"
+                 f"{sum(t.plan.cost_usd for t in grid):>9.2f}")
+    return "\n".join(lines)
+
+
+def flag_message(e: ResumeMismatch) -> str:
+    """A resume mismatch in the words of the command line: the flag instead of the config field."""
+    return f"{FLAGS.get(e.field, e.field)}: {e.detail.replace('another sweep name', 'a new --name')}"
+
+
+def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str) -> None:
+    """A sweep job from flags to report: check the flags (a bad one stops here, naming it), print every
+    trial's plan, prepare the data once, run or resume the sweep, fit and write the report (and serve)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, grid=grid)
+    args = p.parse_args(argv)
+    try:
+        sweep = sweep_from_args(args, job)
+        table = plan_table(trials(sweep))
+        check_resume(sweep)
+    except ResumeMismatch as e:
+        p.error(flag_message(e))
+    except ValueError as e:  # PlanError and pydantic's ValidationError are ValueErrors
+        p.error(str(e))
+    print(table, flush=True)
+    try:
+        sweep = prepare_family(sweep, core_required=args.core != "auto")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # a bad source or task set, before any training
+        p.error(str(e))
+    out_dir = args.out or os.path.join("runs", sweep.name)
+    core = FamilyCore(sweep, out_dir) if sweep.core is not None else None
+    results = family_results(sweep, run_sweep(sweep, callbacks=core and [core.callback()]), core)
+    paths = write_family_report(sweep, results, out_dir)
+    print("\n".join(results.summary()), flush=True)
+    print(f"report: {paths.get('report.md', out_dir)}", flush=True)
+    if args.serve:
+        serve_family(ServeArgs(run_dir=out_dir), args.serve_host, args.serve_port)

@@ -1,0 +1,22 @@
+"""A family's fits from its rows (nanoray/family.py); the whole path, sweep to report, is in test_sweep.py."""
+
+import re
+
+import pytest
+
+from nanoray.family import family_fits
+from nanoray.sweep import SweepConfig
+
+
+def test_isoflop_fits_from_rows():
+    sweep = SweepConfig(depths=[1, 2, 3, 4], grid="isoflop", budgets=[1e12, 1e13, 1e14])
+    rows = []
+    for c in sweep.budgets:  # a loss surface whose optimum moves with C: E + A/N^0.34 + B/D^0.28, D = C/(6N)
+        for n in (1e5, 3e5, 1e6, 3e6, 1e7):
+            d = c / (6 * n)
+            rows.append(dict(flops_budget=c, params=n, tokens=d, flops=c, status="done",
+                             val_bpb=1.7 + 400 / n**0.34 + 410 / d**0.28))
+    fit, notes = family_fits(sweep, rows)
+    assert fit is None and len(notes) == 4 and notes[0].startswith("C = 1.00e+12: N_opt")
+    exponent = float(re.search(r"N_opt = [0-9.]+ \* C\^([0-9.]+)", notes[-1]).group(1))
+    assert exponent == pytest.approx(0.28 / (0.34 + 0.28), abs=0.03)  # N_opt ~ C^(beta / (alpha + beta))
