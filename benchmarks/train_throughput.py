@@ -31,7 +31,8 @@ from nanoray.dial import plan  # noqa: E402
 from nanoray.hardware import device_name  # noqa: E402
 from nanoray.storage import RunStore  # noqa: E402
 from nanoray.stream import prepare_corpus  # noqa: E402
-from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train  # noqa: E402
+from nanoray.session import LocalSession
+from nanoray.train import TrainConfig, fit, metrics_log, train  # noqa: E402
 
 
 def steady_state(history: list[dict], skip_windows: int) -> dict:

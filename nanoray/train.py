@@ -4,7 +4,8 @@
 latest checkpoint (model, optimizer, step, data position, RNG), then runs grad-accumulated steps with
 torch.compile on GPU, a periodic val loss, and a report every `log_every` steps with step, tokens, FLOPs
 so far, train loss, tok/s and MFU. The data is a `TrainData` (nanoray.data): synthetic tokens, or a corpus
-streamed by Ray Data (nanoray.stream). `fit()` runs the loop on Ray Train workers.
+streamed by Ray Data (nanoray.stream); the session (nanoray.session) says who the worker is. `fit()` runs
+the loop on Ray Train workers.
 
     python -m nanoray.train                                   # CPU: tiny d2 on a local Ray (~1 min)
     python -m nanoray.train --depth 4 --workers 2             # CPU: two workers, gloo DDP
@@ -33,8 +34,9 @@ from nanoray.dial import Horizon, RunPlan, defaults, plan
 from nanoray.hardware import device_name, peak_flops, prefer_cudnn_attention
 from nanoray.model import build_model
 from nanoray.optim import apply_schedule, build_optimizers, lr_multiplier
-from nanoray.storage import RunStore, atomic_dir
-from nanoray.stream import Corpus, CorpusData, check_fingerprint, latest_position, local_rows, prepare_corpus, rebatch
+from nanoray.session import RaySession, Session
+from nanoray.storage import RunStore
+from nanoray.stream import Corpus, CorpusData, check_fingerprint, latest_position, prepare_corpus
 
 GC_EVERY = 5000  # steps between the loop's garbage collections (nanochat's)
 
@@ -54,108 +56,6 @@ class TrainConfig(BaseModel):
     eval_at_end: bool = Field(True, description="val loss after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
     seed: int = Field(42, description="model init and RNG seed")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sessions: who this worker is, where its rows come from, where reports and checkpoints go
-
-
-class Session:
-    """Where the loop runs. Subclasses say who this worker is and where reports and checkpoints go."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def rows(self, split: str, batch_size: int, position=None):
-        """This worker's rows of a corpus split, as numpy batches {tokens, slot, unit, row, ...}; the last
-        batch of val may be short (a small val split still evaluates)."""
-        raise ValueError("data.kind 'corpus' needs a session with a corpus (fit(), or LocalSession(corpus=...))")
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        raise NotImplementedError
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        yield None
-
-
-class RaySession(Session):
-    """Inside a Ray Train worker: DDP through ray.train.torch, reports and checkpoints through ray.train."""
-
-    def __init__(self):
-        import ray.train  # Ray Train is imported only inside its workers: a LocalSession run needs no Ray
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def rows(self, split, batch_size, position=None):
-        import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)
-
-        return ray.train.get_dataset_shard(split).iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                              drop_last=split == "train", prefetch_batches=4)
-
-    def wrap(self, model):
-        import ray.train.torch
-
-        ddp_options = dict(gradient_as_bucket_view=True, broadcast_buffers=False)  # the only buffers: rotary tables
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_options)
-
-    def report(self, metrics, checkpoint_dir):
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{metrics['step']:06d}"
-                         if checkpoint else None)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-        else:
-            with checkpoint.as_directory() as path:
-                yield path
-
-
-class LocalSession(Session):
-    """A single plain process: metrics kept in `history`, checkpoints copied under `out_dir`."""
-
-    def __init__(self, device: str | torch.device, out_dir: str | None = None, resume_from: str | None = None,
-                 corpus: Corpus | None = None):
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.out_dir, self.resume_from, self.corpus = device, out_dir, resume_from, corpus
-        self.history: list[dict] = []
-        self.checkpoints: list[str] = []
-
-    def rows(self, split, batch_size, position=None):
-        if self.corpus is None:
-            return super().rows(split, batch_size, position)
-        if split == "train":
-            return rebatch(local_rows(self.corpus.train, self.corpus.tokenizer, position), batch_size)
-        return rebatch(local_rows(self.corpus.val, self.corpus.tokenizer), batch_size, drop_last=False,
-                       max_rows=self.corpus.val_rows)
-
-    def report(self, metrics, checkpoint_dir):
-        self.history.append(metrics)
-        if checkpoint_dir and self.out_dir:
-            dest = Path(self.out_dir) / f"step_{metrics['step']:06d}"
-            with atomic_dir(dest) as tmp:  # a resume never finds a half-copied step
-                shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
-            self.checkpoints.append(str(dest))
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        yield self.resume_from
 
 
 # ---------------------------------------------------------------------------------------------------

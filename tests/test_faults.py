@@ -13,7 +13,7 @@ from nanoray.data import DataSpec
 from nanoray.dev.procs import train_workers
 from nanoray.dial import Horizon, plan
 from nanoray.storage import RunStore
-from nanoray.stream import StreamPosition
+from nanoray.position import StreamPosition
 from nanoray.train import TrainConfig, fit
 
 

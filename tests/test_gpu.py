@@ -9,7 +9,8 @@ from nanoray.dial import Horizon, plan
 from nanoray.hardware import compute_dtype, prefer_cudnn_attention
 from nanoray.kernels import _fa4_interface, flash_attention, linear_softcap_cross_entropy, mix_norm
 from nanoray.model import build_model
-from nanoray.train import LocalSession, TrainConfig, train
+from nanoray.session import LocalSession
+from nanoray.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,6 +1,5 @@
 """The Ray Data token stream: rows, positions, and exact resume through a real Ray Train run."""
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ from nanoray.checkpoint import read_meta
 from nanoray.corpus import parquet_shards
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
-from nanoray.stream import StreamPosition, StreamSpec, TokenizePack, build_dataset, local_rows, slot_file, split_long
+from nanoray.position import StreamPosition
+from nanoray.stream import StreamSpec, TokenizePack, build_dataset, local_rows, slot_file, split_long
 from nanoray.tokenizer import Tokenizer
 from nanoray.train import TrainConfig, fit
 
@@ -20,22 +20,6 @@ SEQ = 256
 
 def ids_of(blocks) -> list[tuple[int, int, int]]:
     return [ids for b in blocks for ids in zip(b["slot"].tolist(), b["unit"].tolist(), b["row"].tolist())]
-
-
-def test_position_is_a_compact_union():
-    ids = [(slot, unit, row) for slot in range(4) for unit in range(3) for row in range(5)]
-    random.Random(0).shuffle(ids)
-    workers = [StreamPosition() for _ in range(3)]
-    for i, (slot, unit, row) in enumerate(ids[:50]):
-        workers[i % 3].add(slot, unit, [row], unit_rows=5, slot_units=3)
-    merged = StreamPosition()
-    for p in workers:
-        merged = merged.merge(p)
-    assert all(merged.consumed(*i) for i in ids[:50]) and not any(merged.consumed(*i) for i in ids[50:])
-    assert StreamPosition.from_json(merged.to_json()) == merged
-    for slot, unit, row in ids[50:]:
-        merged.add(slot, unit, [row], unit_rows=5, slot_units=3)
-    assert merged.to_json() == dict(done_slots=[[0, 4]], slots={})  # everything consumed: one range
 
 
 def test_rows_are_packed_per_unit_and_pure(corpus):

@@ -10,7 +10,8 @@ from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
 from nanoray.model import build_model
 from nanoray.optim import build_optimizers
-from nanoray.train import LocalSession, TrainConfig, fit, metrics_log, train
+from nanoray.session import LocalSession
+from nanoray.train import TrainConfig, fit, metrics_log, train
 
 MARKOV = DataSpec(kind="markov")
 
