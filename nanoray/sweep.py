@@ -463,10 +463,6 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
 
 def serve_forever(run_dir: str, host: str, port: int) -> None:
     """Serve the family the report lists (serve/ app) until Ctrl-C or `ray job stop`, then take it down."""
-    from serve.app import ServeArgs, run, serve_until_stopped
-    from serve.family import find_family
+    from serve.app import ServeArgs, serve_family
 
-    args = ServeArgs(run_dir=run_dir)
-    print("\n".join(run(args, find_family(args.run_dir), host, port)), flush=True)
-    print("serving until stopped (Ctrl-C, or `ray job stop`)", flush=True)
-    serve_until_stopped()
+    serve_family(ServeArgs(run_dir=run_dir), host, port)
