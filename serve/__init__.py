@@ -2,8 +2,10 @@
 
     python -m serve --run-dir runs/miniseries      # then open http://127.0.0.1:8000/
 
-serve/app.py holds the ingress (routes, OpenAI shapes, errors) and the builder, serve/depth.py the
-per-depth deployment around the inference engine, serve/schemas.py the request and response shapes,
-serve/family.py finds the checkpoints, serve/static/index.html is the page, serve/config.yaml the
-Serve config for `serve run` and `serve deploy`.
+serve/app.py launches (ServeArgs, the builder, serve_family); serve/routes.py is the HTTP edge (the FastAPI
+app and its Gateway ingress); serve/text.py the ingress's tokenizer work (prompts in, checked; tokens out, as
+text); serve/openai.py OpenAI's response shapes; serve/errors.py the error bodies; serve/schemas.py every
+shape, including the typed contract between the ingress and serve/depth.py, the per-depth deployment around
+the inference engine; serve/family.py finds the checkpoints; serve/static/index.html is the page and
+serve/config.yaml the Serve config for `serve run` and `serve deploy`.
 """

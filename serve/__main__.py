@@ -7,6 +7,8 @@
 
 import argparse
 
+from serve.app import ServeArgs, serve_family
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
@@ -20,23 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="sequences each replica decodes together")
     p.add_argument("--max-replicas", type=int, default=1, help="autoscaling ceiling per depth")
     args = p.parse_args(argv)
-
-    from serve.app import ServeArgs, run, serve_until_stopped
-    from serve.family import find_family
-
     try:
-        config = ServeArgs(run_dir=args.run_dir, checkpoints=args.checkpoint, num_gpus=args.gpu_fraction,
-                           max_batch=args.max_batch, max_replicas=args.max_replicas)
-        family = find_family(config.run_dir, config.checkpoints or None)
-    except (ValueError, FileNotFoundError) as e:  # pydantic ValidationError is a ValueError
+        serve_family(ServeArgs(run_dir=args.run_dir, checkpoints=args.checkpoint, num_gpus=args.gpu_fraction,
+                               max_batch=args.max_batch, max_replicas=args.max_replicas), args.host, args.port)
+    except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError; raised before Ray
         p.error(str(e))
-
-    import ray
-
-    ray.init()  # joins the cluster of this machine if one runs, else starts one
-    print("\n".join(run(config, family, args.host, args.port)))
-    print("Ctrl-C stops serving", flush=True)
-    serve_until_stopped()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class Member(BaseModel):
     depth: int = Field(description="the dial's depth (layers)")
     checkpoint: str = Field(description="absolute path of the checkpoint directory")
     seq_len: int = Field(description="context length in tokens")
-    vocab_size: int
+    vocab_size: int = Field(description="tokens in the vocabulary, special tokens included")
     params: int = Field(description="total parameters")
 
 

@@ -1,8 +1,12 @@
-"""Request and response shapes of the HTTP API: the native `/d{depth}/...` routes and OpenAI's `/v1/...`.
+"""The serving contract: HTTP request and response shapes (the native `/d{depth}/...` routes and OpenAI's
+`/v1/...`), and the typed request and events that the ingress and a depth's replica exchange.
 
-Requests are strict pydantic models (a string where a number belongs is an error, not a conversion) with
-nanochat's abuse limits; unknown fields are ignored, as OpenAI clients send many. Depth-dependent bounds
-(max_tokens <= the model's context) are checked by the routes, which know the model.
+HTTP requests are strict, frozen pydantic models (a string where a number belongs is an error, not a
+conversion) with nanochat's abuse limits; unknown fields are ignored, as OpenAI clients send many. What
+depends on the depth (the context, the vocabulary) is checked by the ingress, which holds each depth's
+tokenizer (serve/text.py). Checked once there, a request travels to its replica as a `GenerateRequest` (token
+ids in), and comes back as `Echo`, `Token` and `Finish` events (token ids out): the replica does no validation
+and no text.
 """
 
 import time
@@ -10,6 +14,8 @@ import uuid
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nanoray.engine import SamplingParams
 
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000  # nanochat's chat_web limits
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -21,11 +27,16 @@ def model_id(depth: int) -> str:
     return f"{MODEL_PREFIX}{depth}"
 
 
-class Strict(BaseModel):
+class Frozen(BaseModel):
+    """Immutable once made: a value passed along, not a record to edit."""
+    model_config = ConfigDict(frozen=True)
+
+
+class Strict(Frozen):
     """Null for an optional field is "not given" (many OpenAI clients send every unset field as null): a field
     that allows null keeps it (its meaning is documented there, e.g. top_k null = off); one that does not gets
     its default. Null for a required field (model, messages, prompt) stays an error naming it."""
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -38,10 +49,13 @@ class Strict(BaseModel):
         return data
 
 
+# Requests -------------------------------------------------------------------------------------------
+
+
 class Message(Strict):
     """One chat turn; a leading system message is merged into the first user turn."""
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    role: Literal["system", "user", "assistant"] = Field(description="who speaks; system only first")
+    content: str = Field(max_length=MAX_MESSAGE_CHARS, description="the turn's text")
 
 
 class Sampling(Strict):
@@ -51,6 +65,11 @@ class Sampling(Strict):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; null or 1 = off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same prompt, same params: same text")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate; null = up to the model's context")
+
+    @property
+    def most_tokens(self) -> int | None:
+        """The tokens asked for (null: up to the context), under whichever name the route takes."""
+        return self.max_tokens
 
 
 def _check_messages(messages: list[Message]) -> list[Message]:
@@ -66,24 +85,24 @@ def _check_messages(messages: list[Message]) -> list[Message]:
 
 class ChatRequest(Sampling):
     """POST /d{depth}/chat."""
-    messages: list[Message]
+    messages: list[Message] = Field(description="the conversation so far, the model's turn next")
     stream: bool = Field(True, description="server-sent events (true) or one JSON reply (false)")
 
     _messages = field_validator("messages")(_check_messages)
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="a last chunk with the token counts")
 
 
 class OpenAIRequest(Sampling):
     """What /v1/chat/completions and /v1/completions share. OpenAI's defaults: temperature 1, no top-k."""
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2)
+    model: str = Field(description="nanoray-d{depth}, as GET /v1/models lists them")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="an extension: OpenAI has no top-k")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    stream: bool = Field(False, description="server-sent chunks, then data: [DONE]")
+    stream_options: StreamOptions | None = Field(None, description="what a stream adds")
+    n: Literal[1] = Field(1, description="choices per prompt: one")
     stop: str | list[str] | None = Field(None, validate_default=True,
                                          description=f"up to {MAX_STOPS} strings that end the text")
 
@@ -98,27 +117,27 @@ class OpenAIRequest(Sampling):
 
 class ChatCompletionRequest(OpenAIRequest):
     """POST /v1/chat/completions."""
-    messages: list[Message]
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    messages: list[Message] = Field(description="the conversation so far, the model's turn next")
+    logprobs: bool = Field(False, description="each generated token's logprob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token, with logprobs")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
 
     _messages = field_validator("messages")(_check_messages)
 
-    @model_validator(mode="after")
-    def _max_tokens(self):
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return self
+    @property
+    def most_tokens(self) -> int | None:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
 
 class CompletionRequest(OpenAIRequest):
     """POST /v1/completions. `echo` + `logprobs` + `max_tokens: 0` scores a text (lm-eval-harness's
     loglikelihood): every prompt token's logprob given the ones before it."""
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text, token ids, or a batch of either (one choice each)")
+    max_tokens: int | None = Field(16, ge=0, description="tokens to generate; 0 = none (score the prompt)")
+    echo: bool = Field(False, description="the prompt first, in the text and the logprobs")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="each token's logprob and this many alternatives; null = none")
 
     @field_validator("prompt")
     @classmethod
@@ -140,11 +159,52 @@ class CoreRequest(Strict):
     max_per_task: int | None = Field(100, ge=1, description="examples per task; null = all (slow on CPU)")
 
 
+# Between the ingress and a depth's replica -----------------------------------------------------------
+
+
+class GenerateRequest(Frozen):
+    """One request for a depth's replica, already checked against that depth by the ingress: the prompt's
+    token ids are in the vocabulary and leave room in the context for `sampling.max_tokens`."""
+    prompt: list[int] = Field(description="token ids, BOS (and the chat rendering) included")
+    sampling: SamplingParams | None = Field(description="what to sample (max_tokens clipped to the context); "
+                                                        "None: nothing (an echo that only scores the prompt)")
+    stop_ids: list[int] = Field(description="tokens that end the text; they are not streamed")
+    score_prompt: int | None = Field(None, description="first send the prompt scored (Echo), with this many "
+                                                      "alternatives per token; None: no")
+    score_stop: bool = Field(False, description="end a text that a stop token ended with that token, scored "
+                                                "(Finish.stop_token), as vLLM does for completions")
+
+
+class Token(Frozen):
+    """A token of the prompt or of the reply, with the model's own logprobs (before temperature and filters)."""
+    id: int = Field(description="token id")
+    logprob: float | None = Field(description="log p(token | the tokens before it); None for the first token")
+    top: dict[int, float] = Field({}, description="the most likely tokens at this position and their logprobs")
+
+
+class Echo(Frozen):
+    """The replica's first event when the request asked score_prompt."""
+    prompt: list[Token] = Field(description="every prompt token, scored")
+
+
+class Finish(Frozen):
+    """The replica's last event."""
+    reason: Literal["stop", "length"] = Field(description="stop: a stop token; length: max_tokens or the context")
+    tokens: int = Field(description="tokens sampled (the stop token not counted)")
+    stop_token: Token | None = Field(None, description="the stop token that ended the text, when score_stop asked")
+
+
+Event = Echo | Token | Finish
+
+
+# Errors ---------------------------------------------------------------------------------------------
+
+
 class ErrorBody(BaseModel):
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
+    message: str = Field(description="what is wrong, starting with the field")
+    type: str = Field("invalid_request_error", description="invalid_request_error (4xx) or server_error (5xx)")
+    param: str | None = Field(None, description="the field at fault, as a path: messages[2].role")
+    code: str | None = Field(None, description="a stable name for the error, e.g. context_length_exceeded")
 
 
 class ErrorResponse(BaseModel):
@@ -172,9 +232,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "nanoray"
-    depth: int
-    params: int
-    seq_len: int
+    depth: int = Field(description="layers")
+    params: int = Field(description="total parameters")
+    seq_len: int = Field(description="context length in tokens")
     vocab_size: int
 
 
@@ -192,9 +252,9 @@ class ChatReply(BaseModel):
 
 
 class TopLogprob(BaseModel):
-    token: str
+    token: str = Field(description="the token's text (U+FFFD where its bytes are part of a character)")
     logprob: float
-    bytes: list[int]
+    bytes: list[int] = Field(description="the token's UTF-8 bytes")
 
 
 class TokenLogprob(TopLogprob):

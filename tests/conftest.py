@@ -1,16 +1,25 @@
 """Shared fixtures and helpers: one local Ray cluster per test session (with the knobs that keep Train fits
-fast on 2 cores), a small prepared corpus, CORE task bundles, Train worker processes."""
+fast on 2 cores), a small prepared corpus and tokenizer, CORE task bundles, and a served family of two tiny
+random depths."""
 
+import csv
 import itertools
 import json
 import os
+import socket
 
 import pytest
+import torch
 import yaml
+from ray import serve
 
+from nanoray.checkpoint import save_checkpoint
 from nanoray.corpus import read_source, write_shards
+from nanoray.dial import plan
+from nanoray.model import build_model
 from nanoray.stream import prepare_data
 from nanoray.tokenizer import Tokenizer
+from serve.app import build
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -58,3 +67,46 @@ def make_bundle(root, tasks, baselines=None):
     (root / "core.yaml").write_text(yaml.safe_dump({"icl_tasks": icl}))
     (root / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
     return root
+
+
+def write_family(root, tokenizer, depths=(1, 2)):
+    """A run directory: one tiny random checkpoint per depth (with the tokenizer beside it) and a results.csv."""
+    rows = []
+    for depth in depths:
+        run = plan(depth, "tiny")
+        model = build_model(run.model)
+        with torch.no_grad():  # perturb the zero-initialized projections so the text depends on the prompt
+            gen = torch.Generator().manual_seed(depth)
+            for p in model.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+        ckpt = save_checkpoint(root / f"d{depth}" / "ckpt", model, None, dict(plan=run.model_dump(), step=0),
+                               tokenizer=tokenizer)
+        rows.append(dict(trial=f"d{depth}", depth=depth, val_bpb=3.0, checkpoint=str(ckpt), status="done"))
+    with open(root / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory, corpus):
+    """A run directory with two tiny random depths, d1 and d2 (write_family)."""
+    return write_family(tmp_path_factory.mktemp("family"), corpus[1])
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, family):
+    """The family served by Ray Serve on a free port of 127.0.0.1 (the app as serve/config.yaml builds it): the
+    base URL. Serve is shut down after the module."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(dict(run_dir=str(family))), name="nanoray", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

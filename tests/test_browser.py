@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import start_serve, write_family
-
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 DRIVER = shutil.which("chromedriver")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "screenshots" / "chat-two-depths.png"
@@ -16,14 +14,6 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "runs" / "screenshots" / "cha
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no headless browser: needs chromium and "
                                 "chromedriver on PATH (apt-get install chromium chromium-driver; .ci/run does)")
-
-
-@pytest.fixture(scope="module")
-def url(ray_cluster, tmp_path_factory, corpus):
-    from ray import serve
-
-    yield start_serve(write_family(tmp_path_factory.mktemp("family"), corpus[1]))
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ the model itself), bad input of every kind, a client that hangs up mid-stream, 6
 import concurrent.futures
 import csv
 import json
-import socket
 import time
 
 import pytest
@@ -15,48 +14,6 @@ import torch
 from serve.family import find_family
 
 
-def write_family(root, tokenizer, depths=(1, 2)):
-    """A run directory: one tiny random checkpoint per depth (with the tokenizer beside it) and a results.csv."""
-    from nanoray.checkpoint import save_checkpoint
-    from nanoray.dial import plan
-    from nanoray.model import build_model
-
-    rows = []
-    for depth in depths:
-        run = plan(depth, "tiny")
-        model = build_model(run.model)
-        with torch.no_grad():  # perturb the zero-initialized projections so the text depends on the prompt
-            gen = torch.Generator().manual_seed(depth)
-            for p in model.parameters():
-                p.add_(0.5 * torch.randn(p.shape, generator=gen))
-        ckpt = save_checkpoint(root / f"d{depth}" / "ckpt", model, None, dict(plan=run.model_dump(), step=0),
-                               tokenizer=tokenizer)
-        rows.append(dict(trial=f"d{depth}", depth=depth, val_bpb=3.0, checkpoint=str(ckpt), status="done"))
-    with open(root / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_serve(run_dir) -> str:
-    """Serve run_dir's family on a free port of 127.0.0.1; the base URL."""
-    from ray import serve
-
-    from serve.app import build
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(dict(run_dir=str(run_dir))), name="nanoray", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
 def events(response) -> list:
     """The `data:` payloads of a server-sent-event response, JSON-decoded ([DONE] stays a string)."""
     out = []
@@ -64,19 +21,6 @@ def events(response) -> list:
         if line.startswith("data: "):
             out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
     return out
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory, corpus):
-    return write_family(tmp_path_factory.mktemp("family"), corpus[1])
-
-
-@pytest.fixture(scope="module")
-def url(ray_cluster, family):
-    from ray import serve
-
-    yield start_serve(family)
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +94,14 @@ def test_family_serves_finished_trials_resolves_relative_paths_and_names_bad_row
 
 
 def test_completion_logprobs_name_undecodable_tokens_by_their_bytes():
-    from serve.app import _completion_logprobs, token_key
+    from serve.openai import completion_logprobs, token_key
+    from serve.schemas import Token
+    from serve.text import Piece
 
-    def entry(raw, lp):
-        return dict(token=raw.decode("utf-8", errors="replace"), logprob=lp, bytes=list(raw))
-
-    assert token_key(entry(b"hi", 0)) == "hi" and token_key(entry(b"\xe2\x80", 0)) == "bytes:\\xe2\\x80"
-    tops = [entry(b"\xe2", -1.0), entry(b"\xe3", -2.0), entry(b"\xe2\x82", -3.0), entry("é".encode(), -4.0)]
-    out = _completion_logprobs([dict(text="", logprobs=dict(entry(b"\xe2", -1.0), top_logprobs=tops))])
+    assert token_key(b"hi") == "hi" and token_key(b"\xe2\x80") == "bytes:\\xe2\\x80"
+    token_bytes = [b"\xe2", b"\xe3", b"\xe2\x82", "é".encode()].__getitem__  # token id -> its bytes
+    token = Token(id=0, logprob=-1.0, top={0: -1.0, 1: -2.0, 2: -3.0, 3: -4.0})
+    out = completion_logprobs(token_bytes, [Piece("", token)])
     assert out.tokens == ["bytes:\\xe2"]
     assert out.top_logprobs == [{"bytes:\\xe2": -1.0, "bytes:\\xe3": -2.0, "bytes:\\xe2\\x82": -3.0, "é": -4.0}]
 
@@ -165,7 +109,7 @@ def test_completion_logprobs_name_undecodable_tokens_by_their_bytes():
 def test_core_takes_a_gpu_share_only_where_one_node_has_it(monkeypatch):
     import ray._private.state as state
 
-    from serve.app import free_gpu_share
+    from serve.routes import free_gpu_share
 
     def nodes(*free):
         monkeypatch.setattr(state, "available_resources_per_node", lambda: {str(i): n for i, n in enumerate(free)})
@@ -181,7 +125,7 @@ def test_core_takes_a_gpu_share_only_where_one_node_has_it(monkeypatch):
 
 
 def test_stop_strings_cut_streamed_text_and_hold_back_what_could_start_one():
-    from serve.depth import StopScanner
+    from serve.text import StopScanner
 
     scanner = StopScanner(["\n\n", "END"])
     assert scanner.feed("hello E") == ("hello ", False)  # "E" may start "END"
@@ -539,3 +483,31 @@ def test_core_lite_through_the_route(url):
     result = r.json()
     assert result["model"] == "nanoray-d1" and result["examples"] == 6 * 11 and -1 <= result["core"] <= 1
     assert list(result["tasks"]) == list(bigbench.TASKS)
+
+
+def test_serve_imports_point_down_and_sit_at_module_top():
+    """serve/ imports nanoray/, never the reverse; in-house imports (nanoray.*, serve.*) sit at module top, so a
+    module's dependencies read off its first lines (third-party ones may be lazy, for weight)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    known = {"nanoray/sweep.py"}  # job_main's --serve; it moves to jobs/ in the layers restructure
+
+    def imports(path):
+        """(module imported, whether at module top) for each import statement of a file."""
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                yield from ((a.name, id(node) in top) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                yield node.module, id(node) in top
+
+    for path in sorted((root / "serve").glob("*.py")):
+        lazy = [m for m, at_top in imports(path) if m.split(".")[0] in ("nanoray", "serve") and not at_top]
+        assert not lazy, f"{path.relative_to(root)}: in-house imports inside a function: {lazy}"
+    for path in sorted((root / "nanoray").rglob("*.py")):
+        if str(path.relative_to(root)) not in known:
+            up = [m for m, _ in imports(path) if m.split(".")[0] == "serve"]
+            assert not up, f"{path.relative_to(root)} imports serve/: {up}"

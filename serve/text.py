@@ -1,0 +1,193 @@
+"""The ingress's text side of a request, where each depth's tokenizer lives: chat turns or a prompt in, checked
+token ids out (an `ApiError` naming the field where they do not fit the depth); a replica's token events in,
+text out, detokenized incrementally and cut at stop strings.
+
+The replica (serve/depth.py) then sees only token ids: a request that reaches it is valid.
+"""
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from nanoray.engine import SamplingParams
+from nanoray.tokenizer import TextStream, Tokenizer, render_chat
+from serve.errors import invalid
+from serve.family import Member
+from serve.schemas import Echo, Event, Finish, GenerateRequest, Message, Sampling, Token
+
+SPECIAL_STOPS = {"chat": ("<|assistant_end|>", "<|bos|>"), "text": ("<|bos|>",)}  # tokens that end a reply
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string, holding back any tail that could start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending = stops, ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt as token ids, checked against the depth's vocabulary."""
+    tokens: list[int]
+    kind: Literal["chat", "text"]  # chat turns (rendered) or a prompt (text or token ids)
+    start: int = 0  # where the client's own tokens start: 1 after a BOS the server added
+
+    @property
+    def field(self) -> str:
+        """The request field the prompt came from, for errors."""
+        return "messages" if self.kind == "chat" else "prompt"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a reply's text; `token` is the token it came with (None: text held back until the end)."""
+    text: str
+    token: Token | None = None
+
+
+class DepthText:
+    """One depth's tokenizer at the edge: prompts in, checked; replies' tokens out, as text."""
+
+    def __init__(self, member: Member, tokenizer: Tokenizer):
+        self.member, self.tokenizer = member, tokenizer
+        self.stop_ids = {kind: [tokenizer.encode_special(t) for t in names] for kind, names in SPECIAL_STOPS.items()}
+
+    def chat(self, messages: list[Message]) -> Prompt:
+        try:
+            return Prompt(render_chat(self.tokenizer, [m.model_dump() for m in messages]), "chat")
+        except ValueError as e:  # it names the message: "messages[2].role: ..."
+            param = str(e).split(":")[0]
+            raise invalid(param if param.startswith("messages") else "messages", str(e)) from None
+
+    def text(self, prompt: str | list[int]) -> Prompt:
+        """A text gets a BOS in front; token ids are taken as they are."""
+        if isinstance(prompt, str):
+            return Prompt(self.tokenizer.encode(prompt, bos=True), "text", start=1)
+        vocab = self.member.vocab_size
+        if bad := [t for t in prompt if not 0 <= t < vocab]:
+            raise invalid("prompt", f"token ids must be in [0, {vocab}), got {bad[0]}")
+        return Prompt(list(prompt), "text")
+
+    def room(self, prompt: Prompt, max_tokens: int | None) -> int:
+        """The tokens to sample: max_tokens, checked against the context (None: all the room there is)."""
+        seq_len, length = self.member.seq_len, len(prompt.tokens)
+        room = seq_len - length
+        if max_tokens is None:
+            if room < 1:
+                raise invalid(prompt.field, f"{length} tokens leave no room in this model's context of "
+                                            f"{seq_len} tokens", "context_length_exceeded")
+            return room
+        if max_tokens > room:
+            raise invalid(prompt.field if room < 0 else "max_tokens",
+                          f"this model's context is {seq_len} tokens and the prompt has {length}, so max_tokens "
+                          f"can be at most {max(room, 0)}; got {max_tokens}", "context_length_exceeded")
+        return max_tokens
+
+    def request(self, prompt: Prompt, req: Sampling, logprobs: int | None = None,
+                echo: bool = False) -> GenerateRequest:
+        """The replica's request. logprobs: None, or alternatives per token to report; echo: the prompt's
+        tokens come back first (scored by the replica where logprobs are asked)."""
+        max_tokens = self.room(prompt, req.most_tokens)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                                  top_p=req.top_p, seed=req.seed, logprobs=logprobs or 0) if max_tokens else None
+        # Completions with logprobs or echo end with the stop token that ended them (text "", its logprob), as
+        # vLLM does: lm-eval-harness's loglikelihood (echo, logprobs, max_tokens 1) slices
+        # token_logprobs[ctxlen:-1] and would otherwise lose a prompt token.
+        return GenerateRequest(prompt=prompt.tokens, sampling=sampling, stop_ids=self.stop_ids[prompt.kind],
+                               score_prompt=logprobs if echo and logprobs is not None else None,
+                               score_stop=prompt.kind == "text" and (logprobs is not None or echo))
+
+    def echo(self, prompt: Prompt, scored: list[Token] | None) -> list[Piece]:
+        """The client's own prompt tokens as pieces of text, with their scores where the replica sent them."""
+        tokens = scored or [Token(id=t, logprob=None) for t in prompt.tokens]
+        decoder = TextStream(self.tokenizer)
+        pieces = [Piece(decoder.feed(t.id), t) for t in tokens[prompt.start:]]
+        if pieces:
+            pieces[-1] = Piece(pieces[-1].text + decoder.flush(), pieces[-1].token)
+        return pieces
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.tokenizer.encoding.decode_single_token_bytes(token)
+
+
+class Reply:
+    """One request's reply, opened: its first event has arrived (so a replica that fails does so before any
+    response starts). Iterating yields its text in pieces, cut at the first stop string, and then sets
+    finish_reason and completion_tokens; closing it early cancels the request on the replica, which frees
+    its engine slot."""
+
+    def __init__(self, text: DepthText, prompt: Prompt, stream, first: Event, stops: list[str], echo: bool):
+        self.text, self.prompt, self.stream, self.first = text, prompt, stream, first
+        self.stops, self.echo = stops, echo
+        self.prompt_tokens, self.completion_tokens = len(prompt.tokens), 0
+        self.finish_reason: str | None = None
+        self.ended = isinstance(first, Finish)  # the replica is done with it (else closing cancels it there)
+
+    @classmethod
+    async def open(cls, text: DepthText, prompt: Prompt, stream, stops: Sequence[str] = (),
+                   echo: bool = False) -> "Reply":
+        """Wait for the first event of `stream` (the replica's generate); on failure, cancel it there."""
+        try:
+            first = await stream.__anext__()
+        except BaseException:
+            stream.cancel()
+            raise
+        return cls(text, prompt, stream, first, list(stops), echo)
+
+    def cancel(self) -> None:
+        """Stop the request on its replica, unless it has ended there."""
+        if not self.ended:
+            self.ended = True
+            self.stream.cancel()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        yield self.first
+        async for event in self.stream:
+            yield event
+
+    async def __aiter__(self) -> AsyncIterator[Piece]:
+        decoder, stops = TextStream(self.text.tokenizer), StopScanner(self.stops)
+        try:
+            if self.echo and not isinstance(self.first, Echo):  # an echo without scores: the tokens are here
+                for piece in self.text.echo(self.prompt, None):
+                    yield piece
+            async for event in self._events():
+                if isinstance(event, Echo):
+                    for piece in self.text.echo(self.prompt, event.prompt):
+                        yield piece
+                elif isinstance(event, Token):
+                    self.completion_tokens += 1
+                    text, hit = stops.feed(decoder.feed(event.id))
+                    yield Piece(text, event)
+                    if hit:
+                        self.finish_reason = "stop"
+                        return
+                else:
+                    self.ended = True
+                    text, hit = stops.feed(decoder.flush())
+                    text += "" if hit else stops.flush()
+                    if text:
+                        yield Piece(text)
+                    if event.stop_token is not None and not hit:
+                        self.completion_tokens += 1
+                        yield Piece("", event.stop_token)
+                    self.finish_reason = "stop" if hit else event.reason
+                    return
+        finally:
+            self.cancel()
