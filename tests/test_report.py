@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from nanoray import report, storage
+from nanoray import storage
 from nanoray.report import COLUMNS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
