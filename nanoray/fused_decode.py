@@ -1,0 +1,453 @@
+"""The serving engine's decode step in Triton: a few fused kernels a layer, per-row positions read on the device.
+
+One step feeds one token per KV-cache slot (row b at position pos_B[b]) through the GPT of nanoray.model, with
+the math and bf16 roundings of its per-row cache path, then samples the next token of every row:
+
+    embed    x0 = norm(wte[idx]) + smear · previous normed embedding; x = layer 0's resid/x0 mix     (_embed)
+    a layer  qkv = norm(x) @ W_qkv                                                  (_linear, prologue RMSNorm)
+             rotary + QK-norm + value-embedding gate, K/V written at pos, attention over the row's cache
+             split over positions (flash-decoding: no length bucket, no mask tensor)  (_attention)
+             x += combine(splits) @ W_o                   (_linear, prologue combine, epilogue residual)
+             h = relu(norm(x) @ W_fc)²                    (_linear, prologue RMSNorm, epilogue ReLU²)
+             x += h @ W_proj, then the next layer's mix   (_linear, epilogue residual + mix)
+    head     logits = softcap(norm(x - λ·backout) @ W_lm), with each block's max, sum-exp and argmax
+    sample   Gumbel-max over top-k/top-p (nanoray.engine.sample's math, hashed noise), log-prob of the pick,
+             and the next step's inputs (token, position, step) written on the device          (_pick)
+
+So a step is 5 kernels a layer plus 3 (greedy) and needs no host work: the engine captures several steps in
+one CUDA graph. `_linear` is a GEMV for one row (BLOCK_M 1: a reduction, no tensor cores) and a skinny GEMM
+(tl.dot) for more rows; with several rows the attention splits are combined by their own kernel.
+GPU only (bf16, Triton); the engine's other decode paths are the plain PyTorch model, which the GPU tests
+compare this one against.
+
+Shape legend: B rows (slots) in the step, D width, H heads, KVH kv heads, G = H / KVH, C head dim, S splits.
+"""
+
+import math
+import os
+
+import torch
+
+from nanoray import kernels
+from nanoray.model import QK_GAIN, SMEAR_CHANNELS, SOFTCAP, VE_GATE_CHANNELS
+
+triton = kernels.triton
+if triton is not None:
+    import triton.language as tl
+
+    # Triton's CPU interpreter (TRITON_INTERPRET=1, for checking these kernels without a GPU) multiplies bf16
+    # tl.dot operands as raw bits: there the skinny GEMM runs in fp32.
+    _DOT_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+MAX_SPLITS = 64  # attention splits per row at most (the shortest split covers seq_len / 64 positions)
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and triton is not None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+if triton is not None:
+    @triton.jit
+    def _bf(x):
+        """Round fp32 to bf16 and back: the rounding of one bf16 op of the PyTorch model."""
+        return x.to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _hash32(x):
+        """nanoray.engine._hash32 on int64 lanes (products stay below 2**63)."""
+        x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _embed_kernel(idx_ptr, wte_ptr, smear_w_ptr, smear_lam_ptr, prev_ptr, x0_ptr, x_ptr, lam_ptr, D, eps,
+                      SMEAR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SM: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        tok = tl.load(idx_ptr + b)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        e = tl.load(wte_ptr + tok * D + d, mask=dm, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(e * e, axis=0) / D + eps)
+        x0n = _bf(e * rstd)
+        sm = tl.arange(0, BLOCK_SM)
+        smm = sm < SMEAR
+        head = _bf(tl.load(wte_ptr + tok * D + sm, mask=smm, other=0.0).to(tl.float32) * rstd)
+        logit = _bf(tl.sum(head * tl.load(smear_w_ptr + sm, mask=smm, other=0.0).to(tl.float32), axis=0))
+        gate = _bf(tl.load(smear_lam_ptr).to(tl.float32) * _bf(_sigmoid(logit)))
+        prev = tl.load(prev_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
+        tl.store(prev_ptr + b * D + d, x0n.to(tl.bfloat16), mask=dm)
+        x0 = _bf(x0n + _bf(gate * prev))
+        tl.store(x0_ptr + b * D + d, x0.to(tl.bfloat16), mask=dm)
+        x = tl.load(lam_ptr) * x0 + tl.load(lam_ptr + 1) * x0
+        tl.store(x_ptr + b * D + d, x.to(tl.bfloat16), mask=dm)
+
+    @triton.jit
+    def _input_rows(x_ptr, bo_ptr, bl_ptr, rows, cols, mask, K, PRO: tl.constexpr):
+        """Rows of the residual stream (minus λ·backout for PRO 2), in fp32 with the model's bf16 roundings."""
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PRO == 2:
+            bo = tl.load(bo_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _bf(x - _bf(tl.load(bl_ptr).to(tl.float32) * bo))
+        return x
+
+    @triton.jit
+    def _combined(o_ptr, lse_ptr, rows, row_mask, pos, h, window, chunk, n_split, H,
+                  C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """(BLOCK_M, C) attention output of head h: the row's nonempty splits merged by their log-sum-exps."""
+        s = tl.arange(0, BLOCK_S)
+        lo = tl.maximum(pos - window, 0)
+        valid = (s[None, :] >= (lo // chunk)[:, None]) & (s[None, :] <= (pos // chunk)[:, None]) & row_mask[:, None]
+        base = (rows[:, None] * H + h) * n_split + s[None, :]
+        lse = tl.load(lse_ptr + base, mask=valid, other=-float("inf"))
+        top = tl.max(lse, axis=1)
+        top = tl.where(row_mask, top, 0.0)
+        weight = tl.where(valid, tl.exp(lse - top[:, None]), 0.0)
+        den = tl.sum(weight, axis=1)
+        den = tl.where(den > 0, den, 1.0)
+        c = tl.arange(0, C)
+        o = tl.load(o_ptr + base[:, :, None] * C + c[None, None, :], mask=valid[:, :, None], other=0.0)
+        return tl.sum(weight[:, :, None] * o, axis=1) / den[:, None]
+
+    @triton.jit
+    def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K,
+                       res_ptr, x0_ptr, lam_ptr, save_ptr, bo_ptr, bl_ptr, xn_ptr,
+                       o_ptr, lse_ptr, pos_ptr, window, chunk, n_split, stats_ptr, eps, softcap,
+                       PRO: tl.constexpr, EPI: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
+                       STORE_XN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+        """out = epilogue(prologue(x) @ wᵀ) for rows < M, columns < N; w is (N, K) bf16, row-major.
+        PRO 0: x as is; 1: RMSNorm of x's rows; 2: RMSNorm of x - λ·backout; 3: attention splits combined
+        (K = heads x C, BLOCK_K = C). EPI 0: bf16; 1: ReLU²; 2: out = x + y in place (SAVE: a copy to
+        save_ptr; MIX: then the next layer's resid/x0 mix); 3: softcapped fp32 logits and per-block
+        (max, sum-exp, argmax) for the sampler. STORE_XN: the first column block writes the normed rows."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_mask = rm < M
+        n_mask = rn < N
+        if PRO == 1 or PRO == 2:
+            sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                a = _input_rows(x_ptr, bo_ptr, bl_ptr, rm, rk, m_mask[:, None] & (rk < K)[None, :], K, PRO)
+                sumsq += tl.sum(a * a, axis=1)
+            rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        if PRO == 3:
+            pos = tl.load(pos_ptr + rm, mask=m_mask, other=0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            a_mask = m_mask[:, None] & k_mask[None, :]
+            if PRO == 3:
+                a = _combined(o_ptr, lse_ptr, rm, m_mask, pos, k0 // BLOCK_K, window, chunk, n_split,
+                              K // BLOCK_K, BLOCK_K, BLOCK_S).to(tl.bfloat16)
+            elif PRO == 0:
+                a = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=a_mask, other=0.0)
+            else:
+                a = (_input_rows(x_ptr, bo_ptr, bl_ptr, rm, rk, a_mask, K, PRO) * rstd[:, None]).to(tl.bfloat16)
+                if STORE_XN:
+                    tl.store(xn_ptr + rm[:, None] * K + rk[None, :], a, mask=a_mask & (pid_n == 0))
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if BLOCK_M >= 16 and _DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+            elif BLOCK_M >= 16:
+                acc += tl.dot(a, tl.trans(w))
+            else:
+                acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        y = _bf(acc)  # the bf16 output of F.linear
+        off = rm[:, None] * N + rn[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if EPI == 0:
+            tl.store(out_ptr + off, y.to(tl.bfloat16), mask=mask)
+        elif EPI == 1:
+            r = tl.maximum(y, 0.0)
+            tl.store(out_ptr + off, (r * r).to(tl.bfloat16), mask=mask)
+        elif EPI == 2:
+            x = _bf(tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32) + y)
+            if SAVE:
+                tl.store(save_ptr + off, x.to(tl.bfloat16), mask=mask)
+            if MIX:
+                x0 = tl.load(x0_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(lam_ptr) * x + tl.load(lam_ptr + 1) * x0
+            tl.store(out_ptr + off, x.to(tl.bfloat16), mask=mask)
+        else:
+            z = softcap * _tanh(y / softcap)
+            tl.store(out_ptr + off, z, mask=mask)
+            z = tl.where(mask, z, -float("inf"))
+            top = tl.max(z, axis=1)
+            arg = tl.argmax(z, axis=1) + pid_n * BLOCK_N
+            sum_exp = tl.sum(tl.exp(z - top[:, None]), axis=1)
+            at = (rm * tl.num_programs(0) + pid_n) * 3
+            tl.store(stats_ptr + at, top, mask=m_mask)
+            tl.store(stats_ptr + at + 1, sum_exp, mask=m_mask)
+            tl.store(stats_ptr + at + 2, arg.to(tl.float32), mask=m_mask)
+
+    @triton.jit
+    def _rope_norm(x1, x2, cos, sin, eps, gain, C: tl.constexpr):
+        """nanoray.model: norm(apply_rotary(x)) * QK_GAIN in bf16, on the two halves of each row."""
+        r1 = _bf(_bf(x1 * cos) + _bf(x2 * sin))
+        r2 = _bf(_bf(x2 * cos) - _bf(x1 * sin))
+        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / C + eps)
+        return _bf(_bf(r1 * rstd[:, None]) * gain), _bf(_bf(r2 * rstd[:, None]) * gain)
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
+                          k_cache, v_cache, o_ptr, lse_ptr, stride_cb, stride_cg, D, window, chunk, n_split,
+                          eps, gain, scale, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, C: tl.constexpr,
+                          HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_J: tl.constexpr, BLOCK_VE: tl.constexpr):
+        """Program (b, g, s): the G query heads of kv head g of row b over positions [s·chunk, (s+1)·chunk)
+        of its window. The row's new key/value (position pos) come from registers, so no program reads the
+        cache where one of them writes it; the split holding pos writes them."""
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        s = tl.program_id(2)
+        pos = tl.load(pos_ptr + b)
+        start = tl.maximum(s * chunk, tl.maximum(pos - window, 0))
+        end = tl.minimum(s * chunk + chunk, pos + 1)
+        if start < end:
+            HALF: tl.constexpr = C // 2
+            c = tl.arange(0, HALF)
+            row = qkv_ptr + b * ((H + 2 * KVH) * C)
+            cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)[None, :]
+            sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)[None, :]
+            jg = tl.arange(0, BLOCK_G)
+            gm = jg < G
+            heads = g * G + jg
+            q1 = tl.load(row + heads[:, None] * C + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+            q2 = tl.load(row + heads[:, None] * C + HALF + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+            q1, q2 = _rope_norm(q1, q2, cos, sin, eps, gain, C)
+            k1 = tl.load(row + (H + g) * C + c).to(tl.float32)[None, :]
+            k2 = tl.load(row + (H + g) * C + HALF + c).to(tl.float32)[None, :]
+            k1, k2 = _rope_norm(k1, k2, cos, sin, eps, gain, C)
+            v1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)[None, :]
+            v2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)[None, :]
+            if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
+                vc = tl.arange(0, BLOCK_VE)
+                vm = vc < VE_CH
+                xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
+                wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
+                gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
+                ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
+                v1 = _bf(v1 + _bf(gate * tl.load(ve + c).to(tl.float32)[None, :]))
+                v2 = _bf(v2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)[None, :]))
+            kc = k_cache + b * stride_cb + g * stride_cg
+            vcache = v_cache + b * stride_cb + g * stride_cg
+            if s == pos // chunk:
+                tl.store(kc + pos * C + c[None, :], k1.to(tl.bfloat16))
+                tl.store(kc + pos * C + HALF + c[None, :], k2.to(tl.bfloat16))
+                tl.store(vcache + pos * C + c[None, :], v1.to(tl.bfloat16))
+                tl.store(vcache + pos * C + HALF + c[None, :], v2.to(tl.bfloat16))
+            m_i = tl.full([BLOCK_G], -float("inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+            for j0 in range(start, end, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                live = j < end
+                old = (live & (j < pos))[:, None]
+                new = (j == pos)[:, None]
+                kt1 = tl.where(new, k1, tl.load(kc + j[:, None] * C + c[None, :], mask=old, other=0.0).to(tl.float32))
+                kt2 = tl.where(new, k2, tl.load(kc + j[:, None] * C + HALF + c[None, :], mask=old,
+                                                other=0.0).to(tl.float32))
+                score = tl.sum(q1[:, None, :] * kt1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * kt2[None, :, :],
+                                                                                  axis=2)
+                score = tl.where(live[None, :], score * scale, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(score, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(score - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                vt1 = tl.where(new, v1, tl.load(vcache + j[:, None] * C + c[None, :], mask=old,
+                                                other=0.0).to(tl.float32))
+                vt2 = tl.where(new, v2, tl.load(vcache + j[:, None] * C + HALF + c[None, :], mask=old,
+                                                other=0.0).to(tl.float32))
+                acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vt1[None, :, :], axis=1)
+                acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vt2[None, :, :], axis=1)
+                m_i = m_new
+            out = ((b * H + heads) * n_split + s)
+            tl.store(o_ptr + out[:, None] * C + c[None, :], acc1 / l_i[:, None], mask=gm[:, None])
+            tl.store(o_ptr + out[:, None] * C + HALF + c[None, :], acc2 / l_i[:, None], mask=gm[:, None])
+            tl.store(lse_ptr + out, m_i + tl.log(l_i), mask=gm)
+
+    @triton.jit
+    def _combine_kernel(o_ptr, lse_ptr, pos_ptr, y_ptr, window, chunk, n_split,
+                        H: tl.constexpr, C: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        rows = b + tl.arange(0, 1)
+        pos = tl.load(pos_ptr + rows)
+        y = _combined(o_ptr, lse_ptr, rows, rows >= 0, pos, h, window, chunk, n_split, H, C, BLOCK_S)
+        c = tl.arange(0, C)
+        tl.store(y_ptr + rows[:, None] * (H * C) + h * C + c[None, :], y.to(tl.bfloat16))
+
+    @triton.jit
+    def _pick_kernel(stats_ptr, n_blocks, topv_ptr, topi_ptr, state_ptr, fstate_ptr, out_ptr, lse_ptr,
+                     n_state, max_pos, out_stride, K_MAX: tl.constexpr, BLOCK_NB: tl.constexpr):
+        """Row b's token: the argmax (K_MAX 1) or a Gumbel-max draw among its top-k/top-p candidates (the
+        K_MAX best logits, sorted), its log-prob, and the row's next inputs. state rows: token, pos, step,
+        hashed seed, top_k, active; fstate rows: temperature, top_p."""
+        b = tl.program_id(0).to(tl.int64)
+        nb = tl.arange(0, BLOCK_NB)
+        nbm = nb < n_blocks
+        at = (b * n_blocks + nb) * 3
+        block_max = tl.load(stats_ptr + at, mask=nbm, other=-float("inf"))
+        block_sum = tl.load(stats_ptr + at + 1, mask=nbm, other=0.0)
+        top = tl.max(block_max, axis=0)
+        lse = top + tl.log(tl.sum(block_sum * tl.exp(block_max - top), axis=0))
+        step = tl.load(state_ptr + 2 * n_state + b)
+        if K_MAX == 1:
+            first = tl.argmax(block_max, axis=0)
+            token = tl.sum(tl.where(nb == first, tl.load(stats_ptr + at + 2, mask=nbm, other=0.0), 0.0),
+                           axis=0).to(tl.int64)
+            chosen = top
+        else:
+            r = tl.arange(0, K_MAX)
+            values = tl.load(topv_ptr + b * K_MAX + r)
+            ids = tl.load(topi_ptr + b * K_MAX + r)
+            z = values / tl.load(fstate_ptr + b)
+            in_k = r < tl.load(state_ptr + 4 * n_state + b)
+            z = tl.where(in_k, z, -float("inf"))
+            e = tl.exp(z - tl.max(z, axis=0))
+            p = e / tl.sum(e, axis=0)
+            keep = in_k & (tl.cumsum(p, axis=0) - p < tl.load(fstate_ptr + n_state + b))
+            key = _hash32(tl.load(state_ptr + 3 * n_state + b) ^ step)
+            uniform = ((_hash32(key ^ r) >> 9).to(tl.float32) + 0.5) / 8388608.0
+            noisy = tl.where(keep, z - tl.log(-tl.log(uniform)), -float("inf"))
+            pick = r == tl.argmax(noisy, axis=0)
+            token = tl.sum(tl.where(pick, ids, 0), axis=0)
+            chosen = tl.sum(tl.where(pick, values, 0.0), axis=0)
+        tl.store(out_ptr + b * out_stride, token.to(tl.float32))
+        tl.store(out_ptr + b * out_stride + 1, chosen - lse)
+        tl.store(lse_ptr + b, lse)
+        active = tl.load(state_ptr + 5 * n_state + b)
+        tl.store(state_ptr + b, token)
+        tl.store(state_ptr + n_state + b, tl.minimum(tl.load(state_ptr + n_state + b) + active, max_pos))
+        tl.store(state_ptr + 2 * n_state + b, step + active)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _gemv_blocks(N: int, K: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the one-row GEMV: about 256 programs or more, tiles of 4096 weights."""
+    block_n = min(64, max(4, 1 << max(N // 256, 1).bit_length() - 1))
+    return block_n, min(_pow2(K), 4096 // block_n)
+
+
+class FusedDecoder:
+    """The decode step of a prepared (bf16) GPT on its engine's KV cache and slot state (module docstring)."""
+
+    def __init__(self, model, cache, state: torch.Tensor, fstate: torch.Tensor):
+        """state (6, slots) int64: token, pos, step, hashed seed, top_k, active; fstate (2, slots) fp32:
+        temperature, top_p. The step reads its inputs there and writes the next ones."""
+        cfg = model.config
+        self.L, self.D, self.H, self.KVH, self.C = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.V, self.seq_len = cfg.vocab_size, cfg.seq_len
+        if self.H % self.KVH or self.C % 2 or self.C != _pow2(self.C):
+            raise ValueError(f"fused decode needs n_head % n_kv_head == 0 and a power-of-two head_dim, got {cfg}")
+        self.cache, self.state, self.fstate = cache, state, fstate
+        self.eps = torch.finfo(torch.bfloat16).eps
+        self.layers = []
+        for i, block in enumerate(model.blocks):
+            attn = block.attn
+            ve = model.value_embeds[str(i)].weight if str(i) in model.value_embeds else None
+            self.layers.append(dict(qkv=attn.w_qkv, o=attn.c_proj.weight, fc=block.mlp.c_fc.weight,
+                                    proj=block.mlp.c_proj.weight, ve=ve, window=min(attn.window, self.seq_len),
+                                    gate=None if ve is None else attn.ve_gate.weight.contiguous()))
+        self.lam = torch.stack([model.resid_lambdas, model.x0_lambdas], dim=1).float().contiguous()
+        self.wte, self.lm_head = model.wte.weight, model.lm_head.weight
+        self.smear_w = model.smear_gate.weight.reshape(-1).contiguous()
+        self.smear_lam = model.smear_lambda.detach().to(torch.bfloat16)
+        self.backout_lam = model.backout_lambda.detach().to(torch.bfloat16)
+        self.cos = model.cos[0, :self.seq_len, 0].to(torch.bfloat16).contiguous()
+        self.sin = model.sin[0, :self.seq_len, 0].to(torch.bfloat16).contiguous()
+        n, dev, bf = state.size(1), state.device, torch.bfloat16
+        D, HC = self.D, self.H * self.C
+        self.x, self.x0, self.xn, self.backout = (torch.zeros(n, D, device=dev, dtype=bf) for _ in range(4))
+        self.qkv = torch.zeros(n, (self.H + 2 * self.KVH) * self.C, device=dev, dtype=bf)
+        self.y = torch.zeros(n, HC, device=dev, dtype=bf)
+        self.h = torch.zeros(n, 4 * D, device=dev, dtype=bf)
+        self.o = torch.zeros(n, self.H, MAX_SPLITS, self.C, device=dev)
+        self.lse = torch.zeros(n, self.H, MAX_SPLITS, device=dev)
+        self.logits = torch.zeros(n, self.V, device=dev)
+        self.lm_blocks = _gemv_blocks(self.V, D)
+        self.stats = torch.zeros(n, triton.cdiv(self.V, min(self.lm_blocks[0], 32)), 3, device=dev)
+        self.n_blocks = 0  # column blocks of the last lm_head (its stats' row length)
+        self.row_lse = torch.zeros(n, device=dev)
+
+    def _linear(self, x, w, out, B, PRO=0, EPI=0, MIX=False, SAVE=False, STORE_XN=False, layer=None,
+                window=0, chunk=1, blocks=None) -> int:
+        """One _linear_kernel launch over B rows; returns its number of column blocks."""
+        N, K = w.shape[0] if EPI != 3 else self.V, w.shape[1]
+        if B == 1:
+            block_m, (block_n, block_k) = 1, blocks or _gemv_blocks(N, K)
+        else:
+            block_m, block_n, block_k = min(64, max(16, _pow2(B))), 32, 128
+        if PRO == 3:
+            block_k = self.C
+        lam = self.lam[layer + 1] if MIX else self.lam
+        grid = (triton.cdiv(N, block_n), triton.cdiv(B, block_m))
+        _linear_kernel[grid](self.y if x is None else x, w, out, B, N, K, out, self.x0, lam, self.backout,
+                             self.backout, self.backout_lam, self.xn, self.o, self.lse, self.state[1], window, chunk,
+                             MAX_SPLITS, self.stats, self.eps, SOFTCAP, PRO=PRO, EPI=EPI, MIX=MIX, SAVE=SAVE,
+                             STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)) if PRO == 3 else 1, num_warps=4)
+        return grid[0]
+
+    def chunk(self, B: int) -> int:
+        """Positions per attention split: short splits for few rows (more programs), long ones for many."""
+        target = 64 if B <= 16 else 256
+        return max(target, triton.cdiv(self.seq_len, MAX_SPLITS))
+
+    def forward(self, B: int) -> torch.Tensor:
+        """Logits (B, V) fp32 of the slots' current tokens at their positions; writes the cache in place."""
+        tokens, pos = self.state[0], self.state[1]
+        D, L = self.D, self.L
+        _embed_kernel[(B,)](tokens, self.wte, self.smear_w, self.smear_lam, self.cache.prev_emb, self.x0, self.x,
+                            self.lam[0], D, self.eps, SMEAR=SMEAR_CHANNELS, BLOCK_D=_pow2(D),
+                            BLOCK_SM=_pow2(SMEAR_CHANNELS), num_warps=4)
+        chunk = self.chunk(B)
+        for i, layer in enumerate(self.layers):
+            has_ve = layer["ve"] is not None
+            self._linear(self.x, layer["qkv"], self.qkv, B, PRO=1, STORE_XN=has_ve)
+            k, v = self.cache.k[i], self.cache.v[i]
+            _attention_kernel[(B, self.KVH, triton.cdiv(self.seq_len, chunk))](
+                self.qkv, self.cos, self.sin, pos, tokens, self.xn, layer["gate"] if has_ve else self.xn,
+                layer["ve"] if has_ve else self.xn, k, v, self.o, self.lse, k.stride(0), k.stride(1), D,
+                layer["window"], chunk, MAX_SPLITS, self.eps, QK_GAIN, 1 / math.sqrt(self.C),
+                H=self.H, KVH=self.KVH, G=self.H // self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
+                BLOCK_G=_pow2(self.H // self.KVH), BLOCK_J=min(chunk, max(16, 64 // _pow2(self.H // self.KVH))),
+                BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
+            if B == 1:
+                self._linear(None, layer["o"], self.x, B, PRO=3, EPI=2, window=layer["window"], chunk=chunk)
+            else:
+                _combine_kernel[(B, self.H)](self.o, self.lse, pos, self.y, layer["window"], chunk, MAX_SPLITS,
+                                             H=self.H, C=self.C, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
+                                             num_warps=4)
+                self._linear(self.y, layer["o"], self.x, B, EPI=2)
+            self._linear(self.x, layer["fc"], self.h, B, PRO=1, EPI=1)
+            self._linear(self.h, layer["proj"], self.x, B, EPI=2, MIX=i + 1 < L, SAVE=i == L // 2, layer=i)
+        self.n_blocks = self._linear(self.x, self.lm_head, self.logits, B, PRO=2, EPI=3, blocks=self.lm_blocks)
+        return self.logits[:B]
+
+    def sample(self, B: int, k_max: int, out: torch.Tensor) -> None:
+        """After forward: each row's token and log-prob into out (B, >= 2) fp32; the next inputs into state."""
+        n_blocks = self.n_blocks
+        if k_max > 1:
+            values, ids = self.logits[:B].topk(k_max, dim=-1)
+        else:
+            values = ids = self.logits
+        _pick_kernel[(B,)](self.stats, n_blocks, values, ids, self.state, self.fstate, out, self.row_lse,
+                           self.state.size(1), self.seq_len - 1, out.stride(0), K_MAX=k_max,
+                           BLOCK_NB=_pow2(n_blocks), num_warps=4)
