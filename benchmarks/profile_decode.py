@@ -91,12 +91,14 @@ def kernels(engine, prompt, tokens: int) -> collections.Counter:
         torch.cuda.synchronize()
     every = prof.profiler.kineto_results.events()
     events = sorted((e for e in every if e.device_type() == torch.autograd.DeviceType.CUDA), key=lambda e: e.start_ns())
-    launches = sorted(e.correlation_id() for e in every
-                      if e.device_type() == torch.autograd.DeviceType.CPU and "GraphLaunch" in e.name())
-    second = set(launches[1::2])  # an engine with two graphs a step (decode, sample): the second one's kernels
+    launches = {e.correlation_id() for e in every
+                if e.device_type() == torch.autograd.DeviceType.CPU and "GraphLaunch" in e.name()}
+    per_launch = collections.Counter(e.correlation_id() for e in events if e.correlation_id() in launches)
+    # An engine with two graphs a step (decode, then sample): the sampler's are the graphs of fewer kernels.
+    sampler = {cid for cid, n in per_launch.items() if n < max(per_launch.values(), default=0) / 4}
     totals = collections.Counter(graph_launches=len(launches))
     for e in events:
-        cls = "sampling" if getattr(engine, "_emit", None) and e.correlation_id() in second else kernel_class(e.name())
+        cls = "sampling" if e.correlation_id() in sampler else kernel_class(e.name())
         totals[f"ns:{cls}"] += e.duration_ns()
         totals[f"n:{cls}"] += 1
         totals["kernels"] += 1
@@ -125,10 +127,14 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--label", default="", help="a name for this engine version in the JSON")
+    p.add_argument("--decode", choices=("fused", "compiled", "eager"), default=None,
+                   help="the engine's decode path (default: its own default; older engines take none)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(ModelConfig(**plan(args.depth, args.preset).model_kwargs()), device=device)
-    engine = Engine(model, Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), max_batch=8)
+    kwargs = {} if args.decode is None else dict(fused_decode=args.decode == "fused",
+                                                 compile_decode=args.decode == "compiled")
+    engine = Engine(model, Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), max_batch=8, **kwargs)
     args.prompt = min(args.prompt, model.config.seq_len // 2)
     prompt = torch.randint(model.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     try:

@@ -107,9 +107,10 @@ async def measure(engine: Engine, args, vocab: int) -> dict:
     return result
 
 
-def graph_step_ms(engine: Engine, rows: int, position: int) -> float | None:
+def graph_step_ms(engine: Engine, rows: int, position: int) -> tuple[float, dict] | None:
     """GPU ms per decode step of the captured greedy graph over `rows` slots, each at `position` (CUDA events
-    around 50 replays); None without CUDA graphs or if that graph was not captured."""
+    around 50 replays), and its kernels' ms per step by name (profiler, 3 replays); None without CUDA graphs or
+    if that graph was not captured."""
     keys = [k for k in engine._graphs if k[0] == rows and k[2] == 1 and k[3] == 0]
     if not keys:
         return None
@@ -124,7 +125,32 @@ def graph_step_ms(engine: Engine, rows: int, position: int) -> float | None:
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / (50 * key[1])
+    state[1, :rows] = position
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    by_name = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name[:40]] = by_name.get(e.name[:40], 0) + e.device_time / 1e3 / (3 * key[1])
+    top = dict(sorted(((k, round(v, 4)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8])
+    return start.elapsed_time(end) / (50 * key[1]), top
+
+
+def forward_tok_s(engine: Engine, rows: int, length: int) -> float:
+    """Prompt tokens/s of the bare model forward (logits at every position) over rows x length random ids."""
+    ids = torch.randint(engine.vocab_size, (rows, length), device=engine.device)
+    for _ in range(2):
+        engine.model(ids)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        engine.model(ids)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 3 * rows * length / (time.perf_counter() - start)
 
 
 def kernels_per_step(engine: Engine, position: int) -> int:
@@ -179,9 +205,11 @@ def main() -> None:
     with torch.no_grad():
         if engine.cuda_graphs:
             for rows in (1, max_batch):
-                ms = graph_step_ms(engine, rows, mid)
-                result[f"graph_step_ms_b{rows}"] = None if ms is None else round(ms, 4)
+                timed = graph_step_ms(engine, rows, mid)
+                result[f"graph_step_ms_b{rows}"] = None if timed is None else round(timed[0], 4)
+                result[f"graph_kernel_ms_b{rows}"] = None if timed is None else timed[1]
         kernels = kernels_per_step(engine, mid) if engine.device.type == "cuda" else None
+        result["forward_tok_s_b32"] = round(forward_tok_s(engine, 32, args.prompt), 1)
 
     weights = [m.weight for m in engine.model.modules() if isinstance(m, Linear)]
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)

@@ -143,7 +143,10 @@ if triton is not None:
             rstd = 1.0 / tl.sqrt(sumsq / K + eps)
         if PRO == 3:
             pos = tl.load(pos_ptr + rm, mask=m_mask, other=0)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if BLOCK_M >= 16:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:  # one row: products summed lane-wise, reduced across lanes once after the loop
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
@@ -163,7 +166,9 @@ if triton is not None:
             elif BLOCK_M >= 16:
                 acc += tl.dot(a, tl.trans(w))
             else:
-                acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                acc2 += w.to(tl.float32) * a.to(tl.float32)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc2, axis=1)[None, :]
         y = _bf(acc)  # the bf16 output of F.linear
         off = rm[:, None] * N + rn[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
@@ -194,24 +199,26 @@ if triton is not None:
 
     @triton.jit
     def _rope_norm(x1, x2, cos, sin, eps, gain, C: tl.constexpr):
-        """nanoray.model: norm(apply_rotary(x)) * QK_GAIN in bf16, on the two halves of each row."""
+        """nanoray.model: norm(apply_rotary(x)) * QK_GAIN in bf16, on the two halves of one head."""
         r1 = _bf(_bf(x1 * cos) + _bf(x2 * sin))
         r2 = _bf(_bf(x2 * cos) - _bf(x1 * sin))
-        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / C + eps)
-        return _bf(_bf(r1 * rstd[:, None]) * gain), _bf(_bf(r2 * rstd[:, None]) * gain)
+        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=0) + tl.sum(r2 * r2, axis=0)) / C + eps)
+        return _bf(_bf(r1 * rstd) * gain), _bf(_bf(r2 * rstd) * gain)
 
     @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
                           k_cache, v_cache, o_ptr, lse_ptr, stride_cb, stride_cg, D, window, chunk, n_split,
-                          eps, gain, scale, H: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, C: tl.constexpr,
-                          HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_J: tl.constexpr, BLOCK_VE: tl.constexpr):
-        """Program (b, g, s): the G query heads of kv head g of row b over positions [s·chunk, (s+1)·chunk)
-        of its window. The row's new key/value (position pos) come from registers, so no program reads the
-        cache where one of them writes it; the split holding pos writes them."""
+                          eps, gain, scale, H: tl.constexpr, KVH: tl.constexpr, C: tl.constexpr,
+                          HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
+                          BLOCK_VE: tl.constexpr):
+        """Program (b, h, s): query head h of row b over positions [s·chunk, (s+1)·chunk) of its window, with
+        rotary + QK-norm of q and of the new k, and the gated value embedding of the new v, done here. The new
+        key/value (position pos) come from registers, so no program reads the cache where one writes it; the
+        split holding pos, first head of its kv group, writes them."""
         b = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1)
+        h = tl.program_id(1)
         s = tl.program_id(2)
+        g = h // (H // KVH)
         pos = tl.load(pos_ptr + b)
         start = tl.maximum(s * chunk, tl.maximum(pos - window, 0))
         end = tl.minimum(s * chunk + chunk, pos + 1)
@@ -219,19 +226,21 @@ if triton is not None:
             HALF: tl.constexpr = C // 2
             c = tl.arange(0, HALF)
             row = qkv_ptr + b * ((H + 2 * KVH) * C)
-            cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)[None, :]
-            sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)[None, :]
-            jg = tl.arange(0, BLOCK_G)
-            gm = jg < G
-            heads = g * G + jg
-            q1 = tl.load(row + heads[:, None] * C + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            q2 = tl.load(row + heads[:, None] * C + HALF + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            q1, q2 = _rope_norm(q1, q2, cos, sin, eps, gain, C)
-            k1 = tl.load(row + (H + g) * C + c).to(tl.float32)[None, :]
-            k2 = tl.load(row + (H + g) * C + HALF + c).to(tl.float32)[None, :]
-            k1, k2 = _rope_norm(k1, k2, cos, sin, eps, gain, C)
-            v1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)[None, :]
-            v2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)[None, :]
+            kc = k_cache + b * stride_cb + g * stride_cg
+            vcache = v_cache + b * stride_cb + g * stride_cg
+            j = start + tl.arange(0, BLOCK_J)
+            old = ((j < end) & (j < pos))[:, None]
+            kt1 = tl.load(kc + j[:, None] * C + c[None, :], mask=old, other=0.0)  # first tile's loads in flight
+            kt2 = tl.load(kc + j[:, None] * C + HALF + c[None, :], mask=old, other=0.0)
+            cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)
+            q1, q2 = _rope_norm(tl.load(row + h * C + c).to(tl.float32), tl.load(row + h * C + HALF + c).to(tl.float32),
+                                cos, sin, eps, gain, C)
+            q1, q2 = q1 * scale, q2 * scale
+            k1, k2 = _rope_norm(tl.load(row + (H + g) * C + c).to(tl.float32),
+                                tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
+            v1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
+            v2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
             if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
                 vc = tl.arange(0, BLOCK_VE)
                 vm = vc < VE_CH
@@ -239,45 +248,43 @@ if triton is not None:
                 wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
                 gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
                 ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-                v1 = _bf(v1 + _bf(gate * tl.load(ve + c).to(tl.float32)[None, :]))
-                v2 = _bf(v2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)[None, :]))
-            kc = k_cache + b * stride_cb + g * stride_cg
-            vcache = v_cache + b * stride_cb + g * stride_cg
-            if s == pos // chunk:
-                tl.store(kc + pos * C + c[None, :], k1.to(tl.bfloat16))
-                tl.store(kc + pos * C + HALF + c[None, :], k2.to(tl.bfloat16))
-                tl.store(vcache + pos * C + c[None, :], v1.to(tl.bfloat16))
-                tl.store(vcache + pos * C + HALF + c[None, :], v2.to(tl.bfloat16))
-            m_i = tl.full([BLOCK_G], -float("inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-            acc1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+                v1 = _bf(v1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
+                v2 = _bf(v2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
+            if (s == pos // chunk) & (h % (H // KVH) == 0):
+                tl.store(kc + pos * C + c, k1.to(tl.bfloat16))
+                tl.store(kc + pos * C + HALF + c, k2.to(tl.bfloat16))
+                tl.store(vcache + pos * C + c, v1.to(tl.bfloat16))
+                tl.store(vcache + pos * C + HALF + c, v2.to(tl.bfloat16))
+            m_i = tl.full([], -float("inf"), dtype=tl.float32)
+            l_j = tl.zeros([BLOCK_J], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
             for j0 in range(start, end, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
                 live = j < end
                 old = (live & (j < pos))[:, None]
                 new = (j == pos)[:, None]
-                kt1 = tl.where(new, k1, tl.load(kc + j[:, None] * C + c[None, :], mask=old, other=0.0).to(tl.float32))
-                kt2 = tl.where(new, k2, tl.load(kc + j[:, None] * C + HALF + c[None, :], mask=old,
-                                                other=0.0).to(tl.float32))
-                score = tl.sum(q1[:, None, :] * kt1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * kt2[None, :, :],
-                                                                                  axis=2)
-                score = tl.where(live[None, :], score * scale, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(score, axis=1))
+                if j0 > start:
+                    kt1 = tl.load(kc + j[:, None] * C + c[None, :], mask=old, other=0.0)
+                    kt2 = tl.load(kc + j[:, None] * C + HALF + c[None, :], mask=old, other=0.0)
+                vt1 = tl.load(vcache + j[:, None] * C + c[None, :], mask=old, other=0.0)
+                vt2 = tl.load(vcache + j[:, None] * C + HALF + c[None, :], mask=old, other=0.0)
+                kf1 = tl.where(new, k1[None, :], kt1.to(tl.float32))
+                kf2 = tl.where(new, k2[None, :], kt2.to(tl.float32))
+                score = tl.sum(kf1 * q1[None, :], axis=1) + tl.sum(kf2 * q2[None, :], axis=1)
+                score = tl.where(live, score, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(score, axis=0))
                 alpha = tl.exp(m_i - m_new)
-                p = tl.exp(score - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                vt1 = tl.where(new, v1, tl.load(vcache + j[:, None] * C + c[None, :], mask=old,
-                                                other=0.0).to(tl.float32))
-                vt2 = tl.where(new, v2, tl.load(vcache + j[:, None] * C + HALF + c[None, :], mask=old,
-                                                other=0.0).to(tl.float32))
-                acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vt1[None, :, :], axis=1)
-                acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vt2[None, :, :], axis=1)
+                p = tl.exp(score - m_new)
+                l_j = l_j * alpha + p
+                acc1 = acc1 * alpha + p[:, None] * tl.where(new, v1[None, :], vt1.to(tl.float32))
+                acc2 = acc2 * alpha + p[:, None] * tl.where(new, v2[None, :], vt2.to(tl.float32))
                 m_i = m_new
-            out = ((b * H + heads) * n_split + s)
-            tl.store(o_ptr + out[:, None] * C + c[None, :], acc1 / l_i[:, None], mask=gm[:, None])
-            tl.store(o_ptr + out[:, None] * C + HALF + c[None, :], acc2 / l_i[:, None], mask=gm[:, None])
-            tl.store(lse_ptr + out, m_i + tl.log(l_i), mask=gm)
+            l_i = tl.sum(l_j, axis=0)
+            out = (b * H + h) * n_split + s
+            tl.store(o_ptr + out * C + c, tl.sum(acc1, axis=0) / l_i)
+            tl.store(o_ptr + out * C + HALF + c, tl.sum(acc2, axis=0) / l_i)
+            tl.store(lse_ptr + out, m_i + tl.log(l_i))
 
     @triton.jit
     def _combine_kernel(o_ptr, lse_ptr, pos_ptr, y_ptr, window, chunk, n_split,
@@ -339,10 +346,10 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _gemv_blocks(N: int, K: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the one-row GEMV: about 256 programs or more, tiles of 4096 weights."""
+def _gemv_blocks(N: int, K: int, tile: int = 4096) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the one-row GEMV: about 256 programs or more, tiles of `tile` weights."""
     block_n = min(64, max(4, 1 << max(N // 256, 1).bit_length() - 1))
-    return block_n, min(_pow2(K), 4096 // block_n)
+    return block_n, min(_pow2(K), tile // block_n)
 
 
 class FusedDecoder:
@@ -387,13 +394,15 @@ class FusedDecoder:
         self.row_lse = torch.zeros(n, device=dev)
 
     def _linear(self, x, w, out, B, PRO=0, EPI=0, MIX=False, SAVE=False, STORE_XN=False, layer=None,
-                window=0, chunk=1, blocks=None) -> int:
+                window=0, chunk=1, blocks=None, warps=4) -> int:
         """One _linear_kernel launch over B rows; returns its number of column blocks."""
         N, K = w.shape[0] if EPI != 3 else self.V, w.shape[1]
         if B == 1:
             block_m, (block_n, block_k) = 1, blocks or _gemv_blocks(N, K)
+        elif B <= 16:
+            block_m, block_n, block_k = 16, 32, 128
         else:
-            block_m, block_n, block_k = min(64, max(16, _pow2(B))), 32, 128
+            block_m, block_n, block_k = min(64, _pow2(B)), 64, 64
         if PRO == 3:
             block_k = self.C
         lam = self.lam[layer + 1] if MIX else self.lam
@@ -402,7 +411,7 @@ class FusedDecoder:
                              self.backout, self.backout_lam, self.xn, self.o, self.lse, self.state[1], window, chunk,
                              MAX_SPLITS, self.stats, self.eps, SOFTCAP, PRO=PRO, EPI=EPI, MIX=MIX, SAVE=SAVE,
                              STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)) if PRO == 3 else 1, num_warps=4)
+                             BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)) if PRO == 3 else 1, num_warps=warps)
         return grid[0]
 
     def chunk(self, B: int) -> int:
@@ -422,13 +431,12 @@ class FusedDecoder:
             has_ve = layer["ve"] is not None
             self._linear(self.x, layer["qkv"], self.qkv, B, PRO=1, STORE_XN=has_ve)
             k, v = self.cache.k[i], self.cache.v[i]
-            _attention_kernel[(B, self.KVH, triton.cdiv(self.seq_len, chunk))](
+            _attention_kernel[(B, self.H, triton.cdiv(self.seq_len, chunk))](
                 self.qkv, self.cos, self.sin, pos, tokens, self.xn, layer["gate"] if has_ve else self.xn,
                 layer["ve"] if has_ve else self.xn, k, v, self.o, self.lse, k.stride(0), k.stride(1), D,
                 layer["window"], chunk, MAX_SPLITS, self.eps, QK_GAIN, 1 / math.sqrt(self.C),
-                H=self.H, KVH=self.KVH, G=self.H // self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
-                BLOCK_G=_pow2(self.H // self.KVH), BLOCK_J=min(chunk, max(16, 64 // _pow2(self.H // self.KVH))),
-                BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
+                H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
+                BLOCK_J=min(chunk, 64), BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
             if B == 1:
                 self._linear(None, layer["o"], self.x, B, PRO=3, EPI=2, window=layer["window"], chunk=chunk)
             else:

@@ -203,20 +203,21 @@ def _generate_all(engine, prompts, params):
 @pytest.mark.parametrize("path", ["fused", "compiled"])
 def test_engine_fast_decode_path_runs_without_falling_back(path, recwarn):
     """The default fused path (and torch.compile of the model's decode forward, on this GPU's torch) run inside
-    the CUDA graphs: the test fails if either falls back (a fallback warns and changes decode_path). Greedy
-    tokens agree with the eager engine's (bf16 rounding may flip a near tie)."""
+    the CUDA graphs: the test fails if either falls back (a fallback warns and changes decode_path). Each
+    greedy token is the argmax of a full bf16 recompute of its prefix, up to bf16 rounding (a near tie)."""
     from nanoray.engine import Engine, SamplingParams
     from nanoray.tokenizer import Tokenizer
 
     model = _served_model(window_pattern="L")
     tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     prompts = [torch.randint(256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70, 130)]
-    params = SamplingParams(max_tokens=24, temperature=0)
     kwargs = dict(fused_decode=True) if path == "fused" else dict(fused_decode=False, compile_decode=True)
     engine = Engine(model, tokenizer, max_batch=4, **kwargs)
-    fast = _generate_all(engine, prompts, params)
+    generated = _generate_all(engine, prompts, SamplingParams(max_tokens=24, temperature=0))
     assert engine.decode_path == path and engine.cuda_graphs
     assert not [w for w in recwarn.list if "nanoray.engine" in str(w.message)]
-    eager = _generate_all(Engine(model, tokenizer, max_batch=4, fused_decode=False), prompts, params)
-    agree = sum(a == b for f, e in zip(fast, eager) for a, b in zip(f, e)) / sum(map(len, eager))
-    assert all(f[:4] == e[:4] for f, e in zip(fast, eager)) and agree > 0.9, (fast, eager)
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, generated):
+            logits = model(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1:-1]
+            gap = logits.max(-1).values - logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+            assert len(tokens) == 24 and gap.max().item() < 0.1, gap.tolist()
