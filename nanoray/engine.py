@@ -637,31 +637,36 @@ class Engine:
             for future, _, _ in jobs:
                 future.set_exception(e)
             return
-        for (future, _, top), result in zip(jobs, results):
-            future.set_result([None] + [{"logprob": lp, "top": dict(list(t.items())[:top])} for lp, t in result])
+        for (future, _, top), (chosen, tops) in zip(jobs, results):
+            if tops is None:
+                tops = [{}] * len(chosen)
+            elif top < len(next(iter(tops), {})):
+                tops = [dict(list(t.items())[:top]) for t in tops]
+            future.set_result([None] + [{"logprob": lp, "top": t} for lp, t in zip(chosen, tops)])
 
-    def _score(self, seqs: list[list[int]], top_logprobs: int) -> list[list[tuple[float, dict]]]:
-        """Per sequence, per token after the first: (its logprob, {token: logprob} of the top_logprobs most
-        likely). One forward over the padded sequences, with logits only where a next token is scored."""
+    def _score(self, seqs: list[list[int]], top_logprobs: int) -> list[tuple[list[float], list[dict] | None]]:
+        """Per sequence: the logprob of each token after the first, and (top_logprobs > 0) {token: logprob} of
+        the top_logprobs most likely there. One forward over the padded sequences, with logits only where a
+        next token is scored."""
         ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         for i, seq in enumerate(seqs):
             ids[i, :len(seq)] = torch.tensor(seq)
-        rows = [i for i, seq in enumerate(seqs) for _ in seq[1:]]
-        if not rows:
-            return [[] for _ in seqs]
-        cols = [j for seq in seqs for j in range(len(seq) - 1)]
-        targets = [t for seq in seqs for t in seq[1:]]
-        logits_NV = self.model(ids.to(self.device), at=(self._to_device(rows), self._to_device(cols)))
+        lengths = torch.tensor([len(seq) - 1 for seq in seqs])
+        rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+        if not len(rows):
+            return [([], None) for _ in seqs]
+        cols = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        targets = ids[rows, cols + 1]
+        logits_NV = self.model(ids.to(self.device), at=(rows.to(self.device), cols.to(self.device)))
         lse_N = logits_NV.logsumexp(dim=-1)
-        chosen = (logits_NV.gather(1, self._to_device(targets)[:, None])[:, 0] - lse_N).tolist()
-        tops = [{}] * len(chosen)
+        chosen = (logits_NV.gather(1, targets.to(self.device)[:, None])[:, 0] - lse_N).tolist()
+        tops = None
         if top_logprobs:
             top = logits_NV.topk(top_logprobs, dim=-1)
             tops = [dict(zip(i, v)) for i, v in zip(top.indices.tolist(), (top.values - lse_N[:, None]).tolist())]
         out, at = [], 0
-        for seq in seqs:
-            n = len(seq) - 1
-            out.append(list(zip(chosen[at:at + n], tops[at:at + n])))
+        for n in lengths.tolist():
+            out.append((chosen[at:at + n], None if tops is None else tops[at:at + n]))
             at += n
         return out
 

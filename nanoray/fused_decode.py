@@ -5,18 +5,19 @@ the math and bf16 roundings of its per-row cache path, then samples the next tok
 
     embed    x0 = norm(wte[idx]) + smear · previous normed embedding; x = layer 0's resid/x0 mix     (_embed)
     a layer  qkv = norm(x) @ W_qkv                                                  (_linear, prologue RMSNorm)
-             rotary + QK-norm + value-embedding gate, K/V written at pos, attention over the row's cache
-             split over positions (flash-decoding: no length bucket, no mask tensor)  (_attention)
-             x += combine(splits) @ W_o                   (_linear, prologue combine, epilogue residual)
+             y = attention: rotary + QK-norm + value-embedding gate, K/V written at pos, the row's cache split
+             over positions (flash-decoding: no length bucket, no mask), the last split merging them  (_attention)
+             x += y @ W_o                                 (_linear, epilogue residual)
              h = relu(norm(x) @ W_fc)²                    (_linear, prologue RMSNorm, epilogue ReLU²)
              x += h @ W_proj, then the next layer's mix   (_linear, epilogue residual + mix)
     head     logits = softcap(norm(x - λ·backout) @ W_lm), with each block's max, sum-exp and argmax
     sample   Gumbel-max over top-k/top-p (nanoray.engine.sample's math, hashed noise), log-prob of the pick,
              and the next step's inputs (token, position, step) written on the device          (_pick)
 
-So a step is 5 kernels a layer plus 3 (greedy) and needs no host work: the engine captures several steps in
-one CUDA graph. `_linear` is a GEMV for one row (BLOCK_M 1: a reduction, no tensor cores) and a skinny GEMM
-(tl.dot) for more rows; with several rows the attention splits are combined by their own kernel.
+So a step of up to NARROW rows is 5 kernels a layer plus 3 (greedy) and needs no host work: the engine captures
+several steps in one CUDA graph. `_linear` is a GEMV for one row (products summed lane-wise, one reduction at
+the end) and a skinny GEMM (tl.dot) for a few. Wider steps run the GEMMs on cuBLAS, with the norms and mixes
+as kernels of their own (nanoray.kernels' mix_norm), the same attention and sampler.
 GPU only (bf16, Triton); the engine's other decode paths are the plain PyTorch model, which the GPU tests
 compare this one against.
 
@@ -99,35 +100,16 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _combined(o_ptr, lse_ptr, rows, row_mask, pos, h, window, chunk, n_split, H,
-                  C: tl.constexpr, BLOCK_S: tl.constexpr):
-        """(BLOCK_M, C) attention output of head h: the row's nonempty splits merged by their log-sum-exps."""
-        s = tl.arange(0, BLOCK_S)
-        lo = tl.maximum(pos - window, 0)
-        valid = (s[None, :] >= (lo // chunk)[:, None]) & (s[None, :] <= (pos // chunk)[:, None]) & row_mask[:, None]
-        base = (rows[:, None] * H + h) * n_split + s[None, :]
-        lse = tl.load(lse_ptr + base, mask=valid, other=-float("inf"))
-        top = tl.max(lse, axis=1)
-        top = tl.where(row_mask, top, 0.0)
-        weight = tl.where(valid, tl.exp(lse - top[:, None]), 0.0)
-        den = tl.sum(weight, axis=1)
-        den = tl.where(den > 0, den, 1.0)
-        c = tl.arange(0, C)
-        o = tl.load(o_ptr + base[:, :, None] * C + c[None, None, :], mask=valid[:, :, None], other=0.0)
-        return tl.sum(weight[:, :, None] * o, axis=1) / den[:, None]
-
-    @triton.jit
     def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K,
-                       res_ptr, x0_ptr, lam_ptr, save_ptr, bo_ptr, bl_ptr, xn_ptr,
-                       o_ptr, lse_ptr, pos_ptr, window, chunk, n_split, stats_ptr, eps, softcap,
+                       res_ptr, x0_ptr, lam_ptr, save_ptr, bo_ptr, bl_ptr, xn_ptr, stats_ptr, eps, softcap,
                        PRO: tl.constexpr, EPI: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
                        STORE_XN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+                       BLOCK_K: tl.constexpr):
         """out = epilogue(prologue(x) @ wᵀ) for rows < M, columns < N; w is (N, K) bf16, row-major.
-        PRO 0: x as is; 1: RMSNorm of x's rows; 2: RMSNorm of x - λ·backout; 3: attention splits combined
-        (K = heads x C, BLOCK_K = C). EPI 0: bf16; 1: ReLU²; 2: out = x + y in place (SAVE: a copy to
-        save_ptr; MIX: then the next layer's resid/x0 mix); 3: softcapped fp32 logits and per-block
-        (max, sum-exp, argmax) for the sampler. STORE_XN: the first column block writes the normed rows."""
+        PRO 0: x as is; 1: RMSNorm of x's rows; 2: RMSNorm of x - λ·backout. EPI 0: bf16; 1: ReLU²;
+        2: out = x + y in place (SAVE: a copy to save_ptr; MIX: then the next layer's resid/x0 mix);
+        3: softcapped fp32 logits and per-block (max, sum-exp, argmax) for the sampler. STORE_XN: the first
+        column block writes the normed rows."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -141,8 +123,6 @@ if triton is not None:
                 a = _input_rows(x_ptr, bo_ptr, bl_ptr, rm, rk, m_mask[:, None] & (rk < K)[None, :], K, PRO)
                 sumsq += tl.sum(a * a, axis=1)
             rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-        if PRO == 3:
-            pos = tl.load(pos_ptr + rm, mask=m_mask, other=0)
         if BLOCK_M >= 16:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         else:  # one row: products summed lane-wise, reduced across lanes once after the loop
@@ -151,10 +131,7 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
             a_mask = m_mask[:, None] & k_mask[None, :]
-            if PRO == 3:
-                a = _combined(o_ptr, lse_ptr, rm, m_mask, pos, k0 // BLOCK_K, window, chunk, n_split,
-                              K // BLOCK_K, BLOCK_K, BLOCK_S).to(tl.bfloat16)
-            elif PRO == 0:
+            if PRO == 0:
                 a = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=a_mask, other=0.0)
             else:
                 a = (_input_rows(x_ptr, bo_ptr, bl_ptr, rm, rk, a_mask, K, PRO) * rstd[:, None]).to(tl.bfloat16)
@@ -186,16 +163,32 @@ if triton is not None:
                 x = tl.load(lam_ptr) * x + tl.load(lam_ptr + 1) * x0
             tl.store(out_ptr + off, x.to(tl.bfloat16), mask=mask)
         else:
-            z = softcap * _tanh(y / softcap)
-            tl.store(out_ptr + off, z, mask=mask)
-            z = tl.where(mask, z, -float("inf"))
-            top = tl.max(z, axis=1)
-            arg = tl.argmax(z, axis=1) + pid_n * BLOCK_N
-            sum_exp = tl.sum(tl.exp(z - top[:, None]), axis=1)
-            at = (rm * tl.num_programs(0) + pid_n) * 3
-            tl.store(stats_ptr + at, top, mask=m_mask)
-            tl.store(stats_ptr + at + 1, sum_exp, mask=m_mask)
-            tl.store(stats_ptr + at + 2, arg.to(tl.float32), mask=m_mask)
+            _softcap_stats(y, out_ptr, stats_ptr, off, mask, m_mask, rm, pid_n, softcap, BLOCK_N)
+
+    @triton.jit
+    def _softcap_stats(y, out_ptr, stats_ptr, off, mask, m_mask, rows, pid_n, softcap, BLOCK_N: tl.constexpr):
+        """Softcapped fp32 logits of a (rows, BLOCK_N) block, and each row's (max, sum-exp, argmax) there."""
+        z = softcap * _tanh(y / softcap)
+        tl.store(out_ptr + off, z, mask=mask)
+        z = tl.where(mask, z, -float("inf"))
+        top = tl.max(z, axis=1)
+        arg = tl.argmax(z, axis=1) + pid_n * BLOCK_N
+        sum_exp = tl.sum(tl.exp(z - top[:, None]), axis=1)
+        at = (rows * tl.num_programs(0) + pid_n) * 3
+        tl.store(stats_ptr + at, top, mask=m_mask)
+        tl.store(stats_ptr + at + 1, sum_exp, mask=m_mask)
+        tl.store(stats_ptr + at + 2, arg.to(tl.float32), mask=m_mask)
+
+    @triton.jit
+    def _softcap_kernel(l_ptr, stride_l, out_ptr, stats_ptr, V, softcap, BLOCK_N: tl.constexpr):
+        """The lm_head epilogue (_softcap_stats) over bf16 logits from a separate GEMM."""
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1).to(tl.int64) + tl.arange(0, 1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (row >= 0)[:, None] & (rn < V)[None, :]
+        y = tl.load(l_ptr + row[:, None] * stride_l + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        _softcap_stats(y, out_ptr, stats_ptr, row[:, None] * V + rn[None, :], mask, row >= 0, row, pid_n, softcap,
+                       BLOCK_N)
 
     @triton.jit
     def _rope_norm(x1, x2, cos, sin, eps, gain, C: tl.constexpr):
@@ -207,20 +200,25 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
-                          k_cache, v_cache, o_ptr, lse_ptr, stride_cb, stride_cg, D, window, chunk, n_split,
-                          eps, gain, scale, H: tl.constexpr, KVH: tl.constexpr, C: tl.constexpr,
-                          HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
-                          BLOCK_VE: tl.constexpr):
+                          k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
+                          chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
+                          C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr):
         """Program (b, h, s): query head h of row b over positions [s·chunk, (s+1)·chunk) of its window, with
         rotary + QK-norm of q and of the new k, and the gated value embedding of the new v, done here. The new
         key/value (position pos) come from registers, so no program reads the cache where one writes it; the
-        split holding pos, first head of its kv group, writes them."""
+        split holding pos, first head of its kv group, writes them. The last split of (b, h) to finish merges
+        the splits (by their log-sum-exps) into y[b, h], its bf16 output.
+
+        QK-norm bounds every score: |q|, |k| <= QK_GAIN·sqrt(C), so q·k·scale <= `bound`, and exp(score - bound)
+        needs no running max (no rescaling of the accumulators, which keep one partial sum per lane)."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         s = tl.program_id(2)
         g = h // (H // KVH)
         pos = tl.load(pos_ptr + b)
-        start = tl.maximum(s * chunk, tl.maximum(pos - window, 0))
+        lo = tl.maximum(pos - window, 0)
+        start = tl.maximum(s * chunk, lo)
         end = tl.minimum(s * chunk + chunk, pos + 1)
         if start < end:
             HALF: tl.constexpr = C // 2
@@ -228,74 +226,76 @@ if triton is not None:
             row = qkv_ptr + b * ((H + 2 * KVH) * C)
             kc = k_cache + b * stride_cb + g * stride_cg
             vcache = v_cache + b * stride_cb + g * stride_cg
-            j = start + tl.arange(0, BLOCK_J)
-            old = ((j < end) & (j < pos))[:, None]
-            kt1 = tl.load(kc + j[:, None] * C + c[None, :], mask=old, other=0.0)  # first tile's loads in flight
-            kt2 = tl.load(kc + j[:, None] * C + HALF + c[None, :], mask=old, other=0.0)
+            stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
             cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)
             sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)
             q1, q2 = _rope_norm(tl.load(row + h * C + c).to(tl.float32), tl.load(row + h * C + HALF + c).to(tl.float32),
                                 cos, sin, eps, gain, C)
             q1, q2 = q1 * scale, q2 * scale
-            k1, k2 = _rope_norm(tl.load(row + (H + g) * C + c).to(tl.float32),
-                                tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
-            v1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
-            v2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-            if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
-                vc = tl.arange(0, BLOCK_VE)
-                vm = vc < VE_CH
-                xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
-                wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
-                gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
-                ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-                v1 = _bf(v1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
-                v2 = _bf(v2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
-            if (s == pos // chunk) & (h % (H // KVH) == 0):
-                tl.store(kc + pos * C + c, k1.to(tl.bfloat16))
-                tl.store(kc + pos * C + HALF + c, k2.to(tl.bfloat16))
-                tl.store(vcache + pos * C + c, v1.to(tl.bfloat16))
-                tl.store(vcache + pos * C + HALF + c, v2.to(tl.bfloat16))
-            m_i = tl.full([], -float("inf"), dtype=tl.float32)
             l_j = tl.zeros([BLOCK_J], dtype=tl.float32)
             acc1 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-            for j0 in range(start, end, BLOCK_J):
+            for j0 in range(start, stop, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
-                live = j < end
-                old = (live & (j < pos))[:, None]
-                new = (j == pos)[:, None]
-                if j0 > start:
-                    kt1 = tl.load(kc + j[:, None] * C + c[None, :], mask=old, other=0.0)
-                    kt2 = tl.load(kc + j[:, None] * C + HALF + c[None, :], mask=old, other=0.0)
-                vt1 = tl.load(vcache + j[:, None] * C + c[None, :], mask=old, other=0.0)
-                vt2 = tl.load(vcache + j[:, None] * C + HALF + c[None, :], mask=old, other=0.0)
-                kf1 = tl.where(new, k1[None, :], kt1.to(tl.float32))
-                kf2 = tl.where(new, k2[None, :], kt2.to(tl.float32))
-                score = tl.sum(kf1 * q1[None, :], axis=1) + tl.sum(kf2 * q2[None, :], axis=1)
-                score = tl.where(live, score, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(score, axis=0))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(score - m_new)
-                l_j = l_j * alpha + p
-                acc1 = acc1 * alpha + p[:, None] * tl.where(new, v1[None, :], vt1.to(tl.float32))
-                acc2 = acc2 * alpha + p[:, None] * tl.where(new, v2[None, :], vt2.to(tl.float32))
-                m_i = m_new
+                live = j < stop
+                at = j[:, None] * C + c[None, :]
+                k1 = tl.load(kc + at, mask=live[:, None], other=0.0).to(tl.float32)
+                k2 = tl.load(kc + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
+                v1 = tl.load(vcache + at, mask=live[:, None], other=0.0).to(tl.float32)
+                v2 = tl.load(vcache + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
+                p = tl.where(live, tl.exp(tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1) - bound),
+                             0.0)
+                l_j += p
+                acc1 += p[:, None] * v1
+                acc2 += p[:, None] * v2
             l_i = tl.sum(l_j, axis=0)
-            out = (b * H + h) * n_split + s
-            tl.store(o_ptr + out * C + c, tl.sum(acc1, axis=0) / l_i)
-            tl.store(o_ptr + out * C + HALF + c, tl.sum(acc2, axis=0) / l_i)
-            tl.store(lse_ptr + out, m_i + tl.log(l_i))
-
-    @triton.jit
-    def _combine_kernel(o_ptr, lse_ptr, pos_ptr, y_ptr, window, chunk, n_split,
-                        H: tl.constexpr, C: tl.constexpr, BLOCK_S: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        rows = b + tl.arange(0, 1)
-        pos = tl.load(pos_ptr + rows)
-        y = _combined(o_ptr, lse_ptr, rows, rows >= 0, pos, h, window, chunk, n_split, H, C, BLOCK_S)
-        c = tl.arange(0, C)
-        tl.store(y_ptr + rows[:, None] * (H * C) + h * C + c[None, :], y.to(tl.bfloat16))
+            o1 = tl.sum(acc1, axis=0)
+            o2 = tl.sum(acc2, axis=0)
+            if s == pos // chunk:  # the new token: its key and value, then into the cache
+                kn1, kn2 = _rope_norm(tl.load(row + (H + g) * C + c).to(tl.float32),
+                                    tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
+                vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
+                vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
+                if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
+                    vc = tl.arange(0, BLOCK_VE)
+                    vm = vc < VE_CH
+                    xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
+                    wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
+                    gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
+                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
+                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
+                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
+                p_new = tl.exp(tl.sum(kn1 * q1, axis=0) + tl.sum(kn2 * q2, axis=0) - bound)
+                l_i += p_new
+                o1 += p_new * vn1
+                o2 += p_new * vn2
+                if h % (H // KVH) == 0:
+                    tl.store(kc + pos * C + c, kn1.to(tl.bfloat16))
+                    tl.store(kc + pos * C + HALF + c, kn2.to(tl.bfloat16))
+                    tl.store(vcache + pos * C + c, vn1.to(tl.bfloat16))
+                    tl.store(vcache + pos * C + HALF + c, vn2.to(tl.bfloat16))
+            y = y_ptr + b * (H * C) + h * C
+            first, last = lo // chunk, pos // chunk
+            if first == last:  # one split: it is the output
+                tl.store(y + c, (o1 / l_i).to(tl.bfloat16))
+                tl.store(y + HALF + c, (o2 / l_i).to(tl.bfloat16))
+            else:
+                # Partial sums under the shared bound: y = sum of the splits' o / sum of their l.
+                part = (b * H + h) * n_split
+                tl.store(o_ptr + (part + s) * C + c, o1)
+                tl.store(o_ptr + (part + s) * C + HALF + c, o2)
+                tl.store(l_ptr + part + s, l_i)
+                # acq_rel: the partials above are visible to the program that sees the last count
+                if tl.atomic_add(count_ptr + b * H + h, 1) == last - first:
+                    ss = tl.arange(0, BLOCK_S)
+                    valid = (ss >= first) & (ss <= last)
+                    l_all = tl.sum(tl.load(l_ptr + part + ss, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
+                    at_s = (part + ss)[:, None] * C + c[None, :]
+                    y1 = tl.sum(tl.load(o_ptr + at_s, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
+                    y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
+                    tl.store(y + c, (y1 / l_all).to(tl.bfloat16))
+                    tl.store(y + HALF + c, (y2 / l_all).to(tl.bfloat16))
+                    tl.atomic_xchg(count_ptr + b * H + h, 0)  # ready for the next launch
 
     @triton.jit
     def _pick_kernel(stats_ptr, n_blocks, topv_ptr, topi_ptr, state_ptr, fstate_ptr, out_ptr, lse_ptr,
@@ -346,10 +346,14 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _gemv_blocks(N: int, K: int, tile: int = 4096) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the one-row GEMV: about 256 programs or more, tiles of `tile` weights."""
-    block_n = min(64, max(4, 1 << max(N // 256, 1).bit_length() - 1))
+def _gemv_blocks(N: int, K: int, tile: int = 8192) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the one-row GEMV: about 256 programs or more, tiles of `tile` weights (8192 was
+    the fastest of 2048-8192 at d12's shapes, benchmarks/decode_kernels.py)."""
+    block_n = min(32, max(4, 1 << max(N // 256, 1).bit_length() - 1))
     return block_n, min(_pow2(K), tile // block_n)
+
+
+NARROW = 16  # up to this many rows a step runs on the Triton GEMV/skinny GEMM; wider ones on cuBLAS
 
 
 class FusedDecoder:
@@ -365,6 +369,8 @@ class FusedDecoder:
             raise ValueError(f"fused decode needs n_head % n_kv_head == 0 and a power-of-two head_dim, got {cfg}")
         self.cache, self.state, self.fstate = cache, state, fstate
         self.eps = torch.finfo(torch.bfloat16).eps
+        # |q|, |k| <= QK_GAIN·sqrt(C) after QK-norm (bf16 rounding: 1% margin), so every score is <= this
+        self.bound = QK_GAIN ** 2 * math.sqrt(self.C) * 1.01
         self.layers = []
         for i, block in enumerate(model.blocks):
             attn = block.attn
@@ -373,6 +379,7 @@ class FusedDecoder:
                                     proj=block.mlp.c_proj.weight, ve=ve, window=min(attn.window, self.seq_len),
                                     gate=None if ve is None else attn.ve_gate.weight.contiguous()))
         self.lam = torch.stack([model.resid_lambdas, model.x0_lambdas], dim=1).float().contiguous()
+        self.no_mix = torch.tensor([1.0, 0.0], device=state.device)  # mix_norm as a plain RMSNorm
         self.wte, self.lm_head = model.wte.weight, model.lm_head.weight
         self.smear_w = model.smear_gate.weight.reshape(-1).contiguous()
         self.smear_lam = model.smear_lambda.detach().to(torch.bfloat16)
@@ -386,68 +393,99 @@ class FusedDecoder:
         self.y = torch.zeros(n, HC, device=dev, dtype=bf)
         self.h = torch.zeros(n, 4 * D, device=dev, dtype=bf)
         self.o = torch.zeros(n, self.H, MAX_SPLITS, self.C, device=dev)
-        self.lse = torch.zeros(n, self.H, MAX_SPLITS, device=dev)
+        self.l = torch.zeros(n, self.H, MAX_SPLITS, device=dev)
+        self.count = torch.zeros(n, self.H, dtype=torch.int32, device=dev)
         self.logits = torch.zeros(n, self.V, device=dev)
-        self.lm_blocks = _gemv_blocks(self.V, D)
-        self.stats = torch.zeros(n, triton.cdiv(self.V, min(self.lm_blocks[0], 32)), 3, device=dev)
+        self.logits_bf = torch.zeros(n, self.V, device=dev, dtype=bf)
+        self.lm_blocks = (32, 256)  # 1024 programs over a 32k vocabulary
+        self.stats = torch.zeros(n, triton.cdiv(self.V, 32), 3, device=dev)
         self.n_blocks = 0  # column blocks of the last lm_head (its stats' row length)
         self.row_lse = torch.zeros(n, device=dev)
 
     def _linear(self, x, w, out, B, PRO=0, EPI=0, MIX=False, SAVE=False, STORE_XN=False, layer=None,
-                window=0, chunk=1, blocks=None, warps=4) -> int:
+                blocks=None, warps=None) -> int:
         """One _linear_kernel launch over B rows; returns its number of column blocks."""
         N, K = w.shape[0] if EPI != 3 else self.V, w.shape[1]
         if B == 1:
             block_m, (block_n, block_k) = 1, blocks or _gemv_blocks(N, K)
-        elif B <= 16:
-            block_m, block_n, block_k = 16, 32, 128
+            warps = warps or (8 if block_k >= 2048 else 4)
         else:
-            block_m, block_n, block_k = min(64, _pow2(B)), 64, 64
-        if PRO == 3:
-            block_k = self.C
+            block_m, block_n, block_k, warps = 16, 32, 128, 4
         lam = self.lam[layer + 1] if MIX else self.lam
         grid = (triton.cdiv(N, block_n), triton.cdiv(B, block_m))
-        _linear_kernel[grid](self.y if x is None else x, w, out, B, N, K, out, self.x0, lam, self.backout,
-                             self.backout, self.backout_lam, self.xn, self.o, self.lse, self.state[1], window, chunk,
-                             MAX_SPLITS, self.stats, self.eps, SOFTCAP, PRO=PRO, EPI=EPI, MIX=MIX, SAVE=SAVE,
-                             STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)) if PRO == 3 else 1, num_warps=warps)
+        _linear_kernel[grid](x, w, out, B, N, K, out, self.x0, lam, self.backout, self.backout, self.backout_lam,
+                             self.xn, self.stats, self.eps, SOFTCAP, PRO=PRO, EPI=EPI, MIX=MIX, SAVE=SAVE,
+                             STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return grid[0]
 
     def chunk(self, B: int) -> int:
         """Positions per attention split: short splits for few rows (more programs), long ones for many."""
-        target = 64 if B <= 16 else 256
+        target = 64 if B <= NARROW else 256
         return max(target, triton.cdiv(self.seq_len, MAX_SPLITS))
 
+    def _attention(self, B: int, i: int) -> None:
+        """Layer i's attention of B rows: its bf16 output into y; the new keys and values into the cache."""
+        layer, chunk = self.layers[i], self.chunk(B)
+        has_ve = layer["ve"] is not None
+        k, v = self.cache.k[i], self.cache.v[i]
+        _attention_kernel[(B, self.H, triton.cdiv(self.seq_len, chunk))](
+            self.qkv, self.cos, self.sin, self.state[1], self.state[0], self.xn,
+            layer["gate"] if has_ve else self.xn, layer["ve"] if has_ve else self.xn, k, v, self.o, self.l,
+            self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
+            QK_GAIN, 1 / math.sqrt(self.C), self.bound, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
+            VE_CH=VE_GATE_CHANNELS, BLOCK_J=64, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
+            BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
+
+    def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
+        """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
+        kernels._mix_norm_fwd_kernel[(B,)](self.x, self.x0, lam, self.x, self.xn, self.D, self.eps,
+                                           BLOCK=_pow2(self.D), num_warps=4)
+
     def forward(self, B: int) -> torch.Tensor:
-        """Logits (B, V) fp32 of the slots' current tokens at their positions; writes the cache in place."""
-        tokens, pos = self.state[0], self.state[1]
-        D, L = self.D, self.L
-        _embed_kernel[(B,)](tokens, self.wte, self.smear_w, self.smear_lam, self.cache.prev_emb, self.x0, self.x,
-                            self.lam[0], D, self.eps, SMEAR=SMEAR_CHANNELS, BLOCK_D=_pow2(D),
+        """Logits (B, V) fp32 of the slots' current tokens at their positions; writes the cache in place.
+        Also leaves each lm_head block's (max, sum-exp, argmax) per row in `stats`, for `sample`."""
+        _embed_kernel[(B,)](self.state[0], self.wte, self.smear_w, self.smear_lam, self.cache.prev_emb, self.x0,
+                            self.x, self.lam[0], self.D, self.eps, SMEAR=SMEAR_CHANNELS, BLOCK_D=_pow2(self.D),
                             BLOCK_SM=_pow2(SMEAR_CHANNELS), num_warps=4)
-        chunk = self.chunk(B)
+        if B <= NARROW:
+            self._narrow(B)
+        else:
+            self._wide(B)
+        return self.logits[:B]
+
+    def _narrow(self, B: int) -> None:
+        """Few rows: 5 kernels a layer, norms, residuals, mixes and ReLU² inside the GEMVs."""
+        L = self.L
         for i, layer in enumerate(self.layers):
-            has_ve = layer["ve"] is not None
-            self._linear(self.x, layer["qkv"], self.qkv, B, PRO=1, STORE_XN=has_ve)
-            k, v = self.cache.k[i], self.cache.v[i]
-            _attention_kernel[(B, self.H, triton.cdiv(self.seq_len, chunk))](
-                self.qkv, self.cos, self.sin, pos, tokens, self.xn, layer["gate"] if has_ve else self.xn,
-                layer["ve"] if has_ve else self.xn, k, v, self.o, self.lse, k.stride(0), k.stride(1), D,
-                layer["window"], chunk, MAX_SPLITS, self.eps, QK_GAIN, 1 / math.sqrt(self.C),
-                H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
-                BLOCK_J=min(chunk, 64), BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
-            if B == 1:
-                self._linear(None, layer["o"], self.x, B, PRO=3, EPI=2, window=layer["window"], chunk=chunk)
-            else:
-                _combine_kernel[(B, self.H)](self.o, self.lse, pos, self.y, layer["window"], chunk, MAX_SPLITS,
-                                             H=self.H, C=self.C, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
-                                             num_warps=4)
-                self._linear(self.y, layer["o"], self.x, B, EPI=2)
+            self._linear(self.x, layer["qkv"], self.qkv, B, PRO=1, STORE_XN=layer["ve"] is not None)
+            self._attention(B, i)
+            self._linear(self.y, layer["o"], self.x, B, EPI=2)
             self._linear(self.x, layer["fc"], self.h, B, PRO=1, EPI=1)
             self._linear(self.h, layer["proj"], self.x, B, EPI=2, MIX=i + 1 < L, SAVE=i == L // 2, layer=i)
-        self.n_blocks = self._linear(self.x, self.lm_head, self.logits, B, PRO=2, EPI=3, blocks=self.lm_blocks)
-        return self.logits[:B]
+        self.n_blocks = self._linear(self.x, self.lm_head, self.logits, B, PRO=2, EPI=3,
+                                     blocks=self.lm_blocks if B == 1 else None)
+
+    def _wide(self, B: int) -> None:
+        """Many rows: cuBLAS GEMMs (their rounding: one per output, the residual added inside), with the norms,
+        mixes and attention as kernels of their own; 9 kernels a layer."""
+        x, xn, h, qkv, y = self.x[:B], self.xn[:B], self.h[:B], self.qkv[:B], self.y[:B]
+        for i, layer in enumerate(self.layers):
+            self._mix_norm(B, self.lam[i] if i else self.no_mix)  # layer 0's mix came with the embedding
+            torch.mm(xn, layer["qkv"].t(), out=qkv)
+            self._attention(B, i)
+            x.addmm_(y, layer["o"].t())
+            self._mix_norm(B, self.no_mix)
+            torch.mm(xn, layer["fc"].t(), out=h)
+            h.relu_().square_()
+            x.addmm_(h, layer["proj"].t())
+            if i == self.L // 2:
+                self.backout[:B].copy_(x)
+        x.sub_(self.backout[:B] * self.backout_lam)
+        self._mix_norm(B, self.no_mix)
+        torch.mm(xn, self.lm_head[:self.V].t(), out=self.logits_bf[:B])
+        self.n_blocks = triton.cdiv(self.V, 32)
+        _softcap_kernel[(self.n_blocks, B)](self.logits_bf, self.V, self.logits, self.stats, self.V, SOFTCAP,
+                                           BLOCK_N=32, num_warps=4)
 
     def sample(self, B: int, k_max: int, out: torch.Tensor) -> None:
         """After forward: each row's token and log-prob into out (B, >= 2) fp32; the next inputs into state."""

@@ -192,10 +192,13 @@ def test_fused_sampler_draws_what_the_pytorch_sampler_draws():
 def _generate_all(engine, prompts, params):
     import asyncio
 
+    async def one(prompt):
+        return [t async for t in engine.stream(prompt, params, stop_ids=set())]
+
     async def run():
-        return await asyncio.gather(*(engine.generate(p, params, stop_ids=set()) for p in prompts))
+        return await asyncio.gather(*(one(p) for p in prompts))
     try:
-        return [r.tokens for r in asyncio.run(run())]
+        return asyncio.run(run())
     finally:
         engine.close()
 
