@@ -14,7 +14,9 @@ that. step_ms_b1 is its inverse at one stream (host work included); graph_step_m
 decode graph alone (GPU time per step, 1 and 128 rows at mid-stream positions, CUDA events).
 MBU = (weight bytes + KV bytes read at the mean context) per step / step time / the GPU's peak bandwidth.
 Scoring: 512-token sequences (the --prompt length), score_tok_s_b1 one call at a time, score_tok_s_batched 64
-concurrent calls (the engine batches them); score_mfu = forward FLOPs of the batched rate / peak bf16 FLOP/s.
+concurrent calls (the engine batches them); score_mfu = forward FLOPs of the batched rate / peak bf16 FLOP/s;
+forward_tok_s_b32 the bare model forward over 32 x 512 tokens, score_fn_tok_s_b32 the engine's scoring function
+on those (no engine thread, no asyncio).
 Last line: one JSON object with depth, ttft_ms, decode_tok_s_b1, tok_s_b8/b32/b128, mbu_b1, kernels_per_step,
 score_tok_s_b1, score_tok_s_batched, weight_bytes, gpu, torch.
 """
@@ -210,6 +212,11 @@ def main() -> None:
                 result[f"graph_kernel_ms_b{rows}"] = None if timed is None else timed[1]
         kernels = kernels_per_step(engine, mid) if engine.device.type == "cuda" else None
         result["forward_tok_s_b32"] = round(forward_tok_s(engine, 32, args.prompt), 1)
+        seqs = torch.randint(engine.vocab_size, (32, args.prompt)).tolist()
+        engine._score(seqs, 0)  # the engine's scoring function alone, on this thread
+        start = time.perf_counter()
+        engine._score(seqs, 0)
+        result["score_fn_tok_s_b32"] = round(32 * args.prompt / (time.perf_counter() - start), 1)
 
     weights = [m.weight for m in engine.model.modules() if isinstance(m, Linear)]
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)

@@ -116,6 +116,10 @@ if triton is not None:
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_mask = rm < M
         n_mask = rn < N
+        # The weights stream one tile ahead of the math: each tile's load is issued before the previous tile's
+        # products (the first one before the norm's pass over x).
+        rk = tl.arange(0, BLOCK_K)
+        w_next = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
         if PRO == 1 or PRO == 2:
             sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -137,7 +141,10 @@ if triton is not None:
                 a = (_input_rows(x_ptr, bo_ptr, bl_ptr, rm, rk, a_mask, K, PRO) * rstd[:, None]).to(tl.bfloat16)
                 if STORE_XN:
                     tl.store(xn_ptr + rm[:, None] * K + rk[None, :], a, mask=a_mask & (pid_n == 0))
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = w_next
+            rk_next = rk + BLOCK_K
+            w_next = tl.load(w_ptr + rn[:, None] * K + rk_next[None, :], mask=n_mask[:, None] & (rk_next < K)[None, :],
+                             other=0.0)
             if BLOCK_M >= 16 and _DOT_FP32:
                 acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
             elif BLOCK_M >= 16:
@@ -227,35 +234,47 @@ if triton is not None:
             kc = k_cache + b * stride_cb + g * stride_cg
             vcache = v_cache + b * stride_cb + g * stride_cg
             stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
+            # Every independent load first (the first K/V tile, q, the new token's k and v); the loop then loads
+            # each next tile before the math on the current one.
+            at = (start + tl.arange(0, BLOCK_J))[:, None] * C + c[None, :]
+            live = ((start + tl.arange(0, BLOCK_J)) < stop)[:, None]
+            k1 = tl.load(kc + at, mask=live, other=0.0)
+            k2 = tl.load(kc + at + HALF, mask=live, other=0.0)
+            v1 = tl.load(vcache + at, mask=live, other=0.0)
+            v2 = tl.load(vcache + at + HALF, mask=live, other=0.0)
             cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)
             sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)
-            q1, q2 = _rope_norm(tl.load(row + h * C + c).to(tl.float32), tl.load(row + h * C + HALF + c).to(tl.float32),
-                                cos, sin, eps, gain, C)
+            q1 = tl.load(row + h * C + c).to(tl.float32)
+            q2 = tl.load(row + h * C + HALF + c).to(tl.float32)
+            kn1 = tl.load(row + (H + g) * C + c).to(tl.float32)
+            kn2 = tl.load(row + (H + g) * C + HALF + c).to(tl.float32)
+            vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
+            vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
+            q1, q2 = _rope_norm(q1, q2, cos, sin, eps, gain, C)
             q1, q2 = q1 * scale, q2 * scale
             l_j = tl.zeros([BLOCK_J], dtype=tl.float32)
             acc1 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
             for j0 in range(start, stop, BLOCK_J):
-                j = j0 + tl.arange(0, BLOCK_J)
-                live = j < stop
-                at = j[:, None] * C + c[None, :]
-                k1 = tl.load(kc + at, mask=live[:, None], other=0.0).to(tl.float32)
-                k2 = tl.load(kc + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-                v1 = tl.load(vcache + at, mask=live[:, None], other=0.0).to(tl.float32)
-                v2 = tl.load(vcache + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-                p = tl.where(live, tl.exp(tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1) - bound),
-                             0.0)
+                j_next = j0 + BLOCK_J + tl.arange(0, BLOCK_J)
+                at_next = j_next[:, None] * C + c[None, :]
+                live_next = (j_next < stop)[:, None]
+                k1_next = tl.load(kc + at_next, mask=live_next, other=0.0)
+                k2_next = tl.load(kc + at_next + HALF, mask=live_next, other=0.0)
+                v1_next = tl.load(vcache + at_next, mask=live_next, other=0.0)
+                v2_next = tl.load(vcache + at_next + HALF, mask=live_next, other=0.0)
+                live = (j0 + tl.arange(0, BLOCK_J)) < stop
+                score = tl.sum(k1.to(tl.float32) * q1[None, :], axis=1) + tl.sum(k2.to(tl.float32) * q2[None, :], axis=1)
+                p = tl.where(live, tl.exp(score - bound), 0.0)
                 l_j += p
-                acc1 += p[:, None] * v1
-                acc2 += p[:, None] * v2
+                acc1 += p[:, None] * v1.to(tl.float32)
+                acc2 += p[:, None] * v2.to(tl.float32)
+                k1, k2, v1, v2 = k1_next, k2_next, v1_next, v2_next
             l_i = tl.sum(l_j, axis=0)
             o1 = tl.sum(acc1, axis=0)
             o2 = tl.sum(acc2, axis=0)
             if s == pos // chunk:  # the new token: its key and value, then into the cache
-                kn1, kn2 = _rope_norm(tl.load(row + (H + g) * C + c).to(tl.float32),
-                                    tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
-                vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
-                vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
+                kn1, kn2 = _rope_norm(kn1, kn2, cos, sin, eps, gain, C)
                 if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
                     vc = tl.arange(0, BLOCK_VE)
                     vm = vc < VE_CH
@@ -434,7 +453,7 @@ class FusedDecoder:
             self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
             QK_GAIN, 1 / math.sqrt(self.C), self.bound, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
             VE_CH=VE_GATE_CHANNELS, BLOCK_J=64, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
-            BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
+            BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=8)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
