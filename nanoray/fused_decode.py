@@ -227,117 +227,6 @@ if triton is not None:
             kc = k_cache + b * stride_cb + g * stride_cg
             vcache = v_cache + b * stride_cb + g * stride_cg
             stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
-            # Every independent load first (the first K/V tile, q, the new token's k and v); the loop then loads
-            # each next tile before the math on the current one.
-            at0 = (start + tl.arange(0, BLOCK_J))[:, None] * C + c[None, :]
-            live0 = ((start + tl.arange(0, BLOCK_J)) < stop)[:, None]
-            k1 = tl.load(kc + at0, mask=live0, other=0.0)
-            k2 = tl.load(kc + at0 + HALF, mask=live0, other=0.0)
-            v1 = tl.load(vcache + at0, mask=live0, other=0.0)
-            v2 = tl.load(vcache + at0 + HALF, mask=live0, other=0.0)
-            cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)
-            q1 = tl.load(row + h * C + c).to(tl.float32)
-            q2 = tl.load(row + h * C + HALF + c).to(tl.float32)
-            kn1 = tl.load(row + (H + g) * C + c).to(tl.float32)
-            kn2 = tl.load(row + (H + g) * C + HALF + c).to(tl.float32)
-            vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
-            vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-            q1, q2 = _rope_norm(q1, q2, cos, sin, eps, gain, C)
-            q1, q2 = q1 * scale, q2 * scale
-            l_j = tl.zeros([BLOCK_J], dtype=tl.float32)
-            acc1 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-            for j0 in range(start, stop, BLOCK_J):
-                j_next = j0 + BLOCK_J + tl.arange(0, BLOCK_J)
-                at_next = j_next[:, None] * C + c[None, :]
-                live_next = (j_next < stop)[:, None]
-                k1_next = tl.load(kc + at_next, mask=live_next, other=0.0)
-                k2_next = tl.load(kc + at_next + HALF, mask=live_next, other=0.0)
-                v1_next = tl.load(vcache + at_next, mask=live_next, other=0.0)
-                v2_next = tl.load(vcache + at_next + HALF, mask=live_next, other=0.0)
-                live = (j0 + tl.arange(0, BLOCK_J)) < stop
-                score = tl.sum(k1.to(tl.float32) * q1[None, :], axis=1) + tl.sum(k2.to(tl.float32) * q2[None, :], axis=1)
-                p = tl.where(live, tl.exp(score - bound), 0.0)
-                l_j += p
-                acc1 += p[:, None] * v1.to(tl.float32)
-                acc2 += p[:, None] * v2.to(tl.float32)
-                k1, k2, v1, v2 = k1_next, k2_next, v1_next, v2_next
-            l_i = tl.sum(l_j, axis=0)
-            o1 = tl.sum(acc1, axis=0)
-            o2 = tl.sum(acc2, axis=0)
-            if s == pos // chunk:  # the new token: its key and value, then into the cache
-                kn1, kn2 = _rope_norm(kn1, kn2, cos, sin, eps, gain, C)
-                if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
-                    vc = tl.arange(0, BLOCK_VE)
-                    vm = vc < VE_CH
-                    xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
-                    wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
-                    gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
-                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
-                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
-                p_new = tl.exp(tl.sum(kn1 * q1, axis=0) + tl.sum(kn2 * q2, axis=0) - bound)
-                l_i += p_new
-                o1 += p_new * vn1
-                o2 += p_new * vn2
-                if h % (H // KVH) == 0:
-                    tl.store(kc + pos * C + c, kn1.to(tl.bfloat16))
-                    tl.store(kc + pos * C + HALF + c, kn2.to(tl.bfloat16))
-                    tl.store(vcache + pos * C + c, vn1.to(tl.bfloat16))
-                    tl.store(vcache + pos * C + HALF + c, vn2.to(tl.bfloat16))
-            y = y_ptr + b * (H * C) + h * C
-            first, last = lo // chunk, pos // chunk
-            if first == last:  # one split: it is the output
-                tl.store(y + c, (o1 / l_i).to(tl.bfloat16))
-                tl.store(y + HALF + c, (o2 / l_i).to(tl.bfloat16))
-            else:
-                # Partial sums under the shared bound: y = sum of the splits' o / sum of their l.
-                part = (b * H + h) * n_split
-                tl.store(o_ptr + (part + s) * C + c, o1)
-                tl.store(o_ptr + (part + s) * C + HALF + c, o2)
-                tl.store(l_ptr + part + s, l_i)
-                # acq_rel: the partials above are visible to the program that sees the last count
-                if tl.atomic_add(count_ptr + b * H + h, 1) == last - first:
-                    ss = tl.arange(0, BLOCK_S)
-                    valid = (ss >= first) & (ss <= last)
-                    l_all = tl.sum(tl.load(l_ptr + part + ss, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
-                    at_s = (part + ss)[:, None] * C + c[None, :]
-                    y1 = tl.sum(tl.load(o_ptr + at_s, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
-                    y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
-                    tl.store(y + c, (y1 / l_all).to(tl.bfloat16))
-                    tl.store(y + HALF + c, (y2 / l_all).to(tl.bfloat16))
-                    tl.atomic_xchg(count_ptr + b * H + h, 0)  # ready for the next launch
-
-    @triton.jit
-    def _attention_kernel_plain(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
-                          k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
-                          chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
-                          C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr):
-        """Program (b, h, s): query head h of row b over positions [s·chunk, (s+1)·chunk) of its window, with
-        rotary + QK-norm of q and of the new k, and the gated value embedding of the new v, done here. The new
-        key/value (position pos) come from registers, so no program reads the cache where one writes it; the
-        split holding pos, first head of its kv group, writes them. The last split of (b, h) to finish merges
-        the splits (by their log-sum-exps) into y[b, h], its bf16 output.
-
-        QK-norm bounds every score: |q|, |k| <= QK_GAIN·sqrt(C), so q·k·scale <= `bound`, and exp(score - bound)
-        needs no running max (no rescaling of the accumulators, which keep one partial sum per lane)."""
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
-        g = h // (H // KVH)
-        pos = tl.load(pos_ptr + b)
-        lo = tl.maximum(pos - window, 0)
-        start = tl.maximum(s * chunk, lo)
-        end = tl.minimum(s * chunk + chunk, pos + 1)
-        if start < end:
-            HALF: tl.constexpr = C // 2
-            c = tl.arange(0, HALF)
-            row = qkv_ptr + b * ((H + 2 * KVH) * C)
-            kc = k_cache + b * stride_cb + g * stride_cg
-            vcache = v_cache + b * stride_cb + g * stride_cg
-            stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
             cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)
             sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)
             q1, q2 = _rope_norm(tl.load(row + h * C + c).to(tl.float32), tl.load(row + h * C + HALF + c).to(tl.float32),
@@ -539,15 +428,13 @@ class FusedDecoder:
         layer, chunk = self.layers[i], self.chunk(B)
         has_ve = layer["ve"] is not None
         k, v = self.cache.k[i], self.cache.v[i]
-        prefetch = os.environ.get("NANORAY_ATTN_NARROW" if B <= NARROW else "NANORAY_ATTN_WIDE", "prefetch") == "prefetch"
-        kernel = _attention_kernel if prefetch else _attention_kernel_plain
-        kernel[(B, self.H, triton.cdiv(self.seq_len, chunk))](
+        _attention_kernel[(B, self.H, triton.cdiv(self.seq_len, chunk))](
             self.qkv, self.cos, self.sin, self.state[1], self.state[0], self.xn,
             layer["gate"] if has_ve else self.xn, layer["ve"] if has_ve else self.xn, k, v, self.o, self.l,
             self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
             QK_GAIN, 1 / math.sqrt(self.C), self.bound, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
             VE_CH=VE_GATE_CHANNELS, BLOCK_J=64, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
-            BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=8 if prefetch else 4)
+            BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
