@@ -5,14 +5,23 @@
     done = await engine.generate(prompt, SamplingParams(max_tokens=64, temperature=0))
     async for token in engine.stream(prompt, SamplingParams(seed=1)): ...
 
-One background thread owns the model. The KV cache has `max_batch` slots, each holding one request at its
-own length. Between decode steps the thread prefills waiting requests (batch 1) into the lowest free slots;
-each decode step then feeds the last token of every active slot through one forward at per-row positions
-(nanoray.model.KVCache), samples, and hands each token to its request's asyncio.Queue on the caller's event
-loop. A step runs over the smallest power-of-two prefix of slots that holds every active one and attends over
-a power-of-two prefix of positions; on a GPU each (slots, positions) shape is captured once as a CUDA graph
-and replayed (with `compile_decode`, an opt-in until measured, the step is torch.compiled first). Sampling is Gumbel-max over each row's top-k/top-p set, with noise hashed from (seed, step, rank),
-so a seeded request draws the same tokens whatever else is in the batch.
+One background thread owns the model. The KV cache has `max_batch` slots, each holding one request at its own
+length, and each slot's decode state lives on the device (`Engine._state`: last token, position, noise step,
+hashed seed, sampling parameters). Between launches the thread prefills waiting requests (batch 1) into the
+lowest free slots and samples their first token. A launch runs `_steps_for(B)` decode steps over the smallest
+power-of-two prefix of slots holding every active one; each step feeds every row's last token at its own
+position, samples the next one (Gumbel-max over the row's top-k/top-p set at its temperature, noise hashed from
+(seed, step, rank), so a seeded request draws the same tokens whatever else is in the batch) and writes it back
+as the next input, all on the device: on a GPU one launch is one CUDA graph replay. The tokens are copied to
+pinned host memory asynchronously, and the thread launches the next steps before it reads them, so its work
+(delivering tokens to each request's asyncio.Queue on the caller's event loop, stop tokens, admissions,
+cancellations) overlaps the GPU's.
+
+Decode paths (`decode_path`): "fused", nanoray.fused_decode's Triton kernels, the default on a CUDA GPU (per-row
+positions read on the device, so no length bucket); "compiled", the model's per-row cache forward under
+torch.compile (opt-in: slower than fused on the H200, benchmarks/RESULTS.md); "eager", that forward as is (the
+CPU path and the reference). The model's forward attends over a power-of-two prefix of positions. A fast path
+that fails warns and falls back. score() calls waiting together run as one batched forward.
 
 Shape legend: B slots in a step, V vocab, K candidates (top-k).
 """
