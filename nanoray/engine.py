@@ -238,6 +238,8 @@ class Engine:
         self._fused = None
         if fused_decode is None:
             fused_decode = fused_decode_available(self.device)
+            if self.device.type == "cuda" and not fused_decode:
+                _warn_fallback("the fused decode step needs Triton and a bf16 GPU (SM >= 80)")
         if fused_decode:
             try:
                 self._fused = FusedDecoder(self.model, self.cache, self._state, self._fstate)
