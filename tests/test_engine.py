@@ -88,6 +88,32 @@ def test_greedy_continuous_batching_equals_full_recompute(tokenizer, window_patt
     assert stats["steps"] < stats["generated_tokens"] - len(batch)  # steps were shared: it batched
 
 
+def test_several_steps_per_launch_equal_one_and_the_full_recompute(tokenizer, model):
+    """steps_per_launch 3: a launch's tokens past a stop token or max_tokens are dropped, the rest equal the full
+    recompute, and seeded sampling draws what one step per launch draws (the noise step lives on the device)."""
+    engine = Engine(model, tokenizer, max_batch=4, steps_per_launch=3)
+    batch = prompts(5, seed=9)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    try:
+        results = asyncio.run(staggered(engine, batch, SamplingParams(max_tokens=7, temperature=0)))
+        reference = naive_greedy(model, batch[0], 7)
+        stop = reference[4]
+        stopped = asyncio.run(engine.generate(batch[0], SamplingParams(max_tokens=7, temperature=0), stop_ids={stop}))
+        three = asyncio.run(engine.generate(batch[1], sampled, stop_ids=set())).tokens
+        steps = engine.stats()["steps"]
+    finally:
+        engine.close()
+    one_engine = Engine(model, tokenizer, max_batch=4, steps_per_launch=1)
+    try:
+        one = asyncio.run(one_engine.generate(batch[1], sampled, stop_ids=set())).tokens
+    finally:
+        one_engine.close()
+    for prompt, result in zip(batch, results):
+        assert result.tokens == naive_greedy(model, prompt, 7) and result.finish_reason == "length"
+    assert stopped.finish_reason == "stop" and stopped.tokens == reference[:reference.index(stop)]
+    assert three == one and len(three) == 10 and steps % 3 == 0
+
+
 def test_seeded_sampling_is_deterministic_and_independent_of_concurrency(engine):
     params = SamplingParams(max_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=7)
     prompt = prompts(1, seed=1)[0]
