@@ -19,7 +19,8 @@ from nanoray.engine import SamplingParams
 
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000  # nanochat's chat_web limits
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
-MAX_TOP_K, MAX_TOP_LOGPROBS, MAX_STOPS = 200, 20, 4
+MAX_TOP_K, MAX_TOP_LOGPROBS = 200, 20
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: a reply's text is held back by up to the longest one
 MODEL_PREFIX = "nanoray-d"
 
 
@@ -104,14 +105,16 @@ class OpenAIRequest(Sampling):
     stream_options: StreamOptions | None = Field(None, description="what a stream adds")
     n: Literal[1] = Field(1, description="choices per prompt: one")
     stop: str | list[str] | None = Field(None, validate_default=True,
-                                         description=f"up to {MAX_STOPS} strings that end the text")
+                                         description=f"up to {MAX_STOPS} strings (of at most {MAX_STOP_CHARS} "
+                                                     f"characters) that end the text")
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOPS or not all(stops):
-            raise ValueError(f"up to {MAX_STOPS} non-empty strings")
+        if len(stops) > MAX_STOPS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters, got "
+                             f"{len(stops)} of lengths {[len(s) for s in stops][:MAX_STOPS + 1]}")
         return stops
 
 

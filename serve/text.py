@@ -19,26 +19,54 @@ SPECIAL_STOPS = {"chat": ("<|assistant_end|>", "<|bos|>"), "text": ("<|bos|>",)}
 
 
 class StopScanner:
-    """Cuts streamed text at the first stop string, holding back any tail that could start one."""
+    """Cuts streamed text at the first stop string, holding back any tail that could start one.
+
+    Linear in the text: each stop string has a Knuth-Morris-Pratt automaton whose state (how much of the stop
+    the text ends with) advances once per new character, so a token costs its own characters times the number
+    of stops, whatever their length; the held-back tail is the longest of those matched prefixes."""
 
     def __init__(self, stops: list[str]):
         self.stops, self.pending = stops, ""
+        self.fallback = [_prefix_function(s) for s in stops]
+        self.matched = [0] * len(stops)  # of each stop, the characters the text so far ends with
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
+        pending, start = self.pending + text, len(self.pending)  # pending: shorter than the longest stop
+        first = None  # where the earliest stop string found starts in `pending`
+        for i, (stop, fallback) in enumerate(zip(self.stops, self.fallback)):
+            q = self.matched[i]
+            for j, c in enumerate(text):
+                while q and stop[q] != c:
+                    q = fallback[q - 1]
+                q += stop[q] == c
+                if q == len(stop):
+                    at = start + j + 1 - q
+                    first = at if first is None else min(first, at)
+                    break
+            self.matched[i] = q
+        if first is not None:
+            self.pending, self.matched = "", [0] * len(self.stops)
+            return pending[:first], True
+        cut = len(pending) - max(self.matched, default=0)
+        self.pending = pending[cut:]
+        return pending[:cut], False
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
+        out, self.pending, self.matched = self.pending, "", [0] * len(self.stops)
         return out
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's failure function: entry q is the length of the longest proper prefix of s[:q + 1] that is also
+    its suffix."""
+    out, k = [0] * len(s), 0
+    for q in range(1, len(s)):
+        while k and s[q] != s[k]:
+            k = out[k - 1]
+        k += s[q] == s[k]
+        out[q] = k
+    return out
 
 
 @dataclass(frozen=True)

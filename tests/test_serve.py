@@ -137,6 +137,25 @@ def test_stop_strings_cut_streamed_text_and_hold_back_what_could_start_one():
     assert StopScanner([]).feed("anything") == ("anything", False)
 
 
+def test_stop_strings_are_bounded_and_scanned_in_linear_time(url):
+    """Issue 17, finding 1: a 1 MB stop string held a replica's loop for 60 s, since the scanner tried every
+    prefix of every stop at each token. The API now takes at most 4 stops of at most 256 characters, and the
+    scanner's work per token is its own characters (here a 4096-character stop, fed 20,000 characters one by
+    one, all of which match its prefix: ~80M suffix tests the old way, ~10 s)."""
+    from serve.text import StopScanner
+
+    scanner = StopScanner(["a" * 4095 + "b", "ab"])
+    t0 = time.perf_counter()
+    fed = [scanner.feed("a") for _ in range(20_000)]
+    assert not any(hit for _, hit in fed) and "".join(text for text, _ in fed) == "a" * (20_000 - 4095)
+    assert scanner.feed("b") == ("", True)  # both stops end here; the held-back 4095 start the longer one
+    assert time.perf_counter() - t0 < 1.0
+    for stop in ("z" * 257, ["\n", "z" * 1_000_000]):
+        r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(model="nanoray-d1", prompt="hi", stop=stop))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+        assert "at most 256 characters" in r.json()["error"]["message"]
+
+
 def test_config_yaml_is_a_valid_serve_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
