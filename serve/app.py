@@ -25,6 +25,7 @@ from ray import serve
 from serve.depth import DepthModel
 from serve.family import Member, find_family
 from serve.routes import Gateway
+from serve.schemas import MAX_BODY_BYTES
 
 APP = "nanoray"
 
@@ -41,6 +42,7 @@ class ServeArgs(BaseModel):
                             "one thread; small, so that a laptop's few CPUs hold every depth and the CORE actors)")
     max_batch: int = Field(32, ge=1, description="sequences one replica's engine decodes together")
     max_replicas: int = Field(1, ge=1, description="autoscaling ceiling per depth")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, description="largest request body taken (larger: 413)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -64,7 +66,7 @@ def deployments(args: ServeArgs, family: list[Member]) -> serve.Application:
         name=f"d{m.depth}", ray_actor_options=dict(num_cpus=args.num_cpus, num_gpus=num_gpus),
         autoscaling_config=scaling, max_ongoing_requests=4 * args.max_batch).bind(m, args.max_batch)
         for m in family}
-    return Gateway.bind(models, family)
+    return Gateway.bind(models, family, args.max_body_bytes)
 
 
 def build(args: dict) -> serve.Application:

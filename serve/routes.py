@@ -31,7 +31,7 @@ from serve.text import DepthText, Prompt, Reply
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 app = FastAPI(title="nanoray", description="A family of small GPTs, one depth per model.")
-errors.install(app)
+errors.install(app, S.MAX_BODY_BYTES)
 
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
@@ -75,7 +75,9 @@ class Depth:
 class Gateway:
     """The routes (module docstring) over one DeploymentHandle per depth."""
 
-    def __init__(self, models: dict[int, DeploymentHandle], family: list[Member]):
+    def __init__(self, models: dict[int, DeploymentHandle], family: list[Member],
+                 max_body_bytes: int = S.MAX_BODY_BYTES):
+        app.state.max_body_bytes = max_body_bytes  # the app is this replica's; no request has come yet
         self.depths = {m.depth: Depth(m, DepthText(m, load_tokenizer(m.checkpoint)), models[m.depth])
                        for m in family}
         self.page = PAGE.read_text()

@@ -21,6 +21,7 @@ MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000  # nanochat'
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
 MAX_TOP_K, MAX_TOP_LOGPROBS = 200, 20
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: a reply's text is held back by up to the longest one
+MAX_BODY_BYTES = 4 * 2**20  # request bodies: 64 prompts that fill a 2048-token context take ~1 MB
 MODEL_PREFIX = "nanoray-d"
 
 

@@ -95,8 +95,19 @@ class DepthText:
     def __init__(self, member: Member, tokenizer: Tokenizer):
         self.member, self.tokenizer = member, tokenizer
         self.stop_ids = {kind: [tokenizer.encode_special(t) for t in names] for kind, names in SPECIAL_STOPS.items()}
+        # A token spans at most this many bytes, so at most as many characters: a text longer than the context
+        # times that cannot fit, and is refused before the tokenizer reads it.
+        self.token_chars = int(tokenizer.token_bytes().max())
+
+    def _fits(self, field: str, chars: int) -> None:
+        most = self.member.seq_len * self.token_chars
+        if chars > most:
+            raise invalid(field, f"{chars} characters cannot fit this model's context of {self.member.seq_len} "
+                                 f"tokens (at most {most}: no token spans more than {self.token_chars})",
+                          "context_length_exceeded")
 
     def chat(self, messages: list[Message]) -> Prompt:
+        self._fits("messages", sum(len(m.content) for m in messages))
         try:
             return Prompt(render_chat(self.tokenizer, [m.model_dump() for m in messages]), "chat")
         except ValueError as e:  # it names the message: "messages[2].role: ..."
@@ -106,6 +117,7 @@ class DepthText:
     def text(self, prompt: str | list[int]) -> Prompt:
         """A text gets a BOS in front; token ids are taken as they are."""
         if isinstance(prompt, str):
+            self._fits("prompt", len(prompt))
             return Prompt(self.tokenizer.encode(prompt, bos=True), "text", start=1)
         vocab = self.member.vocab_size
         if bad := [t for t in prompt if not 0 <= t < vocab]:

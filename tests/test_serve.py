@@ -156,6 +156,66 @@ def test_stop_strings_are_bounded_and_scanned_in_linear_time(url):
         assert "at most 256 characters" in r.json()["error"]["message"]
 
 
+def serve_processes() -> dict:
+    """This session's Serve proxy and Gateway replica processes (psutil), found under its raylet."""
+    import psutil
+    import ray
+
+    raylet = next(p.process for p in ray._private.worker._global_node.all_processes["raylet"])
+    found = {}
+    for p in psutil.Process(raylet.pid).children(recursive=True):
+        try:
+            command = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        for name in ("ProxyActor", "ServeReplica:nanoray:Gateway"):
+            if name in command:
+                found[name] = p
+    return found
+
+
+def test_request_bodies_over_the_limit_are_refused_before_parsing(url):
+    """Issue 17, finding 2: 20 MB and 100 MB bodies were read and parsed (then refused for their prompt's
+    length), and the ingress grew by ~360 MB and kept it. Now a body over the limit (4 MiB by default) is a 413
+    before anything parses it: at once where Content-Length announces it, else once the chunks read add up."""
+    gateway = serve_processes()["ServeReplica:nanoray:Gateway"]
+    before = gateway.memory_info().rss
+    for size in (20, 100):
+        big = b'{"model": "nanoray-d1", "prompt": "' + b"x" * (size * 2**20) + b'"}'
+        for body in (big, (big[i:i + 2**20] for i in range(0, len(big), 2**20))):  # bytes, then chunked
+            r = requests.post(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"},
+                              timeout=120)
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "request_too_large" and "4194304 bytes" in r.json()["error"]["message"]
+    assert gateway.memory_info().rss - before < 200 * 2**20  # the old ingress grew by ~490 MB here
+    r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(model="nanoray-d1", prompt="x" * 3 * 2**20))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # under the limit: parsed, checked
+
+
+def test_prompts_longer_than_the_context_can_hold_are_refused_before_tokenizing(family, tokenizer, monkeypatch):
+    """Issue 17, finding 2: a text with more characters than the context times the longest token's bytes
+    cannot fit, so it is refused without tokenizing it; a shorter one is tokenized and checked as before."""
+    from serve.errors import ApiError
+    from serve.family import find_family
+    from serve.schemas import Message
+    from serve.text import DepthText
+
+    member = find_family(family)[0]
+    text = DepthText(member, tokenizer)
+    most = member.seq_len * text.token_chars
+    encoded = []
+    monkeypatch.setattr(tokenizer, "encode", lambda s, bos=False: encoded.append(len(s)) or [1] * len(s))
+    turns = most // 4000 + 1  # each at most 8000 characters
+    for prompt in ("x" * (most + 1), [Message(role="user", content="x" * 4000)] * turns):
+        with pytest.raises(ApiError) as e:
+            text.chat(prompt) if isinstance(prompt, list) else text.text(prompt)
+        assert e.value.status == 400 and e.value.body.code == "context_length_exceeded"
+        assert e.value.body.param == ("messages" if isinstance(prompt, list) else "prompt")
+    assert encoded == []
+    text.text("x" * most)
+    assert encoded == [most]  # at the bound, the tokenizer counts
+
+
 def test_config_yaml_is_a_valid_serve_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
