@@ -3,12 +3,14 @@ bad JSON, a field out of range (naming it, as a path: messages[2].role), a body 
 unknown route, a server error.
 
 Raise `ApiError` anywhere in the ingress; `install(app)` turns it, FastAPI's validation errors and
-Starlette's HTTP errors into that shape, and refuses bodies over `app.state.max_body_bytes`.
+Starlette's HTTP errors into that shape, refuses bodies over `app.state.max_body_bytes`, and takes a client
+that hangs up for a disconnect.
 """
 
 import re
 
 from fastapi import FastAPI, Request
+from ray.exceptions import TaskCancelledError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -108,11 +110,31 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class HangUp:
+    """A client that hangs up mid-response is a disconnect, not an error. Serve's proxy then cancels the call
+    that feeds the replica the request's ASGI messages, and `receive` raises TaskCancelledError where Starlette
+    waits for the disconnect; left alone it ends the request's task with an exception nobody retrieves, which
+    asyncio logs ("Future exception was never retrieved") for every dropped stream."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect if scope["type"] == "http" else receive, send)
+
+
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """Answer every error of `app` in OpenAI's shape, and refuse bodies over max_body_bytes (the Serve ingress
     may set app.state.max_body_bytes again before the first request)."""
     app.state.max_body_bytes = max_body_bytes
     app.add_middleware(BodyLimit)
+    app.add_middleware(HangUp)  # added last, so outermost: the body limit reads through it
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)

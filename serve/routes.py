@@ -24,7 +24,7 @@ from nanoray.core_eval import evaluate_core
 from serve import errors
 from serve import schemas as S
 from serve.errors import ApiError
-from serve.family import Member
+from serve.family import Family, Member
 from serve.openai import ChatShapes, CompletionShapes, sse
 from serve.text import DepthText, Prompt, Reply
 
@@ -75,16 +75,24 @@ class Depth:
 class Gateway:
     """The routes (module docstring) over one DeploymentHandle per depth."""
 
-    def __init__(self, models: dict[int, DeploymentHandle], family: list[Member],
-                 max_body_bytes: int = S.MAX_BODY_BYTES):
+    def __init__(self, models: dict[int, DeploymentHandle], family: Family, max_body_bytes: int = S.MAX_BODY_BYTES):
         app.state.max_body_bytes = max_body_bytes  # the app is this replica's; no request has come yet
         self.depths = {m.depth: Depth(m, DepthText(m, load_tokenizer(m.checkpoint)), models[m.depth])
-                       for m in family}
+                       for m in family.members}
+        self.unservable = family.unservable
         self.page = PAGE.read_text()
         self.core_lock = asyncio.Semaphore(1)  # serializes /d{depth}/core runs
 
+    def _unservable(self, depth: int) -> None:
+        """A 503 for a depth whose checkpoint could not be served, with why."""
+        for u in self.unservable:
+            if u.depth == depth:
+                raise ApiError(503, f"depth: the checkpoint of depth {depth} cannot be served ({u.checkpoint}: "
+                                    f"{u.reason})", "depth", "model_unavailable", type="server_error")
+
     def _depth(self, depth: int) -> Depth:
         if depth not in self.depths:
+            self._unservable(depth)
             raise ApiError(404, f"depth: no model of depth {depth}; served depths: {sorted(self.depths)}",
                            "depth", "model_not_found")
         return self.depths[depth]
@@ -92,6 +100,8 @@ class Gateway:
     def _model(self, model: str) -> Depth:
         depth = model.removeprefix(S.MODEL_PREFIX)
         if not (model.startswith(S.MODEL_PREFIX) and depth.isdigit() and int(depth) in self.depths):
+            if depth.isdigit():
+                self._unservable(int(depth))
             raise ApiError(404, f"model: {model!r} does not exist; served models: "
                                 f"{[S.model_id(d) for d in self.depths]}", "model", "model_not_found")
         return self.depths[int(depth)]
@@ -102,14 +112,17 @@ class Gateway:
 
     @app.get("/health")
     async def health(self) -> dict:
-        """Every depth's engine stats (one replica each); 503 if any depth does not answer."""
+        """Every depth's engine stats (one replica each), and the checkpoints that could not be served (status
+        "degraded"); 503 if any served depth does not answer."""
         depths = sorted(self.depths)
         try:
             stats = await asyncio.wait_for(asyncio.gather(*(self.depths[d].handle.stats.remote() for d in depths)),
                                            30)
         except Exception as e:
             raise ApiError(503, f"a depth did not answer: {e}", type="server_error", code="unhealthy") from None
-        return dict(status="ok", models={S.model_id(d): s for d, s in zip(depths, stats)})
+        return dict(status="degraded" if self.unservable else "ok",
+                    models={S.model_id(d): s for d, s in zip(depths, stats)},
+                    unservable=[u.model_dump() for u in self.unservable])
 
     @app.get("/d{depth}/stats")
     async def stats(self, depth: int) -> dict:

@@ -5,13 +5,23 @@ the model itself), bad input of every kind, a client that hangs up mid-stream, 6
 import concurrent.futures
 import csv
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 import torch
 
+from conftest import free_port
 from serve.family import find_family
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def events(response) -> list:
@@ -40,7 +50,7 @@ def chat(url, depth=1, **body):
 
 
 def test_family_from_run_dir_and_checkpoints(family, tmp_path):
-    members = find_family(family)
+    members = find_family(family).members
     assert [m.depth for m in members] == [1, 2] and members[0].seq_len == 256 and members[1].params > members[0].params
     with open(family / "results.csv") as f:  # a worse trial of depth 1 is not served
         rows = list(csv.DictReader(f))
@@ -52,8 +62,8 @@ def test_family_from_run_dir_and_checkpoints(family, tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows([worse, *rows, failed])
-    assert find_family(other) == members
-    assert find_family(checkpoints=[members[1].checkpoint]) == members[1:]
+    assert find_family(other).members == members
+    assert find_family(checkpoints=[members[1].checkpoint]).members == members[1:]
     with pytest.raises(ValueError, match="checkpoints: one per depth"):
         find_family(checkpoints=[members[0].checkpoint] * 2)
     with pytest.raises(FileNotFoundError, match="run_dir: .*results.csv does not exist"):
@@ -65,7 +75,7 @@ def test_family_from_run_dir_and_checkpoints(family, tmp_path):
 
 
 def test_family_serves_finished_trials_resolves_relative_paths_and_names_bad_rows(family, tmp_path):
-    members = find_family(family)
+    members = find_family(family).members
     with open(family / "results.csv") as f:
         rows = list(csv.DictReader(f))
     run = tmp_path / "run"
@@ -81,7 +91,7 @@ def test_family_serves_finished_trials_resolves_relative_paths_and_names_bad_row
     (run / "d2").symlink_to(family / "d2", target_is_directory=True)
     stopped = dict(rows[0], trial="d1-stopped", val_bpb="1.0", checkpoint=str(family / "nowhere"), status="stopped")
     table(rows[0], stopped, dict(rows[1], checkpoint="d2/ckpt"))
-    got = find_family(run)
+    got = find_family(run).members
     assert [m.depth for m in got] == [1, 2] and got[0] == members[0]
     assert got[1].checkpoint == str((run / "d2" / "ckpt").resolve())
     table(dict(rows[0], status="stopped"))
@@ -196,11 +206,10 @@ def test_prompts_longer_than_the_context_can_hold_are_refused_before_tokenizing(
     """Issue 17, finding 2: a text with more characters than the context times the longest token's bytes
     cannot fit, so it is refused without tokenizing it; a shorter one is tokenized and checked as before."""
     from serve.errors import ApiError
-    from serve.family import find_family
     from serve.schemas import Message
     from serve.text import DepthText
 
-    member = find_family(family)[0]
+    member = find_family(family).members[0]
     text = DepthText(member, tokenizer)
     most = member.seq_len * text.token_chars
     encoded = []
@@ -491,6 +500,30 @@ def test_client_hanging_up_mid_stream_frees_its_slot(url):
         assert after["active"] == 0 and after["generated_tokens"] - before < 120  # stopped early, not at 240
 
 
+def test_dropped_streams_leave_no_unretrieved_exception_in_the_log(url):
+    """Issue 17, finding 6: each client that hung up mid-stream left "Future exception was never retrieved"
+    (a TaskCancelledError from Serve's receive) in the ingress' log."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+    def logged() -> int:
+        return sum(f.read_text(errors="replace").count("exception was never retrieved") for f in logs.glob("worker-*"))
+
+    before = logged()
+    for route, body in [("/d1/chat", dict(messages=HELLO)),
+                        ("/v1/chat/completions", dict(model="nanoray-d1", messages=HELLO, stream=True)),
+                        ("/v1/completions", dict(model="nanoray-d1", prompt="x = 1", stream=True))]:
+        for _ in range(2):
+            r = requests.post(f"{url}{route}", json=dict(body, max_tokens=200, temperature=1.0), stream=True,
+                              timeout=60)
+            assert next(line for line in r.iter_lines(chunk_size=None) if line.startswith(b"data: "))
+            r.close()
+    wait_idle(url, 1)
+    time.sleep(2)  # the log line is written when the task is collected
+    assert logged() == before
+
+
 def stream_one(url, i: int) -> dict:
     """Request i of the load test: alternating depths and routes; the even ones are greedy on one prompt.
     Greedy replies carry their token ids (the OpenAI route's through its logprobs' bytes)."""
@@ -590,3 +623,71 @@ def test_serve_imports_point_down_and_sit_at_module_top():
         if str(path.relative_to(root)) not in known:
             up = [m for m, _ in imports(path) if m.split(".")[0] == "serve"]
             assert not up, f"{path.relative_to(root)} imports serve/: {up}"
+
+
+@pytest.fixture(scope="module")
+def served_by_cli(tmp_path_factory, family):
+    """`python -m serve` in a process of its own (on a Ray cluster of its own), serving a copy of the family
+    whose d2 has a truncated model.safetensors: (the process, its base URL, its output, d2's checkpoint)."""
+    root = tmp_path_factory.mktemp("broken")
+    rows = []
+    for depth in (1, 2):
+        shutil.copytree(family / f"d{depth}", root / f"d{depth}")
+        rows.append(dict(trial=f"d{depth}", depth=depth, val_bpb=3.0, checkpoint=f"d{depth}/ckpt", status="done"))
+    weights = root / "d2" / "ckpt" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with open(root / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    port, out = free_port(), root / "serve.out"
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--run-dir", str(root), "--port", str(port)], cwd=ROOT,
+                            stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, RAY_ADDRESS="local"))  # a cluster of its own, not the session's
+    deadline = time.time() + 300
+    while "serving until stopped" not in out.read_text():
+        assert proc.poll() is None and time.time() < deadline, out.read_text()[-5000:]
+        time.sleep(1)
+    yield proc, f"http://127.0.0.1:{port}", out, weights.parent
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_bad_checkpoint_is_reported_and_the_other_depths_served(served_by_cli):
+    """Issue 17, finding 3: one truncated model.safetensors made `serve` retry, then exit after 19 s, for every
+    depth. Now the bad checkpoint is set aside (its path and why, in the output and /health; not in
+    /v1/models; its routes a 503 saying why) and the others are served."""
+    proc, url, out, broken = served_by_cli
+    log = out.read_text()
+    assert re.search(rf"d2 +NOT SERVED: {re.escape(str(broken))}: ValueError: .*model.safetensors: unreadable", log)
+    health = requests.get(f"{url}/health", timeout=30).json()
+    assert health["status"] == "degraded" and list(health["models"]) == ["nanoray-d1"]
+    [bad] = health["unservable"]
+    assert bad["checkpoint"] == str(broken) and bad["depth"] == 2 and "incomplete metadata" in bad["reason"]
+    assert [m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]] == ["nanoray-d1"]
+    r = requests.post(f"{url}/d1/chat", timeout=60, json=dict(messages=HELLO, max_tokens=3, stream=False))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    for route, body in [("/d2/chat", dict(messages=HELLO)), ("/v1/chat/completions", dict(model="nanoray-d2",
+                                                                                           messages=HELLO))]:
+        r = requests.post(f"{url}{route}", timeout=60, json=body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert str(broken) in r.json()["error"]["message"]
+
+
+def test_sigterm_stops_serving_without_errors(served_by_cli):
+    """Issue 17, finding 6: `kill -TERM` of `python -m serve` logged errors from taking Serve down (an
+    unhandled KVStoreError from delete_apps; a failed ServeController.graceful_shutdown). Now it exits 0,
+    quietly, and the port is closed."""
+    proc, url, out, _ = served_by_cli
+    seen = len(out.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0
+    after = out.read_text()[seen:]
+    assert not re.search(r"Traceback|Error|[Uu]nhandled|failed", after), after
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/health", timeout=5)
