@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray._private import state
 from ray.serve.handle import DeploymentHandle
@@ -30,7 +30,8 @@ from serve.text import DepthText, Prompt, Reply
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
-app = FastAPI(title="nanoray", description="A family of small GPTs, one depth per model.")
+# FastAPIOffline: the /docs and /redoc pages load their scripts from this server, not a CDN (blank offline)
+app = FastAPIOffline(title="nanoray", description="A family of small GPTs, one depth per model.")
 errors.install(app, S.MAX_BODY_BYTES)
 
 

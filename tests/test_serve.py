@@ -470,6 +470,20 @@ def test_bad_input_gets_an_openai_error_naming_the_field(url, route, body, statu
     assert (param or "") in error["message"]
 
 
+def test_api_docs_load_nothing_from_elsewhere(url):
+    """Issue 17, finding 6: /docs loaded Swagger UI from a CDN, so it was blank offline. Its scripts, styles and
+    icon (and ReDoc's) now come from this server."""
+    for page in ("/docs", "/redoc"):
+        html = requests.get(f"{url}{page}", timeout=30).text
+        assert not re.search(r"(src|href)=[\"']?(https?:)?//", html), html
+        assets = re.findall(r"(?:src|href)=[\"']([^\"']+\.(?:js|css|png))", html)
+        assert any(a.endswith(".js") for a in assets), html
+        for asset in assets:
+            r = requests.get(f"{url}{asset}", timeout=30)
+            assert r.status_code == 200 and len(r.content) > 100, asset
+    assert requests.get(f"{url}/openapi.json", timeout=30).json()["info"]["title"] == "nanoray"
+
+
 def test_unknown_route_and_server_still_up(url):
     r = requests.get(f"{url}/nope", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
