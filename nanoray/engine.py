@@ -11,8 +11,9 @@ each decode step then feeds the last token of every active slot through one forw
 (nanoray.model.KVCache), samples, and hands each token to its request's asyncio.Queue on the caller's event
 loop. A step runs over the smallest power-of-two prefix of slots that holds every active one and attends over
 a power-of-two prefix of positions; on a GPU each (slots, positions) shape is captured once as a CUDA graph
-and replayed (with `compile_decode`, an opt-in until measured, the step is torch.compiled first). Sampling is Gumbel-max over each row's top-k/top-p set, with noise hashed from (seed, step, rank),
-so a seeded request draws the same tokens whatever else is in the batch.
+and replayed (with `compile_decode`, an opt-in until measured, the step is torch.compiled first). Sampling is Gumbel-max over each row's top-k/top-p set (after the row's logit bias and repetition penalties, where it has
+any), with noise hashed from (seed, step, rank), so a seeded request draws the same tokens whatever else is in
+the batch.
 
 Shape legend: B slots in a step, V vocab, K candidates (top-k).
 """
@@ -44,13 +45,20 @@ class SamplingParams:
     top_p: float | None = None  # nucleus: the smallest set holding this probability; None = off
     seed: int | None = None  # same seed + prompt + params -> same tokens, whatever runs alongside; None = random
     logprobs: int = 0  # alternatives per sampled token that stream_with_logprobs reports (0-20)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias): added to the token's logit before sampling
+    presence_penalty: float = 0.0  # subtracted from the logit of each token the reply already holds
+    frequency_penalty: float = 0.0  # ... times the number of times it holds it (OpenAI's penalties)
 
     def __post_init__(self):
         checks = [("max_tokens", self.max_tokens >= 1, ">= 1"),
                   ("temperature", 0 <= self.temperature <= 2, "in [0, 2]"),
                   ("top_k", self.top_k is None or self.top_k >= 0, ">= 0 or None"),
                   ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] or None"),
-                  ("logprobs", 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")]
+                  ("logprobs", 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+                  ("logit_bias", all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+                   "(token >= 0, bias in [-100, 100]) pairs"),
+                  ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
@@ -72,8 +80,11 @@ def _hash32(x):
 
 
 def noise_key(seed: int, step: int) -> int:
-    """The 32-bit key of a request's noise at one step (host side; the ranks are mixed in on the device)."""
-    return int(_hash32(_hash32(seed) ^ step))
+    """The 32-bit key of a request's noise at one step (host side; the ranks are mixed in on the device). A
+    seed's bits above 32 are mixed in as well (seeds below 2**32 keep their keys), so seeds that differ only
+    there draw differently at every step: each round is a bijection of 32-bit values."""
+    key = _hash32(_hash32(seed & 0xFFFFFFFF) ^ step)
+    return int(_hash32(key ^ _hash32(seed >> 32)) if seed >> 32 else key)
 
 
 def gumbel_noise(key_B: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,6 +131,12 @@ class _Request:
     last: int = -1  # the latest sampled token, fed at the next step
     cancelled: bool = False
     finish_reason: str | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # sampled tokens, where the params penalize repeats
+
+    def adjustments(self) -> list[tuple[int, float]]:
+        """(token, what to add to its logit) for the logit bias and the repetition penalties."""
+        p = self.params
+        return [*p.logit_bias, *((t, -(p.frequency_penalty * n + p.presence_penalty)) for t, n in self.counts.items())]
 
     async def next(self) -> tuple | None:
         """The next (token, logprob, top) or None once finished; raises the engine's error, if any."""
@@ -157,6 +174,7 @@ class Engine:
         self._params = torch.zeros(2, max_batch, device=self.device)
         self._keys = torch.zeros(2, max_batch, dtype=torch.long, device=self.device)
         self._sampled = torch.zeros(2, max_batch, dtype=torch.float64, device=self.device)
+        self._bias = torch.zeros(max_batch, self.vocab_size, device=self.device)  # logit bias and penalties
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._slots: list[_Request | None] = [None] * max_batch
@@ -240,9 +258,11 @@ class Engine:
 
     def _submit(self, prompt: list[int], params: SamplingParams, stop_ids: set[int] | None) -> _Request:
         self._check_tokens(prompt, "prompt", self.seq_len - 1)
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {self.vocab_size})")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4))
         request = _Request(list(prompt), params, self.default_stop_ids if stop_ids is None else set(stop_ids),
-                           seed & 0xFFFFFFFF, min(params.max_tokens, self.seq_len - len(prompt)),
+                           seed, min(params.max_tokens, self.seq_len - len(prompt)),
                            asyncio.get_running_loop())
         with self._cond:
             if self._closed:
@@ -350,11 +370,12 @@ class Engine:
                 self.compile_decode = False
         return decode_step(*args)
 
-    def _sample(self, B: int, k_max: int) -> None:
-        """Static logits and parameters of B rows -> static (token, logprob) per row."""
+    def _sample(self, B: int, k_max: int, biased: bool) -> None:
+        """Static logits (plus the static bias, where biased) and parameters of B rows -> static (token, logprob)
+        per row; the logprob is the model's own, of the logits before the bias."""
         logits_BV = self._logits[:B]
-        tokens_B = sample(logits_BV, self._params[0, :B], self._keys[0, :B], self._params[1, :B], self._keys[1, :B],
-                          k_max)
+        tokens_B = sample(logits_BV + self._bias[:B] if biased else logits_BV, self._params[0, :B],
+                          self._keys[0, :B], self._params[1, :B], self._keys[1, :B], k_max)
         self._sampled[0, :B] = tokens_B
         self._sampled[1, :B] = logits_BV.log_softmax(dim=-1).gather(1, tokens_B[:, None])[:, 0]
 
@@ -400,7 +421,8 @@ class Engine:
         k_max = min(self.vocab_size, _pow2(max(top_k)))
         self._params[:, :B].copy_(self._to_device([temperature, top_p], torch.float32))
         self._keys[:, :B].copy_(self._to_device([top_k, key]))
-        self._replay(("sample", B, k_max), lambda: self._sample(B, k_max))
+        biased = self._set_bias(requests, rows, B)
+        self._replay(("sample", B, k_max, biased), lambda: self._sample(B, k_max, biased))
         tokens, chosen = self._sampled[:, :B].tolist()
         n_top = max(r.params.logprobs for r in requests)
         if n_top:
@@ -416,11 +438,25 @@ class Engine:
             top = dict(zip(top_ids[i][:n], top_values[i][:n])) if n else {}
             deliveries.append((request, (token, chosen[row], top)))
             request.generated, request.last = request.generated + 1, token
+            if request.params.presence_penalty or request.params.frequency_penalty:
+                request.counts[token] = request.counts.get(token, 0) + 1
             self._generated += 1
             if request.generated == request.max_new:
                 deliveries.append((request, "length"))
                 self._free(request)
         self._deliver(deliveries)
+
+    def _set_bias(self, requests: list[_Request], rows: list[int], B: int) -> bool:
+        """The requests' logit bias and penalties into the static bias' first B rows, in one scatter; False
+        (and the buffer untouched) where none has any."""
+        entries = [(row, token, value) for r, row in zip(requests, rows) for token, value in r.adjustments()]
+        if not entries:
+            return False
+        rows_E, tokens_E, values_E = zip(*entries)
+        self._bias[:B].zero_()
+        self._bias.index_put_((self._to_device(list(rows_E)), self._to_device(list(tokens_E))),
+                              self._to_device(list(values_E), torch.float32), accumulate=True)
+        return True
 
     def _free(self, request: _Request) -> None:
         if request.slot >= 0 and self._slots[request.slot] is request:

@@ -3,8 +3,8 @@ DeploymentHandle. A request is validated here, once (the schemas, then the depth
 serve/text.py), sent to its depth's replica as a GenerateRequest, and its token events are shaped into the
 native or OpenAI responses (serve/openai.py).
 
-Routes: native POST /d{depth}/chat, GET /d{depth}/stats, POST /d{depth}/core; OpenAI GET /v1/models,
-POST /v1/chat/completions, POST /v1/completions; GET / (the web chat page), GET /health, GET /docs.
+Routes: native POST /d{depth}/chat, GET /d{depth}/stats, POST /d{depth}/core; OpenAI GET /v1/models (and
+/v1/models/{id}), POST /v1/chat/completions, POST /v1/completions; GET / (the web chat page), GET /health, GET /docs.
 """
 
 import asyncio
@@ -56,6 +56,11 @@ def free_gpu_share(most: float = 0.5) -> float:
     except Exception:  # a private API: without it, the CPU
         return 0.0
     return min(max((n.get("GPU", 0.0) for n in nodes if n.get("CPU", 0.0) >= 1), default=0.0), most)
+
+
+def model_card(m: Member) -> S.ModelCard:
+    return S.ModelCard(id=S.model_id(m.depth), created=0, depth=m.depth, params=m.params, seq_len=m.seq_len,
+                       vocab_size=m.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,11 @@ class Gateway:
 
     @app.get("/v1/models", response_model=S.ModelList)
     def models(self) -> S.ModelList:
-        return S.ModelList(data=[S.ModelCard(id=S.model_id(m.depth), created=0, depth=m.depth, params=m.params,
-                                             seq_len=m.seq_len, vocab_size=m.vocab_size)
-                                 for m in (d.member for d in self.depths.values())])
+        return S.ModelList(data=[model_card(d.member) for d in self.depths.values()])
+
+    @app.get("/v1/models/{model}", response_model=S.ModelCard, responses={404: {"model": S.ErrorResponse}})
+    def model(self, model: str) -> S.ModelCard:
+        return model_card(self._model(model).member)
 
     @app.post("/v1/chat/completions", response_model=S.ChatCompletion, responses={400: {"model": S.ErrorResponse}})
     async def chat_completions(self, req: S.ChatCompletionRequest):

@@ -108,8 +108,9 @@ class DepthText:
 
     def chat(self, messages: list[Message]) -> Prompt:
         self._fits("messages", sum(len(m.content) for m in messages))
+        turns = [dict(role="system" if m.role == "developer" else m.role, content=m.content) for m in messages]
         try:
-            return Prompt(render_chat(self.tokenizer, [m.model_dump() for m in messages]), "chat")
+            return Prompt(render_chat(self.tokenizer, turns), "chat")
         except ValueError as e:  # it names the message: "messages[2].role: ..."
             param = str(e).split(":")[0]
             raise invalid(param if param.startswith("messages") else "messages", str(e)) from None
@@ -144,8 +145,13 @@ class DepthText:
         """The replica's request. logprobs: None, or alternatives per token to report; echo: the prompt's
         tokens come back first (scored by the replica where logprobs are asked)."""
         max_tokens = self.room(prompt, req.most_tokens)
+        bias = tuple((int(t), b) for t, b in (req.logit_bias or {}).items())
+        if bad := [t for t, _ in bias if t >= self.member.vocab_size]:
+            raise invalid("logit_bias", f"token ids must be in [0, {self.member.vocab_size}), got {bad[0]}")
         sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                                  top_p=req.top_p, seed=req.seed, logprobs=logprobs or 0) if max_tokens else None
+                                  top_p=req.top_p, seed=req.seed, logprobs=logprobs or 0, logit_bias=bias,
+                                  presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty) if max_tokens else None
         # Completions with logprobs or echo end with the stop token that ended them (text "", its logprob), as
         # vLLM does: lm-eval-harness's loglikelihood (echo, logprobs, max_tokens 1) slices
         # token_logprobs[ctxlen:-1] and would otherwise lose a prompt token.
@@ -154,10 +160,13 @@ class DepthText:
                                score_stop=prompt.kind == "text" and (logprobs is not None or echo))
 
     def echo(self, prompt: Prompt, scored: list[Token] | None) -> list[Piece]:
-        """The client's own prompt tokens as pieces of text, with their scores where the replica sent them."""
-        tokens = scored or [Token(id=t, logprob=None) for t in prompt.tokens]
+        """The client's own prompt tokens as pieces of text, with their scores where the replica sent them.
+        The first has no logprob (null, as OpenAI and vLLM give it), even after a BOS the server added."""
+        tokens = (scored or [Token(id=t, logprob=None) for t in prompt.tokens])[prompt.start:]
+        if tokens:
+            tokens[0] = Token(id=tokens[0].id, logprob=None)
         decoder = TextStream(self.tokenizer)
-        pieces = [Piece(decoder.feed(t.id), t) for t in tokens[prompt.start:]]
+        pieces = [Piece(decoder.feed(t.id), t) for t in tokens]
         if pieces:
             pieces[-1] = Piece(pieces[-1].text + decoder.flush(), pieces[-1].token)
         return pieces
@@ -175,7 +184,8 @@ class Reply:
     def __init__(self, text: DepthText, prompt: Prompt, stream, first: Event, stops: list[str], echo: bool):
         self.text, self.prompt, self.stream, self.first = text, prompt, stream, first
         self.stops, self.echo = stops, echo
-        self.prompt_tokens, self.completion_tokens = len(prompt.tokens), 0
+        self.prompt_tokens = len(prompt.tokens) - prompt.start  # what the client sent, as OpenAI counts it
+        self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.ended = isinstance(first, Finish)  # the replica is done with it (else closing cancels it there)
 

@@ -301,7 +301,10 @@ def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
     lp = choice["logprobs"]
     ids = tokenizer.encode(text)
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(ids)
-    assert "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0 and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0
+    # the first token has no logprob (OpenAI's and vLLM's null), though the server scored it after a BOS
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
     # The reference computes as the replica does: fp32 on CPU; bf16 weights on a GPU, where the
     # rounding of bf16 matmuls depends on shapes, so only ~1e-2 agreement can be asked for there.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,8 +315,8 @@ def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
     with torch.no_grad():
         logits = model(torch.tensor([[tokenizer.bos_id, *ids]], device=device))[0].float().log_softmax(-1).cpu()
     expected = logits[torch.arange(len(ids)), torch.tensor(ids)].tolist()
-    assert lp["token_logprobs"] == pytest.approx(expected, abs=tol)
-    assert r["usage"]["prompt_tokens"] == len(ids) + 1 + len(tokenizer.encode("x = 1")) + 1
+    assert lp["token_logprobs"][1:] == pytest.approx(expected[1:], abs=tol)
+    assert r["usage"]["prompt_tokens"] == len(ids) + len(tokenizer.encode("x = 1"))  # as sent: the BOS not counted
 
     # generate after an echo, from token ids, with a stop string; and streamed
     r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
@@ -323,8 +326,9 @@ def test_openai_completions_score_text_like_lm_eval(url, family, tokenizer):
     assert c["text"].startswith(echoed)
     assert len(c["logprobs"]["tokens"]) == len(ids) + 1 + r["usage"]["completion_tokens"]
     assert c["logprobs"]["token_logprobs"][0] is None  # the first token given has no context
-    same = pytest.approx(lp["token_logprobs"], abs=1e-5 if device == "cpu" else tol)
-    assert c["logprobs"]["token_logprobs"][1:len(ids) + 1] == same
+    same = pytest.approx(lp["token_logprobs"][1:], abs=1e-5 if device == "cpu" else tol)
+    assert c["logprobs"]["token_logprobs"][2:len(ids) + 1] == same
+    assert r["usage"]["prompt_tokens"] == len(ids) + 1  # token ids are counted as sent, BOS included
     generated = c["text"][len(echoed):]
     plain = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
         model="nanoray-d1", prompt=text, max_tokens=8, temperature=0)).json()["choices"][0]["text"]
@@ -455,6 +459,22 @@ BAD = [  # (route, body or raw text, status, param)
     ("/v1/completions", {"model": "nanoray-d1", "prompt": "word " * 400}, 400, "prompt"),
     ("/v1/completions", {"model": "nanoray-d1", "prompt": "word " * 100, "max_tokens": 250}, 400, "max_tokens"),
     ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    # issue 17, finding 4: accepted and ignored before (or, for a lone surrogate, accepted in completions only)
+    ("/v1/chat/completions", {"model": "nanoray-d1", "messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "suffix": " end"}, 400, "suffix"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "logit_bias": {"the": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": "nanoray-d1", "messages": HELLO, "presence_penalty": 2.5}, 400,
+     "presence_penalty"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "a\ud800b"}, 400, "prompt"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": ["ok", "\udfff"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "nanoray-d1", "prompt": "hi", "stop": ["\ud800"]}, 400, "stop"),
+    ("/d1/chat", {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
+    ("/d1/chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages[0].content"),
     ("/d1/core", {"max_per_task": 0}, 400, "max_per_task"),
     ("/d1/core", {"tasks": "mmlu"}, 400, "tasks"),
 ]
@@ -482,6 +502,52 @@ def test_api_docs_load_nothing_from_elsewhere(url):
             r = requests.get(f"{url}{asset}", timeout=30)
             assert r.status_code == 200 and len(r.content) > 100, asset
     assert requests.get(f"{url}/openapi.json", timeout=30).json()["info"]["title"] == "nanoray"
+
+
+def test_openai_model_cards_content_parts_and_the_developer_role(url):
+    """Issue 17, finding 4: GET /v1/models/{id} was a 404; content as a list of text parts and the developer
+    role were refused. Parts are joined by newlines (as vLLM joins them); developer is OpenAI's newer system."""
+    card = requests.get(f"{url}/v1/models/nanoray-d2", timeout=30).json()
+    assert card == requests.get(f"{url}/v1/models", timeout=30).json()["data"][1] and card["id"] == "nanoray-d2"
+    r = requests.get(f"{url}/v1/models/gpt-4", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    plain = dict(model="nanoray-d1", max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be brief.\nReally."}, {"role": "user", "content": "Hi"}])
+    parts = dict(plain, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Really."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    a, b = (requests.post(f"{url}/v1/chat/completions", json=body, timeout=60) for body in (plain, parts))
+    assert b.status_code == 200, b.text
+    assert b.json()["usage"] == a.json()["usage"] and b.json()["choices"] == a.json()["choices"]
+
+
+def test_logit_bias_penalties_and_63_bit_seeds_reach_the_sampler(url, family, tokenizer):
+    """Issue 17, finding 4: logit_bias, presence_penalty and frequency_penalty were accepted and ignored, and
+    seeds were cut to 32 bits. The greedy text with them is the model's argmax after the bias and penalties."""
+    from nanoray.checkpoint import load_model
+
+    def complete(**kw) -> str:
+        r = requests.post(f"{url}/v1/completions", timeout=60, json=dict(model="nanoray-d1", prompt="x = 1", **kw))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    token = tokenizer.encode(" the")[0]
+    assert complete(max_tokens=5, temperature=0, logit_bias={str(token): 100}) == tokenizer.decode([token] * 5)
+    model, _ = load_model(family / "d1" / "ckpt")
+    ids, counts = tokenizer.encode("x = 1", bos=True), {}
+    with torch.no_grad():  # greedy under frequency_penalty 1.5 and presence_penalty 0.5, recomputed in full
+        for _ in range(12):
+            logits = model(torch.tensor([ids]))[0, -1]
+            for t, n in counts.items():
+                logits[t] -= 1.5 * n + 0.5
+            ids.append(int(logits.argmax()))
+            counts[ids[-1]] = counts.get(ids[-1], 0) + 1
+    penalized = complete(max_tokens=12, temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
+    assert penalized != complete(max_tokens=12, temperature=0)
+    if not torch.cuda.is_available():  # the server decodes in fp32 on a CPU, as this reference does
+        assert penalized == tokenizer.decode(ids[-12:])
+    seeded = dict(max_tokens=16, temperature=1.0)
+    assert complete(seed=7 + 2**32, **seeded) == complete(seed=7 + 2**32, **seeded) != complete(seed=7, **seeded)
 
 
 def test_unknown_route_and_server_still_up(url):
