@@ -135,8 +135,8 @@ def serve_family(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
 
 def take_down() -> None:
     """Stop serving, uninterrupted by a second signal. A cluster that ray.init() started here goes down whole,
-    Serve's actors with it (a Ctrl-C in a terminal reaches its processes too, so asking its controller to
-    delete the app would wait 30 s on a dead controller and log the KVStoreError of its lost checkpoint).
+    Serve's actors with it (a Ctrl-C in a terminal reaches its processes too, so asking its dying controller
+    to delete the app waited 30 s, and the delete's checkpoint write to the GCS could fail: KVStoreError).
     On a cluster joined, the app is deleted first, at once: `ray job stop` kills us 3 s after SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
