@@ -89,25 +89,26 @@ class Gateway:
         self.page = PAGE.read_text()
         self.core_lock = asyncio.Semaphore(1)  # serializes /d{depth}/core runs
 
-    def _unservable(self, depth: int) -> None:
+    def _unservable(self, depth: int, param: str) -> None:
         """A 503 for a depth whose checkpoint could not be served, with why."""
         for u in self.unservable:
             if u.depth == depth:
-                raise ApiError(503, f"depth: the checkpoint of depth {depth} cannot be served ({u.checkpoint}: "
-                                    f"{u.reason})", "depth", "model_unavailable", type="server_error")
+                raise ApiError(503, f"{param}: the checkpoint of depth {depth} cannot be served ({u.checkpoint}: "
+                                    f"{u.reason})", param, "model_unavailable", type="server_error")
 
     def _depth(self, depth: int) -> Depth:
         if depth not in self.depths:
-            self._unservable(depth)
+            self._unservable(depth, "depth")
             raise ApiError(404, f"depth: no model of depth {depth}; served depths: {sorted(self.depths)}",
                            "depth", "model_not_found")
         return self.depths[depth]
 
     def _model(self, model: str) -> Depth:
         depth = model.removeprefix(S.MODEL_PREFIX)
-        if not (model.startswith(S.MODEL_PREFIX) and depth.isdigit() and int(depth) in self.depths):
-            if depth.isdigit():
-                self._unservable(int(depth))
+        ours = model.startswith(S.MODEL_PREFIX) and depth.isdigit()
+        if not (ours and int(depth) in self.depths):
+            if ours:
+                self._unservable(int(depth), "model")
             raise ApiError(404, f"model: {model!r} does not exist; served models: "
                                 f"{[S.model_id(d) for d in self.depths]}", "model", "model_not_found")
         return self.depths[int(depth)]

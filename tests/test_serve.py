@@ -756,6 +756,7 @@ def test_a_bad_checkpoint_is_reported_and_the_other_depths_served(served_by_cli)
                                                                                            messages=HELLO))]:
         r = requests.post(f"{url}{route}", timeout=60, json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert r.json()["error"]["param"] == ("depth" if route.startswith("/d") else "model")
         assert str(broken) in r.json()["error"]["message"]
 
 
