@@ -265,7 +265,6 @@ class Echo(Frozen):
 class Finish(Frozen):
     """The replica's last event."""
     reason: Literal["stop", "length"] = Field(description="stop: a stop token; length: max_tokens or the context")
-    tokens: int = Field(description="tokens sampled (the stop token not counted)")
     stop_token: Token | None = Field(None, description="the stop token that ended the text, when score_stop asked")
 
 
