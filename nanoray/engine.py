@@ -10,8 +10,9 @@ length, and each slot's decode state lives on the device (`Engine._state`: last 
 hashed seed, sampling parameters). Between launches the thread prefills waiting requests (batch 1) into the
 lowest free slots and samples their first token. A launch runs `_steps_for(B)` decode steps over the smallest
 power-of-two prefix of slots holding every active one; each step feeds every row's last token at its own
-position, samples the next one (Gumbel-max over the row's top-k/top-p set at its temperature, noise hashed from
-(seed, step, rank), so a seeded request draws the same tokens whatever else is in the batch) and writes it back
+position, samples the next one (Gumbel-max over the row's top-k/top-p set at its temperature, after its logit
+bias and presence/frequency penalties where it has any, noise hashed from (seed, step, rank), so a seeded request
+draws the same tokens whatever else is in the batch) and writes it back
 as the next input, all on the device: on a GPU one launch is one CUDA graph replay. The tokens are copied to
 pinned host memory asynchronously, and the thread launches the next steps before it reads them, so its work
 (delivering tokens to each request's asyncio.Queue on the caller's event loop, stop tokens, admissions,
@@ -57,13 +58,25 @@ class SamplingParams:
     top_p: float | None = None  # nucleus: the smallest set holding this probability; None = off
     seed: int | None = None  # same seed + prompt + params -> same tokens, whatever runs alongside; None = random
     logprobs: int = 0  # alternatives per sampled token that stream_with_logprobs reports (0-20)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias): added to the token's logit before sampling
+    presence_penalty: float = 0.0  # subtracted from the logit of each token the reply already holds
+    frequency_penalty: float = 0.0  # ... times the number of times it holds it (OpenAI's penalties)
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether the logits are changed before sampling (a bias or a penalty)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty)
 
     def __post_init__(self):
         checks = [("max_tokens", self.max_tokens >= 1, ">= 1"),
                   ("temperature", 0 <= self.temperature <= 2, "in [0, 2]"),
                   ("top_k", self.top_k is None or self.top_k >= 0, ">= 0 or None"),
                   ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] or None"),
-                  ("logprobs", 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")]
+                  ("logprobs", 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+                  ("logit_bias", all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+                   "(token >= 0, bias in [-100, 100]) pairs"),
+                  ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+                  ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
@@ -84,9 +97,18 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
+def seed_key(seed: int) -> int:
+    """A seed (up to 63 bits) as the 32-bit key the sampler hashes with each step. Seeds below 2**32 keep the
+    key they always had; the high bits are mixed in by a bijection of 32-bit values, so seeds that differ only
+    there draw differently."""
+    key = _hash32(seed & 0xFFFFFFFF)
+    return int(key ^ _hash32(seed >> 32) if seed >> 32 else key)
+
+
 def noise_key(seed: int, step: int) -> int:
-    """The 32-bit key of a request's noise at one step (host side; the ranks are mixed in on the device)."""
-    return int(_hash32(_hash32(seed) ^ step))
+    """The 32-bit key of a request's noise at one step (host side; the ranks are mixed in on the device); the
+    device computes the same from the slot's seed_key and step."""
+    return int(_hash32(seed_key(seed) ^ step))
 
 
 def gumbel_noise(key_B: torch.Tensor, k: int) -> torch.Tensor:
@@ -197,6 +219,12 @@ class Engine:
         self._state[_STATE["top_k"]] = 1
         self._fstate[0] = 1.0
         self._pending_rows: dict[int, tuple[list[int], list[float]]] = {}
+        # Per slot, what changes its logits before sampling (only where a request asks): its logit bias, the
+        # count of each token its reply holds, and its presence and frequency penalties.
+        self._bias = torch.zeros(max_batch, self.vocab_size, device=self.device)
+        self._counts = torch.zeros(max_batch, self.vocab_size, device=self.device)
+        self._penalty = torch.zeros(2, max_batch, device=self.device)
+        self._adjusted_slots: set[int] = set()  # slots whose rows above are not zero
         self._fused = None
         if fused_decode is None:
             fused_decode = fused_decode_available(self.device)
@@ -302,10 +330,11 @@ class Engine:
 
     def _submit(self, prompt: list[int], params: SamplingParams, stop_ids: set[int] | None) -> _Request:
         self._check_tokens(prompt, "prompt", self.seq_len - 1)
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {self.vocab_size})")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4))
         request = _Request(list(prompt), params, self.default_stop_ids if stop_ids is None else set(stop_ids),
-                           seed & 0xFFFFFFFF, min(params.max_tokens, self.seq_len - len(prompt)),
-                           asyncio.get_running_loop())
+                           seed, min(params.max_tokens, self.seq_len - len(prompt)), asyncio.get_running_loop())
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -389,9 +418,13 @@ class Engine:
         logits_1V = self.model(self._to_device([request.prompt]), cache=view)[:, -1]
         temperature, top_p, top_k = request.sampler
         k_max = min(self.vocab_size, _pow2(top_k) if top_k < self.vocab_size else self.vocab_size)
-        token_1 = sample(logits_1V, self._to_device([temperature], torch.float32), self._to_device([top_k]),
+        adjusted = self._set_adjustments(request)
+        token_1 = sample(logits_1V + self._bias[request.slot] if adjusted else logits_1V,
+                         self._to_device([temperature], torch.float32), self._to_device([top_k]),
                          self._to_device([top_p], torch.float32), self._to_device([noise_key(request.seed, 0)]),
                          k_max)
+        if adjusted:
+            self._counts[request.slot, token_1] += 1
         lse_1 = logits_1V.logsumexp(dim=-1)
         row = torch.cat([token_1.float(), logits_1V.gather(1, token_1[:, None])[0] - lse_1])
         n = request.params.logprobs
@@ -400,8 +433,27 @@ class Engine:
             row = torch.cat([row, ids.float(), values - lse_1])
         self._deliver(self._tokens(request, [row.tolist()], n))
         if not request.done:
-            self._pending_rows[request.slot] = ([token_1.item(), len(request.prompt), 1, _hash32(request.seed),
+            self._pending_rows[request.slot] = ([token_1.item(), len(request.prompt), 1, seed_key(request.seed),
                                                  top_k, 1], [temperature, top_p])
+
+    def _set_adjustments(self, request: _Request) -> bool:
+        """The request's logit bias and penalties into its slot's rows (cleared of an earlier occupant's);
+        whether it has any."""
+        slot, params = request.slot, request.params
+        if slot in self._adjusted_slots:
+            self._bias[slot].zero_()
+            self._counts[slot].zero_()
+            self._penalty[:, slot] = 0
+            self._adjusted_slots.discard(slot)
+        if not params.adjusted:
+            return False
+        if params.logit_bias:
+            tokens, values = zip(*params.logit_bias)
+            self._bias[slot].index_put_((self._to_device(list(tokens)),), self._to_device(list(values), torch.float32),
+                                        accumulate=True)
+        self._penalty[:, slot] = self._to_device([params.presence_penalty, params.frequency_penalty], torch.float32)
+        self._adjusted_slots.add(slot)
+        return True
 
     def _release(self, request: _Request) -> None:
         """Finished or gone: free its slot (the slot's device state goes back to idle at the next launch)."""
@@ -431,7 +483,8 @@ class Engine:
         if self._fused is None:  # the model's decode forward attends over a power-of-two prefix of positions
             last = max(len(r.prompt) + r.launched + S for r in active)
             length = min(self.seq_len, max(MIN_ATTEND, _pow2(last)))
-        key = (B, S, k_max, n_top, length)
+        adjusted = any(r.params.adjusted for r in active)  # a bias or a penalty: the PyTorch sampler step
+        key = (B, S, k_max, n_top, length, adjusted)
         if key not in self._outputs:
             shape, pinned = (S, B, 2 + 2 * n_top), self.device.type == "cuda"
             self._outputs[key] = (torch.zeros(shape, device=self.device),
@@ -439,7 +492,7 @@ class Engine:
         out, hosts = self._outputs[key]
         self._write_rows()
         try:
-            self._replay(key, lambda: self._decode_steps(B, S, k_max, n_top, length, out))
+            self._replay(key, lambda: self._decode_steps(B, S, k_max, n_top, length, adjusted, out))
         except Exception as e:
             if self._fused is None:
                 raise
@@ -497,17 +550,21 @@ class Engine:
         self._fstate.index_copy_(1, index, self._to_device(list(zip(*floats)), torch.float32))
         self._pending_rows = {}
 
-    def _decode_steps(self, B: int, S: int, k_max: int, n_top: int, length: int | None, out: torch.Tensor) -> None:
+    def _decode_steps(self, B: int, S: int, k_max: int, n_top: int, length: int | None, adjusted: bool,
+                      out: torch.Tensor) -> None:
         """S decode steps of the first B slots from their device state, each step's (token, logprob, top) into
         out[s]; touches only static buffers, the cache and the state (so a CUDA graph can replay it)."""
         for s in range(S):
             if self._fused is not None:
                 logits_BV = self._fused.forward(B)
-                self._fused.sample(B, k_max, out[s])
-                lse_B = self._fused.row_lse[:B]
+                if adjusted:  # the fused sampler kernel knows no bias or penalty: the PyTorch one does
+                    lse_B = self._pick(logits_BV, B, k_max, out[s], adjusted)
+                else:
+                    self._fused.sample(B, k_max, out[s])
+                    lse_B = self._fused.row_lse[:B]
             else:
                 logits_BV = self._decode(B, length)
-                lse_B = self._pick(logits_BV, B, k_max, out[s])
+                lse_B = self._pick(logits_BV, B, k_max, out[s], adjusted)
             if n_top:
                 values, ids = logits_BV.topk(n_top, dim=-1)
                 out[s, :, 2:2 + n_top] = ids
@@ -525,11 +582,21 @@ class Engine:
                 self.compile_decode = False
         return decode_step(*args)
 
-    def _pick(self, logits_BV: torch.Tensor, B: int, k_max: int, out_BW: torch.Tensor) -> torch.Tensor:
+    def _pick(self, logits_BV: torch.Tensor, B: int, k_max: int, out_BW: torch.Tensor,
+              adjusted: bool = False) -> torch.Tensor:
         """The PyTorch sampler step (what fused_decode's _pick kernel does): each row's token and its logprob
-        into out_BW, the row's next inputs into the state. Returns the rows' log-sum-exps."""
+        into out_BW, the row's next inputs into the state. Returns the rows' log-sum-exps. `adjusted`: each row's
+        logit bias and presence/frequency penalties change the logits it samples from (the logprobs reported
+        stay the model's own), and the sampled tokens are counted for the penalties."""
         state, fstate = self._state[:, :B], self._fstate[:, :B]
-        tokens_B = sample(logits_BV, fstate[0], state[4], fstate[1], _hash32(state[3] ^ state[2]), k_max)
+        sampled_BV = logits_BV
+        if adjusted:
+            counts_BV = self._counts[:B]
+            sampled_BV = (logits_BV + self._bias[:B] - self._penalty[1, :B, None] * counts_BV
+                          - self._penalty[0, :B, None] * (counts_BV > 0))
+        tokens_B = sample(sampled_BV, fstate[0], state[4], fstate[1], _hash32(state[3] ^ state[2]), k_max)
+        if adjusted:  # idle rows (active 0) count nothing
+            self._counts[:B].scatter_add_(1, tokens_B[:, None], state[5, :, None].to(self._counts.dtype))
         lse_B = logits_BV.logsumexp(dim=-1)
         out_BW[:, 0] = tokens_B
         out_BW[:, 1] = logits_BV.gather(1, tokens_B[:, None])[:, 0] - lse_B
@@ -545,7 +612,8 @@ class Engine:
         if not self.cuda_graphs:
             return step()
         if key not in self._graphs:
-            saved = [t.clone() for t in (self._state, self._fstate, self.cache.prev_emb)]
+            advanced = (self._state, self._fstate, self.cache.prev_emb, self._counts)
+            saved = [t.clone() for t in advanced]
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream())
             try:
@@ -553,7 +621,7 @@ class Engine:
                     step()
             finally:
                 torch.cuda.current_stream().wait_stream(side)
-                for t, s in zip((self._state, self._fstate, self.cache.prev_emb), saved):
+                for t, s in zip(advanced, saved):
                     t.copy_(s)
             graph = torch.cuda.CUDAGraph()
             try:
