@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
-from nanoray.storage import atomic_dir, recover
+from nanoray.storage import atomic_dir, join, read_bytes, recover
 from nanoray.tokenizer import Tokenizer
 
 WEIGHTS, OPTIMIZER, RNG, META, TOKENIZER = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json", "tokenizer"
@@ -84,6 +84,12 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
 
 
 def read_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's meta.json (a local directory, or a URI such as s3://...: read without the weights)."""
+    if "://" in str(path):
+        try:
+            return json.loads(read_bytes(join(str(path), META)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})") from None
     meta_file = recover(path, META) / META
     if not meta_file.exists():
         raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})")
