@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
-from nanoray.storage import atomic_dir, join, read_bytes, recover
+from nanoray.storage import atomic_dir, download, join, read_bytes, recover
 from nanoray.tokenizer import Tokenizer
 
 WEIGHTS, OPTIMIZER, RNG, META, TOKENIZER = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json", "tokenizer"
@@ -124,9 +125,9 @@ def restore(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Op
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The checkpoint's tokenizer, checked against the model's vocabulary."""
+    """The checkpoint's tokenizer (a local directory or a URI), checked against the model's vocabulary."""
     meta = read_meta(path)
-    tokenizer = Tokenizer.load(Path(path) / TOKENIZER)
+    tokenizer = Tokenizer.load(join(str(path), TOKENIZER))
     if tokenizer.vocab_size != meta["model"]["vocab_size"]:
         raise ValueError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{meta['model']['vocab_size']}; they must come from the same run")
@@ -142,7 +143,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """(model in eval mode, its tokenizer, meta): what serving and evaluation need from a checkpoint."""
+    """(model in eval mode, its tokenizer, meta): what serving and evaluation need from a checkpoint, a local
+    directory or a URI of an object store (downloaded to a temp directory first)."""
+    if "://" in str(path):
+        with tempfile.TemporaryDirectory(prefix="nanoray-ckpt-") as local:
+            download(str(path), local)
+            return load_for_inference(local, device)
     tokenizer = load_tokenizer(path)  # a missing or mismatched tokenizer fails before the weights load
     model, meta = load_model(path, device)
     return model, tokenizer, meta

@@ -246,7 +246,8 @@ def evaluate_core(checkpoint_dir: str, tasks: str | CoreTasks = "core-lite", num
 
     if num_workers < 1:
         raise ValueError(f"num_workers: must be >= 1, got {num_workers}")
-    checkpoint_dir = str(Path(checkpoint_dir).resolve())
+    # a local directory is made absolute (actors run elsewhere); a URI stays (each actor downloads it)
+    checkpoint_dir = str(checkpoint_dir) if "://" in str(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
     load_tokenizer(checkpoint_dir)  # a mismatched or missing tokenizer fails here, before any actor starts
     if isinstance(tasks, str):  # all files are read and checked before any actor starts
         tasks = load_tasks(tasks, max_per_task)

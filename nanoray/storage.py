@@ -122,6 +122,12 @@ def check_writable(root: str) -> None:
         raise StorageError(f"{root}: cannot write there: {reason}") from None
 
 
+def download(uri: str, local_dir: str | os.PathLike) -> None:
+    """Copy the files under `uri` (a directory in an object store) into the local directory `local_dir`."""
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
 def slug(name: str) -> str:
     """A name safe as one path component ("hf:org/name" -> "hf-org-name")."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")

@@ -12,7 +12,8 @@ share nothing but Ray's session files and the loopback network, and an S3 server
 
 Each worker node is `ray start --block` inside `unshare --mount --uts`: a private tmpfs covers every `hide`
 directory (the project's checkout, the driver's run directories, ~/.cache/nanoray), so a path that exists
-only on the driver's disk cannot be read there, as on a cloud node; its hostname is its own. The head has no
+only on the driver's disk cannot be read there, as on a cloud node; its hostname is its own, and so is its
+Ray temp dir (logs, sockets, the job's downloaded working directory). The head has no
 CPUs (as cluster.yaml's head) and the `trial_driver` resource, so Train workers, Ray Data actors, CORE tasks
 and Serve replicas all land on worker nodes, while job drivers and trial drivers stay on the head. Token
 auth is on, as cluster.yaml has it. Each node is a session of its own: killing it takes the raylet and
@@ -32,6 +33,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
+
+from nanoray.dev.procs import train_workers
 
 WORKER_CPUS = 2  # logical CPUs per worker node: bookkeeping (ray-notes §6), so 2 real cores carry 2 nodes
 STATE = "cluster.json"
@@ -120,8 +124,10 @@ class LocalCluster:
     def env(self) -> dict:
         """The environment of every node, and what a client (ray job, a driver) needs: token auth, the extra
         environment (S3 endpoint and credentials), Ray's test-speed knobs."""
+        # A busy 2-core machine can take 15 s to start a node's dashboard agent; the raylet's default wait
+        # for it is shorter, and the node dies at start (RAY_agent_register_timeout_ms).
         return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), RAY_USAGE_STATS_ENABLED="0",
-                    **self.extra_env)
+                    RAY_agent_register_timeout_ms="120000", **self.extra_env)
 
     # ------------------------------------------------------------------------------------------- nodes
 
@@ -156,7 +162,7 @@ class LocalCluster:
         before = self.alive_nodes()
         ray_cmd = [ray_executable(), "start", f"--address={self.address}", "--block", f"--num-cpus={cpus}",
                    "--node-ip-address=127.0.0.1",
-                   f"--resources={json.dumps(resources)}", f"--temp-dir={self.dir / 'ray'}", *node_ports()]
+                   f"--resources={json.dumps(resources)}", f"--temp-dir={self.dir / name}", *node_ports()]
         hide = " ".join(f"mkdir -p '{d}' && mount -t tmpfs -o size=1g tmpfs '{d}' && " for d in self.hide)
         # cd after the mounts: a working directory inside a hidden one would still reach what is under the tmpfs
         script = f"hostname {name} && {hide}cd '{self.dir}' && exec " + " ".join(f"'{a}'" for a in ray_cmd)
@@ -281,6 +287,44 @@ class LocalCluster:
         (self.dir / STATE).write_text(json.dumps(state, indent=2))
 
 
+def registered_checkpoint(filesystem, run_dir: str):
+    """The checkpoint Ray Train has registered for the run at `run_dir` (a path in `filesystem`), or None."""
+    import ray.train  # Ray Train's own reader of its snapshot
+
+    try:
+        return ray.train.Result.from_path(run_dir, storage_filesystem=filesystem).checkpoint
+    except Exception:  # noqa: BLE001 - no run there yet, or its snapshot caught half-written
+        return None
+
+
+def lose_a_training_node(cluster: LocalCluster, filesystem, run_dir: str, submission_id: str,
+                         timeout: float = 900) -> dict:
+    """While job `submission_id` runs: once the Train run at `run_dir` (in `filesystem`) has a registered
+    checkpoint, kill the worker node its Train worker runs on; then wait for the job. Returns what happened:
+    the job's status and logs, the node killed and the checkpoint step it was killed after, where the restarted
+    workers resumed (their "resumed from step" lines), the alive-node count over time, and the wall time."""
+    jobs, t0, timeline = cluster.jobs(), time.time(), []
+    killed = None
+    while not jobs.get_job_status(submission_id).is_terminal():
+        if time.time() - t0 > timeout:
+            jobs.stop_job(submission_id)
+            break
+        if killed is None and (checkpoint := registered_checkpoint(filesystem, run_dir)) is not None:
+            node = next((n for n in map(cluster.node_of, (p.pid for p in train_workers())) if n), None)
+            if node is not None:
+                cluster.kill(node)
+                killed = dict(node=node.name, after_step=int(Path(checkpoint.path).name.removeprefix("step_")),
+                              at_s=round(time.time() - t0, 1))
+        if not timeline or time.time() - t0 - timeline[-1][0] > 5:
+            timeline.append((round(time.time() - t0, 1), cluster.alive_nodes()))
+        time.sleep(0.5)
+    logs = jobs.get_job_logs(submission_id)
+    resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in logs.splitlines()
+               if "resumed from step" in line]
+    return dict(status=str(jobs.get_job_status(submission_id)), logs=logs, killed=killed, resumed_from=resumed,
+                timeline=timeline, wall_s=round(time.time() - t0, 1))
+
+
 def fake_autoscaling_config(cluster_yaml: str | os.PathLike, idle_timeout_minutes: float = 0.25,
                             cpus_per_node: float = WORKER_CPUS) -> dict:
     """cluster.yaml's node types for Ray's fake_multinode provider (the autoscaler starts worker nodes as
@@ -347,6 +391,12 @@ class S3Server:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def filesystem(self):
+        """A pyarrow filesystem of this server, for a reader whose own environment points elsewhere."""
+        env = self.env
+        return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
+                                 secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"])
 
     def __enter__(self) -> "S3Server":
         return self.start()
