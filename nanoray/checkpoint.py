@@ -9,6 +9,7 @@
     save_checkpoint(path, model, optimizers, meta, state=LoopState(step=7), tokenizer=tok)
     state = restore(path, model, optimizers)           # training: weights, optimizer, RNG; where the loop was
     model, tokenizer, meta = load_for_inference(path)  # serving, CORE: the model in eval mode and its tokenizer
+    meta = check_for_inference(path)                   # the same, checked without loading the weights
 
 Writes are atomic (nanoray.storage.atomic_dir): a crash never leaves a half-written checkpoint behind a valid
 name, and one caught between replacing an old checkpoint's two renames is found under its old name.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
@@ -152,3 +154,23 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     tokenizer = load_tokenizer(path)  # a missing or mismatched tokenizer fails before the weights load
     model, meta = load_model(path, device)
     return model, tokenizer, meta
+
+
+def check_for_inference(path: str | os.PathLike) -> dict:
+    """Check what load_for_inference would read, without loading the weights (their file's header, the
+    tokenizer's text): raises ValueError or FileNotFoundError naming the file and what is wrong with it (a
+    truncated model.safetensors, tensors that are not the model's); returns the meta."""
+    meta = read_meta(path)
+    load_tokenizer(path)
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**meta["model"])).state_dict().items()}
+    weights = Path(path) / WEIGHTS
+    try:
+        with safe_open(weights, "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{weights}: unreadable ({e})") from None
+    if found != expected:
+        name = next(k for k in sorted(expected.keys() | found.keys()) if found.get(k) != expected.get(k))
+        raise ValueError(f"{weights}: tensor {name} has shape {found.get(name)}, the model's is {expected.get(name)}")
+    return meta

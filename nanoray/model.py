@@ -17,7 +17,6 @@ logits and the loss are fp32. On CPU everything is fp32.
 Shape legend: B batch, T time (sequence), D model width, H heads, K kv heads, C head dim, V vocab.
 """
 
-import copy
 import math
 
 import torch
@@ -127,10 +126,9 @@ class KVCache:
         self._masks: dict[int, torch.Tensor] = {}
 
     def view(self, rows: slice, length: int, pos: int | torch.Tensor) -> "KVCache":
-        """Rows `rows` (a slice with start and stop) and the first `length` positions of this cache, at `pos`."""
-        view = copy.copy(self)
-        view.rows, view.length, view.pos, view._masks = rows, length, pos, {}
-        return view
+        """Rows `rows` (a slice with start and stop) and the first `length` positions of this cache, at `pos`.
+        A plain constructor call, so torch.compile traces it (torch 2.11's dynamo breaks the graph at copy.copy)."""
+        return _CacheView(self.k, self.v, self.prev_emb, rows, length, pos)
 
     @property
     def per_row(self) -> bool:
@@ -141,6 +139,15 @@ class KVCache:
         if window not in self._masks:
             self._masks[window] = window_mask(1, self.length, self.pos.view(-1, 1, 1, 1), window, self.k.device)
         return self._masks[window]
+
+
+class _CacheView(KVCache):
+    """A KVCache sharing another's tensors (KVCache.view)."""
+
+    def __init__(self, k, v, prev_emb, rows: slice, length: int, pos: int | torch.Tensor):
+        self.k, self.v, self.prev_emb = k, v, prev_emb
+        self.rows, self.length, self.pos = rows, length, pos
+        self._masks = {}
 
 
 class Attention(nn.Module):

@@ -8,6 +8,7 @@
 import argparse
 
 from serve.app import ServeArgs, serve_family
+from serve.schemas import MAX_BODY_BYTES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,10 +22,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="GPU share of each depth's replica (default 1/depths with GPUs, 0 without)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences each replica decodes together")
     p.add_argument("--max-replicas", type=int, default=1, help="autoscaling ceiling per depth")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body taken")
     args = p.parse_args(argv)
     try:
         serve_family(ServeArgs(run_dir=args.run_dir, checkpoints=args.checkpoint, num_gpus=args.gpu_fraction,
-                               max_batch=args.max_batch, max_replicas=args.max_replicas), args.host, args.port)
+                               max_batch=args.max_batch, max_replicas=args.max_replicas,
+                               max_body_bytes=args.max_body_bytes), args.host, args.port)
     except (ValueError, FileNotFoundError) as e:  # pydantic's ValidationError is a ValueError; raised before Ray
         p.error(str(e))
 

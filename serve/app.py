@@ -14,6 +14,7 @@ The price: a depth is not deployed or rolled back on its own (a deploy replaces 
 only the deployments whose code or options changed).
 """
 
+import logging
 import signal
 import time
 import urllib.request
@@ -23,10 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from serve.depth import DepthModel
-from serve.family import Member, find_family
+from serve.family import Family, find_family
 from serve.routes import Gateway
+from serve.schemas import MAX_BODY_BYTES
 
 APP = "nanoray"
+logger = logging.getLogger("ray.serve")
 
 
 class ServeArgs(BaseModel):
@@ -41,6 +44,7 @@ class ServeArgs(BaseModel):
                             "one thread; small, so that a laptop's few CPUs hold every depth and the CORE actors)")
     max_batch: int = Field(32, ge=1, description="sequences one replica's engine decodes together")
     max_replicas: int = Field(1, ge=1, description="autoscaling ceiling per depth")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, description="largest request body taken (larger: 413)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -48,23 +52,32 @@ class ServeArgs(BaseModel):
             raise ValueError("run_dir, checkpoints: give exactly one of them")
         return self
 
-    def family(self) -> list[Member]:
-        """The checkpoints to serve; raises ValueError or FileNotFoundError naming the field."""
+    def family(self) -> Family:
+        """The checkpoints to serve (and those that cannot be); raises ValueError or FileNotFoundError naming
+        the field."""
         return find_family(self.run_dir, self.checkpoints or None)
 
 
-def deployments(args: ServeArgs, family: list[Member]) -> serve.Application:
-    """The bound application: a DepthModel deployment per member, and the Gateway over them."""
+def unservable_lines(family: Family) -> list[str]:
+    return [f"d{u.depth if u.depth is not None else '?':<13} NOT SERVED: {u.checkpoint}: {u.reason}"
+            for u in family.unservable]
+
+
+def deployments(args: ServeArgs, family: Family) -> serve.Application:
+    """The bound application: a DepthModel deployment per servable member, and the Gateway over them."""
+    for line in unservable_lines(family):
+        logger.warning(line)
+    members = family.members
     num_gpus = args.num_gpus
     if num_gpus is None:
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-        num_gpus = round(1 / len(family), 4) if has_gpus else 0
+        num_gpus = round(1 / len(members), 4) if has_gpus else 0
     scaling = dict(min_replicas=1, max_replicas=args.max_replicas, target_ongoing_requests=args.max_batch)
     models = {m.depth: DepthModel.options(
         name=f"d{m.depth}", ray_actor_options=dict(num_cpus=args.num_cpus, num_gpus=num_gpus),
         autoscaling_config=scaling, max_ongoing_requests=4 * args.max_batch).bind(m, args.max_batch)
-        for m in family}
-    return Gateway.bind(models, family)
+        for m in members}
+    return Gateway.bind(models, family, args.max_body_bytes)
 
 
 def build(args: dict) -> serve.Application:
@@ -73,7 +86,7 @@ def build(args: dict) -> serve.Application:
     return deployments(args, args.family())
 
 
-def run(args: ServeArgs, family: list[Member], host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+def run(args: ServeArgs, family: Family, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
     """Serve `family` on the running Ray cluster at host:port; returns the lines that say where. Raises when
     the family does not answer there (Serve already running on this cluster keeps its own address)."""
     serve.start(http_options={"host": host, "port": port})
@@ -91,8 +104,9 @@ def run(args: ServeArgs, family: list[Member], host: str = "127.0.0.1", port: in
             time.sleep(0.5)
     return ([f"chat page      {base}/"]
             + [f"depth {m.depth:<8} {base}/d{m.depth}/chat   (model nanoray-d{m.depth}, {m.params / 1e6:.1f}M params)"
-               for m in family]
-            + [f"OpenAI API     {base}/v1   (GET {base}/v1/models)"])
+               for m in family.members]
+            + [f"OpenAI API     {base}/v1   (GET {base}/v1/models)"]
+            + unservable_lines(family))
 
 
 def serve_family(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -116,6 +130,22 @@ def serve_family(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
     except KeyboardInterrupt:
         pass
     finally:
-        serve.delete(APP, _blocking=False)  # first, at once: `ray job stop` kills us 3 s after SIGTERM
-        serve.shutdown()
+        take_down()
 
+
+def take_down() -> None:
+    """Stop serving, uninterrupted by a second signal. A cluster that ray.init() started here goes down whole,
+    Serve's actors with it (a Ctrl-C in a terminal reaches its processes too, so asking its dying controller
+    to delete the app waited 30 s, and the delete's checkpoint write to the GCS could fail: KVStoreError).
+    On a cluster joined, the app is deleted first, at once: `ray job stop` kills us 3 s after SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    node = ray._private.worker._global_node  # no public API says whether this process started the cluster
+    if node is not None and node.head:
+        ray.shutdown()
+        return
+    try:
+        serve.delete(APP, _blocking=False)
+        serve.shutdown()
+    except Exception as e:  # the cluster is going away as well: nothing left to take down
+        print(f"serve: could not take the app down ({type(e).__name__}: {e})", flush=True)

@@ -59,7 +59,7 @@ class DepthModel:
         stop_token = None
         if request.score_stop and not full:  # the engine ended on a stop token, which it does not yield
             stop_token = await self._stop_token(prompt + generated, request.stop_ids, sampling.logprobs)
-        yield Finish(reason="length" if full else "stop", tokens=len(generated), stop_token=stop_token)
+        yield Finish(reason="length" if full else "stop", stop_token=stop_token)
 
     async def _stop_token(self, tokens: list[int], stop_ids: list[int], top: int) -> Token:
         """The stop token that ended a request after `tokens`, scored by the model. With one stop id (text

@@ -3,6 +3,9 @@
 A run directory (what jobs/miniseries.py writes, runs/<name>/) has results.csv with one row per trial,
 including `depth`, `checkpoint` (a directory with meta.json, model.safetensors and tokenizer/), `status`
 and `val_bpb`. Where a depth has several trials (an isoFLOP grid), the one with the lowest val bpb is served.
+
+Each checkpoint is checked as the engine would load it (without loading the weights): one that cannot be
+served (a truncated model.safetensors, say) is set aside with its reason, and the others are served.
 """
 
 import csv
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from nanoray.checkpoint import read_meta
+from nanoray.checkpoint import check_for_inference
 
 
 class Member(BaseModel):
@@ -26,15 +29,28 @@ class Member(BaseModel):
     params: int = Field(description="total parameters")
 
 
+class Unservable(BaseModel):
+    """A checkpoint that was to be served but cannot be, and why."""
+
+    model_config = ConfigDict(frozen=True)
+    checkpoint: str = Field(description="absolute path of the checkpoint directory")
+    depth: int | None = Field(description="its depth, where results.csv says (None: from a checkpoint list)")
+    reason: str = Field(description="what is wrong with it")
+
+
+class Family(BaseModel):
+    """What find_family found: the members to serve, sorted by depth, and the checkpoints set aside."""
+
+    model_config = ConfigDict(frozen=True)
+    members: list[Member] = Field(description="the servable checkpoints, one per depth, sorted by depth")
+    unservable: list[Unservable] = Field([], description="the checkpoints that cannot be served, with why")
+
+
 def member(checkpoint: str | os.PathLike) -> Member:
-    """A checkpoint directory's depth and shape, from its meta.json."""
-    if "://" in str(checkpoint):
-        raise ValueError(f"checkpoints: {checkpoint} is remote; serving reads checkpoints from a local or shared "
-                         f"filesystem: copy it there (aws s3 sync ...) and pass that path")
+    """A checkpoint directory's depth and shape, from its meta.json, once checked as the engine would load it;
+    raises ValueError or FileNotFoundError naming what is wrong."""
     path = Path(checkpoint).resolve()
-    meta = read_meta(path)
-    if not (path / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{path}: no tokenizer/ beside the weights; serving needs it")
+    meta = check_for_inference(path)
     model, plan = meta["model"], meta.get("plan") or {}
     depth = plan.get("depth", model["n_layer"])
     return Member(depth=depth, checkpoint=str(path), seq_len=model["seq_len"], vocab_size=model["vocab_size"],
@@ -49,7 +65,7 @@ def _bpb(row: dict) -> float:
     return math.inf if math.isnan(value) else value
 
 
-def from_run_dir(run_dir: str | os.PathLike) -> list[str]:
+def from_run_dir(run_dir: str | os.PathLike) -> dict[int, str]:
     """Per depth, the checkpoint of the finished trial (status "done") with the lowest val bpb (results.csv).
     A relative checkpoint path is taken from the run directory."""
     table = Path(run_dir) / "results.csv"
@@ -73,15 +89,31 @@ def from_run_dir(run_dir: str | os.PathLike) -> list[str]:
                 best[depth] = row
     if not best:
         raise ValueError(f"run_dir: {table} has no finished trial (status done) with a checkpoint")
-    return [str(Path(run_dir) / best[d]["checkpoint"]) for d in sorted(best)]
+    return {d: str(Path(run_dir) / best[d]["checkpoint"]) for d in sorted(best)}
 
 
-def find_family(run_dir: str | os.PathLike | None = None, checkpoints: list[str] | None = None) -> list[Member]:
-    """The members to serve, sorted by depth: from run_dir's results.csv, or the checkpoints given."""
+def find_family(run_dir: str | os.PathLike | None = None, checkpoints: list[str] | None = None) -> Family:
+    """The members to serve, from run_dir's results.csv or the checkpoints given, and the checkpoints that
+    cannot be served. Raises ValueError or FileNotFoundError naming the argument where it is wrong, or
+    where none of its checkpoints can be served."""
     if (run_dir is None) == (not checkpoints):
         raise ValueError("run_dir, checkpoints: give exactly one of them")
-    members = [member(c) for c in (from_run_dir(run_dir) if run_dir is not None else checkpoints)]
+    field = "run_dir" if run_dir is not None else "checkpoints"
+    members, unservable = [], []
+    for depth, checkpoint in (from_run_dir(run_dir).items() if run_dir is not None
+                              else ((None, c) for c in checkpoints)):
+        if "://" in str(checkpoint):
+            raise ValueError(f"{field}: {checkpoint} is remote; serving reads checkpoints from a local or shared "
+                             f"filesystem: copy it there (aws s3 sync ...) and pass that path")
+        try:
+            members.append(member(checkpoint))
+        except Exception as e:  # whatever keeps one checkpoint from loading: set it aside, serve the others
+            unservable.append(Unservable(checkpoint=str(Path(checkpoint).resolve()), depth=depth,
+                                         reason=f"{type(e).__name__}: {e}"))
+    if not members:
+        raise ValueError(f"{field}: no checkpoint can be served: "
+                         + "; ".join(f"{u.checkpoint}: {u.reason}" for u in unservable))
     depths = [m.depth for m in members]
     if len(set(depths)) != len(depths):
         raise ValueError(f"checkpoints: one per depth, got depths {depths}")
-    return sorted(members, key=lambda m: m.depth)
+    return Family(members=sorted(members, key=lambda m: m.depth), unservable=unservable)

@@ -3,8 +3,8 @@ DeploymentHandle. A request is validated here, once (the schemas, then the depth
 serve/text.py), sent to its depth's replica as a GenerateRequest, and its token events are shaped into the
 native or OpenAI responses (serve/openai.py).
 
-Routes: native POST /d{depth}/chat, GET /d{depth}/stats, POST /d{depth}/core; OpenAI GET /v1/models,
-POST /v1/chat/completions, POST /v1/completions; GET / (the web chat page), GET /health, GET /docs.
+Routes: native POST /d{depth}/chat, GET /d{depth}/stats, POST /d{depth}/core; OpenAI GET /v1/models (and
+/v1/models/{id}), POST /v1/chat/completions, POST /v1/completions; GET / (the web chat page), GET /health, GET /docs.
 """
 
 import asyncio
@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray._private import state
 from ray.serve.handle import DeploymentHandle
@@ -24,14 +24,15 @@ from nanoray.core_eval import evaluate_core
 from serve import errors
 from serve import schemas as S
 from serve.errors import ApiError
-from serve.family import Member
+from serve.family import Family, Member
 from serve.openai import ChatShapes, CompletionShapes, sse
 from serve.text import DepthText, Prompt, Reply
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
-app = FastAPI(title="nanoray", description="A family of small GPTs, one depth per model.")
-errors.install(app)
+# FastAPIOffline: the /docs and /redoc pages load their scripts from this server, not a CDN (blank offline)
+app = FastAPIOffline(title="nanoray", description="A family of small GPTs, one depth per model.")
+errors.install(app, S.MAX_BODY_BYTES)
 
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
@@ -57,6 +58,11 @@ def free_gpu_share(most: float = 0.5) -> float:
     return min(max((n.get("GPU", 0.0) for n in nodes if n.get("CPU", 0.0) >= 1), default=0.0), most)
 
 
+def model_card(m: Member) -> S.ModelCard:
+    return S.ModelCard(id=S.model_id(m.depth), created=0, depth=m.depth, params=m.params, seq_len=m.seq_len,
+                       vocab_size=m.vocab_size)
+
+
 @dataclass(frozen=True)
 class Depth:
     """A served depth as the ingress sees it: its facts, its tokenizer, and its replicas' handle."""
@@ -75,21 +81,34 @@ class Depth:
 class Gateway:
     """The routes (module docstring) over one DeploymentHandle per depth."""
 
-    def __init__(self, models: dict[int, DeploymentHandle], family: list[Member]):
+    def __init__(self, models: dict[int, DeploymentHandle], family: Family, max_body_bytes: int = S.MAX_BODY_BYTES):
+        app.state.max_body_bytes = max_body_bytes  # the app is this replica's; no request has come yet
         self.depths = {m.depth: Depth(m, DepthText(m, load_tokenizer(m.checkpoint)), models[m.depth])
-                       for m in family}
+                       for m in family.members}
+        self.unservable = family.unservable
         self.page = PAGE.read_text()
         self.core_lock = asyncio.Semaphore(1)  # serializes /d{depth}/core runs
 
+    def _unservable(self, depth: int, param: str) -> None:
+        """A 503 for a depth whose checkpoint could not be served, with why."""
+        for u in self.unservable:
+            if u.depth == depth:
+                raise ApiError(503, f"{param}: the checkpoint of depth {depth} cannot be served ({u.checkpoint}: "
+                                    f"{u.reason})", param, "model_unavailable", type="server_error")
+
     def _depth(self, depth: int) -> Depth:
         if depth not in self.depths:
+            self._unservable(depth, "depth")
             raise ApiError(404, f"depth: no model of depth {depth}; served depths: {sorted(self.depths)}",
                            "depth", "model_not_found")
         return self.depths[depth]
 
     def _model(self, model: str) -> Depth:
         depth = model.removeprefix(S.MODEL_PREFIX)
-        if not (model.startswith(S.MODEL_PREFIX) and depth.isdigit() and int(depth) in self.depths):
+        ours = model.startswith(S.MODEL_PREFIX) and depth.isdigit()
+        if not (ours and int(depth) in self.depths):
+            if ours:
+                self._unservable(int(depth), "model")
             raise ApiError(404, f"model: {model!r} does not exist; served models: "
                                 f"{[S.model_id(d) for d in self.depths]}", "model", "model_not_found")
         return self.depths[int(depth)]
@@ -100,14 +119,17 @@ class Gateway:
 
     @app.get("/health")
     async def health(self) -> dict:
-        """Every depth's engine stats (one replica each); 503 if any depth does not answer."""
+        """Every depth's engine stats (one replica each), and the checkpoints that could not be served (status
+        "degraded"); 503 if any served depth does not answer."""
         depths = sorted(self.depths)
         try:
             stats = await asyncio.wait_for(asyncio.gather(*(self.depths[d].handle.stats.remote() for d in depths)),
                                            30)
         except Exception as e:
             raise ApiError(503, f"a depth did not answer: {e}", type="server_error", code="unhealthy") from None
-        return dict(status="ok", models={S.model_id(d): s for d, s in zip(depths, stats)})
+        return dict(status="degraded" if self.unservable else "ok",
+                    models={S.model_id(d): s for d, s in zip(depths, stats)},
+                    unservable=[u.model_dump() for u in self.unservable])
 
     @app.get("/d{depth}/stats")
     async def stats(self, depth: int) -> dict:
@@ -158,9 +180,11 @@ class Gateway:
 
     @app.get("/v1/models", response_model=S.ModelList)
     def models(self) -> S.ModelList:
-        return S.ModelList(data=[S.ModelCard(id=S.model_id(m.depth), created=0, depth=m.depth, params=m.params,
-                                             seq_len=m.seq_len, vocab_size=m.vocab_size)
-                                 for m in (d.member for d in self.depths.values())])
+        return S.ModelList(data=[model_card(d.member) for d in self.depths.values()])
+
+    @app.get("/v1/models/{model}", response_model=S.ModelCard, responses={404: {"model": S.ErrorResponse}})
+    def model(self, model: str) -> S.ModelCard:
+        return model_card(self._model(model).member)
 
     @app.post("/v1/chat/completions", response_model=S.ChatCompletion, responses={400: {"model": S.ErrorResponse}})
     async def chat_completions(self, req: S.ChatCompletionRequest):

@@ -13,13 +13,16 @@ import time
 import uuid
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from nanoray.engine import SamplingParams
 
 MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS = 500, 8000, 32000  # nanochat's chat_web limits
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
-MAX_TOP_K, MAX_TOP_LOGPROBS, MAX_STOPS = 200, 20, 4
+MAX_TOP_K, MAX_TOP_LOGPROBS = 200, 20
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: a reply's text is held back by up to the longest one
+MAX_LOGIT_BIAS = 300  # tokens a request may bias
+MAX_BODY_BYTES = 4 * 2**20  # request bodies: 64 prompts that fill a 2048-token context take ~1 MB
 MODEL_PREFIX = "nanoray-d"
 
 
@@ -52,10 +55,36 @@ class Strict(Frozen):
 # Requests -------------------------------------------------------------------------------------------
 
 
+def unicode(text: str) -> str:
+    """Text that UTF-8 can hold: JSON may carry a lone surrogate ("\\ud800"), refused alike in every field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {e.start}") from None
+    return text
+
+
 class Message(Strict):
-    """One chat turn; a leading system message is merged into the first user turn."""
-    role: Literal["system", "user", "assistant"] = Field(description="who speaks; system only first")
-    content: str = Field(max_length=MAX_MESSAGE_CHARS, description="the turn's text")
+    """One chat turn; a leading system (or developer) message is merged into the first user turn."""
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="who speaks; system (or developer, OpenAI's newer name for it) only first")
+    content: str = Field(max_length=MAX_MESSAGE_CHARS, description="the turn's text, or a list of text parts "
+                                                                   "({type: text, text}) joined by newlines")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, content):
+        """OpenAI's content parts, where they are text, joined by newlines as vLLM joins them."""
+        if isinstance(content, list):
+            texts = []
+            for i, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"part {i} is not a text part ({{\"type\": \"text\", \"text\": ...}}), got "
+                                     f"{kind!r}: this server takes text only")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        return unicode(content) if isinstance(content, str) else content
 
 
 class Sampling(Strict):
@@ -65,6 +94,25 @@ class Sampling(Strict):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; null or 1 = off")
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same prompt, same params: same text")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate; null = up to the model's context")
+    logit_bias: dict[str, float] | None = Field(None, description=f"token id (a string, as JSON keys are) -> a "
+                                                f"bias in [-100, 100] added to its logit; at most {MAX_LOGIT_BIAS}")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from the logit of each token the "
+                                                                 "reply already holds")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from the logit of each token the "
+                                                                  "reply already holds, times how often")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias):
+        if bias is not None:
+            if len(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+            for token, value in bias.items():
+                if not (token.isascii() and token.isdigit()):
+                    raise ValueError(f"keys are token ids, got {token!r}")
+                if not -100 <= value <= 100:
+                    raise ValueError(f"biases are in [-100, 100], got {value} for token {token}")
+        return bias
 
     @property
     def most_tokens(self) -> int | None:
@@ -104,14 +152,16 @@ class OpenAIRequest(Sampling):
     stream_options: StreamOptions | None = Field(None, description="what a stream adds")
     n: Literal[1] = Field(1, description="choices per prompt: one")
     stop: str | list[str] | None = Field(None, validate_default=True,
-                                         description=f"up to {MAX_STOPS} strings that end the text")
+                                         description=f"up to {MAX_STOPS} strings (of at most {MAX_STOP_CHARS} "
+                                                     f"characters) that end the text")
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOPS or not all(stops):
-            raise ValueError(f"up to {MAX_STOPS} non-empty strings")
+        stops = [unicode(s) for s in ([stop] if isinstance(stop, str) else stop or [])]
+        if len(stops) > MAX_STOPS or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters, got "
+                             f"{len(stops)} of lengths {[len(s) for s in stops][:MAX_STOPS + 1]}")
         return stops
 
 
@@ -123,6 +173,13 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
 
     _messages = field_validator("messages")(_check_messages)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top, info: ValidationInfo):
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top
 
     @property
     def most_tokens(self) -> int | None:
@@ -138,6 +195,8 @@ class CompletionRequest(OpenAIRequest):
     echo: bool = Field(False, description="the prompt first, in the text and the logprobs")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="each token's logprob and this many alternatives; null = none")
+    best_of: int | None = Field(None, description="candidates to sample and choose from: 1 (this server samples one)")
+    suffix: str | None = Field(None, description="text after the completion (insertion): not supported")
 
     @field_validator("prompt")
     @classmethod
@@ -150,7 +209,23 @@ class CompletionRequest(OpenAIRequest):
                 raise ValueError("a token prompt must hold at least one token")
             if len(p) > MAX_TOTAL_CHARS:
                 raise ValueError(f"at most {MAX_TOTAL_CHARS} characters (or tokens) per prompt, got {len(p)}")
+            if isinstance(p, str):
+                unicode(p)
         return prompts
+
+    @field_validator("best_of")
+    @classmethod
+    def _one(cls, best_of):
+        if best_of not in (None, 1):
+            raise ValueError(f"only 1: this server samples one candidate per prompt, got {best_of}")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix):
+        if suffix:
+            raise ValueError("not supported: these models complete text, they do not insert it")
+        return suffix
 
 
 class CoreRequest(Strict):
@@ -190,7 +265,6 @@ class Echo(Frozen):
 class Finish(Frozen):
     """The replica's last event."""
     reason: Literal["stop", "length"] = Field(description="stop: a stop token; length: max_tokens or the context")
-    tokens: int = Field(description="tokens sampled (the stop token not counted)")
     stop_token: Token | None = Field(None, description="the stop token that ended the text, when score_stop asked")
 
 

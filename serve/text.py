@@ -19,26 +19,54 @@ SPECIAL_STOPS = {"chat": ("<|assistant_end|>", "<|bos|>"), "text": ("<|bos|>",)}
 
 
 class StopScanner:
-    """Cuts streamed text at the first stop string, holding back any tail that could start one."""
+    """Cuts streamed text at the first stop string, holding back any tail that could start one.
+
+    Linear in the text: each stop string has a Knuth-Morris-Pratt automaton whose state (how much of the stop
+    the text ends with) advances once per new character, so a token costs its own characters times the number
+    of stops, whatever their length; the held-back tail is the longest of those matched prefixes."""
 
     def __init__(self, stops: list[str]):
         self.stops, self.pending = stops, ""
+        self.fallback = [_prefix_function(s) for s in stops]
+        self.matched = [0] * len(stops)  # of each stop, the characters the text so far ends with
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
+        pending, start = self.pending + text, len(self.pending)  # pending: shorter than the longest stop
+        first = None  # where the earliest stop string found starts in `pending`
+        for i, (stop, fallback) in enumerate(zip(self.stops, self.fallback)):
+            q = self.matched[i]
+            for j, c in enumerate(text):
+                while q and stop[q] != c:
+                    q = fallback[q - 1]
+                q += stop[q] == c
+                if q == len(stop):
+                    at = start + j + 1 - q
+                    first = at if first is None else min(first, at)
+                    break
+            self.matched[i] = q
+        if first is not None:
+            self.pending, self.matched = "", [0] * len(self.stops)
+            return pending[:first], True
+        cut = len(pending) - max(self.matched, default=0)
+        self.pending = pending[cut:]
+        return pending[:cut], False
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
+        out, self.pending, self.matched = self.pending, "", [0] * len(self.stops)
         return out
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's failure function: entry q is the length of the longest proper prefix of s[:q + 1] that is also
+    its suffix."""
+    out, k = [0] * len(s), 0
+    for q in range(1, len(s)):
+        while k and s[q] != s[k]:
+            k = out[k - 1]
+        k += s[q] == s[k]
+        out[q] = k
+    return out
 
 
 @dataclass(frozen=True)
@@ -67,10 +95,22 @@ class DepthText:
     def __init__(self, member: Member, tokenizer: Tokenizer):
         self.member, self.tokenizer = member, tokenizer
         self.stop_ids = {kind: [tokenizer.encode_special(t) for t in names] for kind, names in SPECIAL_STOPS.items()}
+        # A token spans at most this many bytes, so at most as many characters: a text longer than the context
+        # times that cannot fit, and is refused before the tokenizer reads it.
+        self.token_chars = int(tokenizer.token_bytes().max())
+
+    def _fits(self, field: str, chars: int) -> None:
+        most = self.member.seq_len * self.token_chars
+        if chars > most:
+            raise invalid(field, f"{chars} characters cannot fit this model's context of {self.member.seq_len} "
+                                 f"tokens (at most {most}: no token spans more than {self.token_chars})",
+                          "context_length_exceeded")
 
     def chat(self, messages: list[Message]) -> Prompt:
+        self._fits("messages", sum(len(m.content) for m in messages))
+        turns = [dict(role="system" if m.role == "developer" else m.role, content=m.content) for m in messages]
         try:
-            return Prompt(render_chat(self.tokenizer, [m.model_dump() for m in messages]), "chat")
+            return Prompt(render_chat(self.tokenizer, turns), "chat")
         except ValueError as e:  # it names the message: "messages[2].role: ..."
             param = str(e).split(":")[0]
             raise invalid(param if param.startswith("messages") else "messages", str(e)) from None
@@ -78,6 +118,7 @@ class DepthText:
     def text(self, prompt: str | list[int]) -> Prompt:
         """A text gets a BOS in front; token ids are taken as they are."""
         if isinstance(prompt, str):
+            self._fits("prompt", len(prompt))
             return Prompt(self.tokenizer.encode(prompt, bos=True), "text", start=1)
         vocab = self.member.vocab_size
         if bad := [t for t in prompt if not 0 <= t < vocab]:
@@ -104,8 +145,13 @@ class DepthText:
         """The replica's request. logprobs: None, or alternatives per token to report; echo: the prompt's
         tokens come back first (scored by the replica where logprobs are asked)."""
         max_tokens = self.room(prompt, req.most_tokens)
+        bias = tuple((int(t), b) for t, b in (req.logit_bias or {}).items())
+        if bad := [t for t, _ in bias if t >= self.member.vocab_size]:
+            raise invalid("logit_bias", f"token ids must be in [0, {self.member.vocab_size}), got {bad[0]}")
         sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                                  top_p=req.top_p, seed=req.seed, logprobs=logprobs or 0) if max_tokens else None
+                                  top_p=req.top_p, seed=req.seed, logprobs=logprobs or 0, logit_bias=bias,
+                                  presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty) if max_tokens else None
         # Completions with logprobs or echo end with the stop token that ended them (text "", its logprob), as
         # vLLM does: lm-eval-harness's loglikelihood (echo, logprobs, max_tokens 1) slices
         # token_logprobs[ctxlen:-1] and would otherwise lose a prompt token.
@@ -114,10 +160,13 @@ class DepthText:
                                score_stop=prompt.kind == "text" and (logprobs is not None or echo))
 
     def echo(self, prompt: Prompt, scored: list[Token] | None) -> list[Piece]:
-        """The client's own prompt tokens as pieces of text, with their scores where the replica sent them."""
-        tokens = scored or [Token(id=t, logprob=None) for t in prompt.tokens]
+        """The client's own prompt tokens as pieces of text, with their scores where the replica sent them.
+        The first has no logprob (null, as OpenAI and vLLM give it), even after a BOS the server added."""
+        tokens = (scored or [Token(id=t, logprob=None) for t in prompt.tokens])[prompt.start:]
+        if tokens:
+            tokens[0] = Token(id=tokens[0].id, logprob=None)
         decoder = TextStream(self.tokenizer)
-        pieces = [Piece(decoder.feed(t.id), t) for t in tokens[prompt.start:]]
+        pieces = [Piece(decoder.feed(t.id), t) for t in tokens]
         if pieces:
             pieces[-1] = Piece(pieces[-1].text + decoder.flush(), pieces[-1].token)
         return pieces
@@ -135,7 +184,8 @@ class Reply:
     def __init__(self, text: DepthText, prompt: Prompt, stream, first: Event, stops: list[str], echo: bool):
         self.text, self.prompt, self.stream, self.first = text, prompt, stream, first
         self.stops, self.echo = stops, echo
-        self.prompt_tokens, self.completion_tokens = len(prompt.tokens), 0
+        self.prompt_tokens = len(prompt.tokens) - prompt.start  # what the client sent, as OpenAI counts it
+        self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.ended = isinstance(first, Finish)  # the replica is done with it (else closing cancels it there)
 

@@ -6,7 +6,6 @@ import csv
 import itertools
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from ray import serve
 
 from nanoray.checkpoint import save_checkpoint
 from nanoray.corpus import read_source, write_shards
+from nanoray.dev.cluster import free_port
 from nanoray.dial import plan
 from nanoray.model import build_model
 from nanoray.stream import prepare_data
@@ -87,12 +87,6 @@ def write_family(root, tokenizer, depths=(1, 2)):
         writer.writeheader()
         writer.writerows(rows)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

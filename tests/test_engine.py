@@ -88,6 +88,32 @@ def test_greedy_continuous_batching_equals_full_recompute(tokenizer, window_patt
     assert stats["steps"] < stats["generated_tokens"] - len(batch)  # steps were shared: it batched
 
 
+def test_several_steps_per_launch_equal_one_and_the_full_recompute(tokenizer, model):
+    """steps_per_launch 3: a launch's tokens past a stop token or max_tokens are dropped, the rest equal the full
+    recompute, and seeded sampling draws what one step per launch draws (the noise step lives on the device)."""
+    engine = Engine(model, tokenizer, max_batch=4, steps_per_launch=3)
+    batch = prompts(5, seed=9)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    try:
+        results = asyncio.run(staggered(engine, batch, SamplingParams(max_tokens=7, temperature=0)))
+        reference = naive_greedy(model, batch[0], 7)
+        stop = reference[4]
+        stopped = asyncio.run(engine.generate(batch[0], SamplingParams(max_tokens=7, temperature=0), stop_ids={stop}))
+        three = asyncio.run(engine.generate(batch[1], sampled, stop_ids=set())).tokens
+        steps = engine.stats()["steps"]
+    finally:
+        engine.close()
+    one_engine = Engine(model, tokenizer, max_batch=4, steps_per_launch=1)
+    try:
+        one = asyncio.run(one_engine.generate(batch[1], sampled, stop_ids=set())).tokens
+    finally:
+        one_engine.close()
+    for prompt, result in zip(batch, results):
+        assert result.tokens == naive_greedy(model, prompt, 7) and result.finish_reason == "length"
+    assert stopped.finish_reason == "stop" and stopped.tokens == reference[:reference.index(stop)]
+    assert three == one and len(three) == 10 and steps % 3 == 0
+
+
 def test_seeded_sampling_is_deterministic_and_independent_of_concurrency(engine):
     params = SamplingParams(max_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=7)
     prompt = prompts(1, seed=1)[0]
@@ -217,10 +243,63 @@ def test_score_and_stream_logprobs_match_a_full_forward(engine, model):
 
 
 @pytest.mark.parametrize("field, value", [("max_tokens", 0), ("temperature", 2.5), ("temperature", -1),
-                                          ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("logprobs", 21)])
+                                          ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("logprobs", 21),
+                                          ("logit_bias", ((3, 101.0),)), ("logit_bias", ((-1, 1.0),)),
+                                          ("presence_penalty", 2.5), ("frequency_penalty", -2.1)])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def naive_adjusted_greedy(model, prompt, n, logit_bias=(), presence_penalty=0.0, frequency_penalty=0.0):
+    """Full recompute, argmax of the logits plus the bias, minus OpenAI's penalties on the tokens so far."""
+    ids, counts = list(prompt), {}
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1].clone()
+            for token, bias in logit_bias:
+                logits[token] += bias
+            for token, count in counts.items():
+                logits[token] -= frequency_penalty * count + presence_penalty
+            ids.append(int(logits.argmax()))
+            counts[ids[-1]] = counts.get(ids[-1], 0) + 1
+    return ids[len(prompt):]
+
+
+def test_logit_bias_and_repetition_penalties_equal_a_naive_reference(engine, model):
+    """Issue 17, finding 4: logit_bias, presence_penalty and frequency_penalty were accepted and ignored. Each
+    request's adjustments apply to its own row only: plain requests in the same batches stay plain greedy."""
+    batch = prompts(4, seed=9)
+    greedy = [naive_greedy(model, p, 12) for p in batch]
+    cases = [dict(logit_bias=((greedy[0][0], -100.0),)),  # the greedy first token, banned
+             dict(logit_bias=((7, 100.0), (8, -5.0))),  # token 7 forced
+             dict(presence_penalty=1.5),
+             dict(frequency_penalty=0.7, presence_penalty=-0.3, logit_bias=((greedy[3][1], 2.0),))]
+
+    async def run():
+        adjusted = [engine.generate(p, SamplingParams(max_tokens=12, temperature=0, **kw), stop_ids=set())
+                    for p, kw in zip(batch, cases)]
+        plain = [engine.generate(p, GREEDY, stop_ids=set()) for p in batch]
+        return await asyncio.gather(*adjusted, *plain)
+    results = asyncio.run(run())
+    for prompt, kw, result in zip(batch, cases, results):
+        assert result.tokens == naive_adjusted_greedy(model, prompt, 12, **kw)
+    assert results[1].tokens == [7] * 12 and results[0].tokens[0] != greedy[0][0]
+    assert sum(r.tokens != g for r, g in zip(results[:4], greedy)) >= 3  # the adjustments changed the text
+    assert [r.tokens for r in results[4:]] == greedy
+    with pytest.raises(ValueError, match="logit_bias: token ids must be in"):
+        asyncio.run(engine.generate([1, 2], SamplingParams(logit_bias=((10**6, 1.0),))))
+
+
+def test_seeds_use_all_their_bits(engine):
+    """Issue 17, finding 4: seeds were cut to 32 bits (seed s and s + 2**32 drew the same text)."""
+    prompt = prompts(1, seed=1)[0]
+
+    def draw(seed):
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_k=0, seed=seed)
+        return asyncio.run(engine.generate(prompt, params, stop_ids=set())).tokens
+    assert draw(7 + 2**32) == draw(7 + 2**32) != draw(7)
+    assert draw(2**63 - 1) != draw(2**31 - 1)
 
 
 def test_serve_throughput_benchmark_smoke():

@@ -106,3 +106,122 @@ def test_mix_norm_kernel_matches_reference():
     torch.autograd.backward((xr, xnr), (g_x.double(), g_xn.double()))
     for name, u, v in zip(("x", "xn", "g_prev", "g_x0", "g_lam"), got, (xr, xnr, a.grad, b.grad, lr.grad)):
         assert rel_err(u, v) < 1e-2, name
+
+
+# ------------------------------------------------------------------------------- serving: decode paths
+
+def _served_model(vocab=512, seq_len=256, n_layer=3, n_embd=128, n_head=4, n_kv_head=2, head_dim=32,
+                  window_pattern="SL", seed=0):
+    """A small random model whose projections carry signal (the zero-initialized ones perturbed)."""
+    from nanoray.model import ModelConfig, build_model
+
+    config = ModelConfig(vocab_size=vocab, seq_len=seq_len, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                         n_kv_head=n_kv_head, head_dim=head_dim, window_pattern=window_pattern)
+    model = build_model(config, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, device="cuda", generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("B", [1, 3, 40])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_fused_decode_step_matches_the_model(B, n_kv_head):
+    """nanoray.fused_decode against the model's per-row cache forward (both bf16): logits, the cache it writes,
+    and the greedy pick; rows at different positions, some past the 128-token short window (pattern SL)."""
+    from nanoray.engine import decode_step
+    from nanoray.fused_decode import FusedDecoder
+    from nanoray.model import KVCache
+
+    model = _served_model(n_kv_head=n_kv_head).prepare_inference(torch.bfloat16)
+    T, gen = model.config.seq_len, torch.Generator().manual_seed(B)
+    caches = [KVCache(model.config, 64, T, "cuda", torch.bfloat16) for _ in range(2)]
+    lens = torch.randint(1, 200, (B,), generator=gen).tolist()
+    with torch.no_grad():
+        for cache in caches:
+            for slot, n in enumerate(lens):
+                prompt = torch.randint(512, (1, n), generator=torch.Generator().manual_seed(slot)).cuda()
+                model(prompt, cache=cache.view(slice(slot, slot + 1), T, 0))
+        state = torch.zeros(6, 64, dtype=torch.long, device="cuda")
+        state[0, :B] = torch.randint(512, (B,), generator=gen).cuda()
+        state[1, :B], state[4], state[5, :B] = torch.tensor(lens).cuda(), 1, 1
+        fstate = torch.ones(2, 64, device="cuda")
+        fused = FusedDecoder(model, caches[1], state, fstate)
+        for _ in range(3):
+            ref_BV = decode_step(model, caches[0], state[0, :B].clone(), state[1, :B].clone(), T)
+            got_BV = fused.forward(B).clone()
+            assert rel_err(got_BV, ref_BV) < 2e-2
+            out = torch.zeros(B, 2, device="cuda")
+            fused.sample(B, 1, out)  # writes the next token and position into the state
+            agree = (out[:, 0].long() == ref_BV.argmax(-1)).float().mean().item()
+            assert agree >= 0.9, agree
+            assert out[:, 1].tolist() == pytest.approx((got_BV.log_softmax(-1).max(-1).values).tolist(), abs=1e-3)
+            for name in ("k", "v", "prev_emb"):
+                assert rel_err(getattr(caches[1], name), getattr(caches[0], name)) < 2e-2, name
+
+
+def test_fused_sampler_draws_what_the_pytorch_sampler_draws():
+    from nanoray.engine import _hash32, sample
+    from nanoray.fused_decode import FusedDecoder
+
+    from nanoray.model import KVCache
+
+    model = _served_model().prepare_inference(torch.bfloat16)
+    B = 6
+    state = torch.zeros(6, 8, dtype=torch.long, device="cuda")
+    fstate = torch.ones(2, 8, device="cuda")
+    fused = FusedDecoder(model, KVCache(model.config, 8, 256, "cuda", torch.bfloat16), state, fstate)
+    state[0, :B] = torch.arange(B).cuda()
+    fused.forward(B)  # the logits (and their per-block stats) of B rows
+    top_k = torch.tensor([1, 5, 40, 64, 3, 64], device="cuda")
+    state[3, :B] = _hash32(torch.arange(B, device="cuda") + 123)
+    state[2, :B] = torch.tensor([0, 1, 2, 5, 8, 13], device="cuda")
+    state[4, :B], state[5, :B] = top_k, 1
+    fstate[0, :B] = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.5, 2.0], device="cuda")
+    fstate[1, :B] = torch.tensor([torch.inf, 0.9, 0.5, torch.inf, 0.95, 0.8], device="cuda")
+    key = _hash32(state[3, :B] ^ state[2, :B])
+    expected = sample(fused.logits[:B], fstate[0, :B], top_k, fstate[1, :B], key, 64)
+    out = torch.zeros(B, 2, device="cuda")
+    fused.sample(B, 64, out)
+    assert out[:, 0].long().tolist() == expected.tolist()
+    lp = fused.logits[:B].log_softmax(-1).gather(1, expected[:, None])[:, 0]
+    assert out[:, 1].tolist() == pytest.approx(lp.tolist(), abs=1e-4)
+    assert state[2, :B].tolist() == [1, 2, 3, 6, 9, 14] and state[0, :B].tolist() == expected.tolist()
+
+
+def _generate_all(engine, prompts, params):
+    import asyncio
+
+    async def one(prompt):
+        return [t async for t in engine.stream(prompt, params, stop_ids=set())]
+
+    async def run():
+        return await asyncio.gather(*(one(p) for p in prompts))
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("path", ["fused", "compiled"])
+def test_engine_fast_decode_path_runs_without_falling_back(path, recwarn):
+    """The default fused path (and torch.compile of the model's decode forward, on this GPU's torch) run inside
+    the CUDA graphs: the test fails if either falls back (a fallback warns and changes decode_path). Each
+    greedy token is the argmax of a full bf16 recompute of its prefix, up to bf16 rounding (a near tie)."""
+    from nanoray.engine import Engine, SamplingParams
+    from nanoray.tokenizer import Tokenizer
+
+    model = _served_model(window_pattern="L")
+    tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    prompts = [torch.randint(256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70, 130)]
+    kwargs = dict(fused_decode=True) if path == "fused" else dict(fused_decode=False, compile_decode=True)
+    engine = Engine(model, tokenizer, max_batch=4, **kwargs)
+    generated = _generate_all(engine, prompts, SamplingParams(max_tokens=24, temperature=0))
+    assert engine.decode_path == path and engine.cuda_graphs
+    assert not [w for w in recwarn.list if "nanoray.engine" in str(w.message)]
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, generated):
+            logits = model(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1:-1]
+            gap = logits.max(-1).values - logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+            assert len(tokens) == 24 and gap.max().item() < 0.1, gap.tolist()

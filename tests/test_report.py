@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from nanoray import report
+from nanoray import storage
 from nanoray.report import COLUMNS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -171,7 +171,7 @@ def test_a_failed_write_keeps_the_old_files(tmp_path, series, monkeypatch):
     def no_rename(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", no_rename)
+    monkeypatch.setattr(storage.os, "replace", no_rename)  # every write of the report goes through storage
     with pytest.raises(OSError, match="disk full"):
         write_report(rows[:1], {}, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == set(before)  # no temp files left behind

@@ -1,0 +1,91 @@
+"""GPU time of nanoray.fused_decode's kernels at one depth's shapes: each one-row GEMV (the default tiles and
+a few others), the attention at 1 and 128 rows (several split lengths), and the whole decode forward, each timed as 20 launches captured in a CUDA
+graph (so launch gaps count as they do in the engine's graphs).
+
+    python benchmarks/decode_kernels.py --depth 12        # GPU only
+
+GB/s counts the weight bytes a GEMV reads (or the K/V bytes the attention reads). One JSON line per kernel
+and configuration.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from nanoray.dial import plan  # noqa: E402
+from nanoray.fused_decode import FusedDecoder, _gemv_blocks  # noqa: E402
+from nanoray.model import KVCache, build_model  # noqa: E402
+
+REPS = 20
+
+
+def graph_us(fn) -> float:
+    """Microseconds per call of fn, as REPS calls replayed from one CUDA graph (median of 5 replays)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / REPS)
+    return sorted(times)[2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, required=True)
+    p.add_argument("--position", type=int, default=640, help="each row's position (context) in the attention")
+    args = p.parse_args()
+    config = plan(args.depth, "gpt2").model
+    model = build_model(config, device="cuda").prepare_inference(torch.bfloat16)
+    rows = 128
+    cache = KVCache(config, rows, config.seq_len, "cuda", torch.bfloat16)
+    cache.k.normal_(), cache.v.normal_()
+    state = torch.zeros(6, rows, dtype=torch.long, device="cuda")
+    state[0], state[1], state[4], state[5] = 7, args.position, 1, 1
+    fd = FusedDecoder(model, cache, state, torch.ones(2, rows, device="cuda"))
+    fd.x.normal_(), fd.h.normal_(), fd.qkv.normal_(), fd.y.normal_()
+    layer = fd.layers[0]
+    base = dict(depth=args.depth, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                date=datetime.date.today().isoformat())
+    shapes = dict(qkv=(fd.x, layer["qkv"], fd.qkv, dict(PRO=1)), fc=(fd.x, layer["fc"], fd.h, dict(PRO=1, EPI=1)),
+                  proj=(fd.h, layer["proj"], fd.x, dict(EPI=2)), lm_head=(fd.x, fd.lm_head, fd.logits, dict(PRO=2, EPI=3)))
+    for name, (x, w, out, kw) in shapes.items():
+        N, K = (config.vocab_size if name == "lm_head" else w.shape[0]), w.shape[1]
+        default = fd.lm_blocks if name == "lm_head" else _gemv_blocks(N, K)
+        configs = {"default": (default, None), "w4": (default, 4), "w8": (default, 8),
+                   "tile16k": (_gemv_blocks(N, K, 16384), 8), "bn_half": ((max(2, default[0] // 2), default[1]), None)}
+        for label, (blocks, warps) in configs.items():
+            us = graph_us(lambda: fd._linear(x, w, out, 1, blocks=blocks, warps=warps, **kw))
+            print(json.dumps(dict(kernel=f"gemv_{name}", config=label, blocks=blocks, warps=warps, us=round(us, 2),
+                                  gb_s=round(N * K * 2 / us / 1e3, 1), **base)), flush=True)
+    for B in (1, rows):
+        for chunk in sorted({fd.chunk(B), 64, 128, 256, 512}):
+            kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
+            fd.chunk = lambda _, chunk=chunk: chunk
+            us = graph_us(lambda: fd._attention(B, 0))
+            print(json.dumps(dict(kernel="attention", rows=B, chunk=chunk, us=round(us, 2),
+                                  gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
+        del fd.chunk
+    for B in (1, 8, rows):
+        state[1] = args.position
+        us = graph_us(lambda: fd.forward(B))
+        print(json.dumps(dict(kernel="forward", rows=B, us=round(us, 2), **base)), flush=True)
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
