@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
-from nanoray.storage import atomic_dir, download, join, read_bytes, recover
+from nanoray.storage import atomic_dir, download, filesystem, join, read_bytes, recover
 from nanoray.tokenizer import Tokenizer
 
 WEIGHTS, OPTIMIZER, RNG, META, TOKENIZER = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json", "tokenizer"
@@ -156,6 +155,25 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     return model, tokenizer, meta
 
 
+def safetensors_shapes(uri: str) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header (a local path or a URI: only the header and the
+    file's size are read); ValueError when the header is malformed or the file is shorter than it says."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        if size < 8:
+            raise ValueError(f"{size} bytes: shorter than a safetensors header")
+        length = int.from_bytes(f.read(8), "little")
+        if length > size - 8:
+            raise ValueError(f"{size} bytes, but its header alone claims {length}")
+        header = json.loads(f.read(length))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"{size} bytes, but its tensors end at byte {8 + length + end}: truncated")
+    return {k: tuple(v["shape"]) for k, v in tensors.items()}
+
+
 def check_for_inference(path: str | os.PathLike) -> dict:
     """Check what load_for_inference would read, without loading the weights (their file's header, the
     tokenizer's text): raises ValueError or FileNotFoundError naming the file and what is wrong with it (a
@@ -164,11 +182,10 @@ def check_for_inference(path: str | os.PathLike) -> dict:
     load_tokenizer(path)
     with torch.device("meta"):  # shapes only: no memory, no init
         expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**meta["model"])).state_dict().items()}
-    weights = Path(path) / WEIGHTS
+    weights = join(str(path), WEIGHTS)
     try:
-        with safe_open(weights, "pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (OSError, SafetensorError) as e:
+        found = safetensors_shapes(weights)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{weights}: unreadable ({e})") from None
     if found != expected:
         name = next(k for k in sorted(expected.keys() | found.keys()) if found.get(k) != expected.get(k))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from nanoray.dev.cluster import (LocalCluster, S3Server, fake_autoscaling_config, free_port, lose_a_training_node,
                                  registered_checkpoint)
@@ -155,6 +156,38 @@ print(json.dumps(ray.get(ref)))
     assert driver.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["hostname"] != spare.name and result["examples"] == 600
+
+
+@pytest.mark.timeout(600)
+def test_the_family_is_served_from_object_storage(cluster, s3):
+    """The same job with --serve: nothing trains again, the report (in S3) lists checkpoints in S3, and replicas
+    on the worker nodes load them: every depth answers over HTTP at the head; stopping the job stops serving."""
+    port = free_port()
+    sid = cluster.submit(["python", "jobs/miniseries.py", "--storage", STORAGE, "--depths", "1,2", "--ratio", "0.25",
+                          "--checkpoint-every", "2", "--core", "none", "--serve", "--serve-port", str(port)],
+                         working_dir=ROOT, submission_id="served")
+    jobs, deadline = cluster.jobs(), time.time() + 400
+    while "serving until stopped" not in jobs.get_job_logs(sid):
+        assert not jobs.get_job_status(sid).is_terminal(), jobs.get_job_logs(sid)[-3000:]
+        assert time.time() < deadline, jobs.get_job_logs(sid)[-3000:]
+        time.sleep(2)
+    base = f"http://127.0.0.1:{port}"
+    models = requests.get(f"{base}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["nanoray-d1", "nanoray-d2"]
+    for depth in (1, 2):
+        reply = requests.post(f"{base}/d{depth}/chat", timeout=120, json=dict(
+            messages=[dict(role="user", content="hello")], max_tokens=4, temperature=0, stream=False)).json()
+        assert reply["usage"]["completion_tokens"] >= 1, reply
+    assert "resumed from step" not in jobs.get_job_logs(sid)  # finished trials were not trained again
+    jobs.stop_job(sid)
+    deadline = time.time() + 60
+    while True:
+        try:
+            requests.get(f"{base}/v1/models", timeout=5)
+        except requests.ConnectionError:
+            break
+        assert time.time() < deadline, "still serving after the job stopped"
+        time.sleep(1)
 
 
 def core_processes():
