@@ -193,13 +193,22 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
             core=m.get("core"), tok_per_s=m.get("tok_per_s", nan), mfu=m.get("mfu", nan),
             checkpoint=sweep.store.uri(m.get("checkpoint_path")) or trial_checkpoint(sweep, trial.name),
             status="error" if result.error else ("done" if m.get("step") == run.iterations else "stopped"),
-            **{k: m[k] for k in TIMINGS + ["node_id", "hostname"] if k in m},
-            **({"hostnames": ";".join(dict.fromkeys(h["hostname"] for h in history if h.get("hostname")))}
-               if any(h.get("hostname") for h in history) else {}),
+            **{k: m[k] for k in TIMINGS if k in m},
+            **placement(m, history),
         ))
         histories[trial.name] = history
     rows.sort(key=lambda r: (r["flops_budget"] or 0, r["depth"]))
     return rows, histories
+
+
+def placement(final: dict, history: list[dict]) -> dict:
+    """Where a trial's Train worker (rank 0) ran: the node id and hostname of its last report, and every
+    hostname it ran on, in order (more than one after a lost node); nothing where the reports lack them."""
+    hosts = list(dict.fromkeys(h["worker_host"] for h in history if isinstance(h.get("worker_host"), str)))
+    if not hosts and "worker_host" not in final:
+        return {}
+    return dict(node_id=final.get("worker_node_id"), hostname=final.get("worker_host"),
+                hostnames=";".join(hosts or [final.get("worker_host", "")]))
 
 
 def family_fits(sweep: SweepConfig, rows: list[dict]) -> tuple[PowerLaw | None, list[str]]:

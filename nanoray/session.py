@@ -26,8 +26,9 @@ class Session:
     device: torch.device
 
     def placement(self) -> dict:
-        """Where this worker runs, for its reports: the machine's hostname (and Ray's node id)."""
-        return dict(hostname=socket.gethostname())
+        """Where this worker runs, for its reports: the machine's hostname (and Ray's node id). Not `hostname`:
+        Tune fills that key of every result with the trial driver's host."""
+        return dict(worker_host=socket.gethostname())
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -59,7 +60,7 @@ class RaySession(Session):
     def placement(self):
         import ray
 
-        return dict(super().placement(), node_id=ray.get_runtime_context().get_node_id())
+        return dict(super().placement(), worker_node_id=ray.get_runtime_context().get_node_id())
 
     def rows(self, split, batch_size, position=None):
         import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)
