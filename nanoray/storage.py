@@ -100,7 +100,7 @@ def check_writable(root: str) -> None:
         raise StorageError(f"{root}: not a storage location pyarrow can open ({e})") from None
     probe = f"{path.rstrip('/')}/.nanoray-probe-{os.getpid()}"
     try:
-        if "://" in root:
+        if "://" in root and not root.startswith("file://"):  # an object store: its bucket first
             bucket = path.split("/")[0]
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise StorageError(f"{root}: the bucket {bucket!r} does not exist (create it, or name another)")

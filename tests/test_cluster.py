@@ -20,6 +20,7 @@ import requests
 
 from nanoray.dev.cluster import (LocalCluster, S3Server, fake_autoscaling_config, free_port, lose_a_training_node,
                                  registered_checkpoint)
+from nanoray.dev.procs import ray_processes
 from nanoray.position import StreamPosition
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ ref = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, True
 print(json.dumps(ray.get(ref)))
 """], env=dict(cluster.env(), PYTHONPATH=str(ROOT)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    while not any(cluster.node_of(p.pid) is spare for p in core_processes()):
+    while not any(cluster.node_of(p.pid) is spare for p in ray_processes("ray::core_task")):
         assert driver.poll() is None, driver.communicate()[1][-3000:]
         assert time.time() < deadline, "the CORE task never ran on the spare node"
         time.sleep(0.2)
@@ -188,19 +189,6 @@ def test_the_family_is_served_from_object_storage(cluster, s3):
             break
         assert time.time() < deadline, "still serving after the job stopped"
         time.sleep(1)
-
-
-def core_processes():
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if "ray::core_task" in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.mark.timeout(300)
