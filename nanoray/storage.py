@@ -98,17 +98,16 @@ def check_writable(root: str) -> None:
         fs, path = filesystem(root)
     except (OSError, ValueError) as e:  # a malformed URI, an unknown scheme
         raise StorageError(f"{root}: not a storage location pyarrow can open ({e})") from None
-    probe = f"{path.rstrip('/')}/.nanoray-probe-{os.getpid()}"
+    probe = f"{path.rstrip('/')}/.nanoray-probe-{os.getpid()}"  # a directory and a file in it, as uploads write
     try:
         if "://" in root and not root.startswith("file://"):  # an object store: its bucket first
             bucket = path.split("/")[0]
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise StorageError(f"{root}: the bucket {bucket!r} does not exist (create it, or name another)")
-        else:
-            fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(probe) as f:
+        fs.create_dir(probe, recursive=True)
+        with fs.open_output_stream(f"{probe}/file") as f:
             f.write(b"nanoray")
-        fs.delete_file(probe)
+        fs.delete_dir(probe)
     except StorageError:
         raise
     except OSError as e:
