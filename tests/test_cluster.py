@@ -236,8 +236,11 @@ def test_the_autoscaler_adds_nodes_for_the_trials_and_removes_them_when_idle(tmp
             timeline.append((round(time.time() - t0, 1), c.alive_nodes()))
 
         sample()
-        sid = c.submit(["python", "jobs/miniseries.py", "--storage", str(tmp_path / "runs"), "--shared-storage",
-                        "--depths", "1", "--ratio", "0.25", "--core", "none", "--no-gpu"], ROOT, "autoscaled")
+        # The checkout in place, not uploaded: the fake provider's nodes share the head's Ray session directory,
+        # and an uploaded working directory (the job driver's cwd) was deleted under the driver when they went.
+        sid = c.submit(["python", str(ROOT / "jobs" / "miniseries.py"), "--storage", str(tmp_path / "runs"),
+                        "--shared-storage", "--depths", "1", "--ratio", "0.25", "--core", "none", "--no-gpu"],
+                       None, "autoscaled", pythonpath=ROOT)
         jobs = c.jobs()
         while not jobs.get_job_status(sid).is_terminal():
             sample()

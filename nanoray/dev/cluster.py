@@ -182,10 +182,14 @@ class LocalCluster:
             return None
         return next((n for n in self.workers if n.proc.pid == sid), None)
 
-    def submit(self, entrypoint: list[str], working_dir: str | os.PathLike, submission_id: str) -> str:
+    def submit(self, entrypoint: list[str], working_dir: str | os.PathLike | None, submission_id: str,
+               pythonpath: str | os.PathLike | None = None) -> str:
         """`ray job submit --no-wait` of `entrypoint` with `working_dir` uploaded, as a user would (the CLI, token
-        auth); returns the submission id. The head's job agent comes up a little after its dashboard."""
-        cmd = [ray_executable(), "job", "submit", f"--address={self.dashboard_url}", f"--working-dir={working_dir}",
+        auth); returns the submission id. Without a working_dir, `pythonpath` is where the job's processes import
+        from (nodes that share this machine's disk). The head's job agent comes up a little after its dashboard."""
+        where = [f"--working-dir={working_dir}"] if working_dir else \
+            [f"--runtime-env-json={json.dumps(dict(env_vars=dict(PYTHONPATH=str(pythonpath))))}"]
+        cmd = [ray_executable(), "job", "submit", f"--address={self.dashboard_url}", *where,
                f"--submission-id={submission_id}", "--no-wait", "--", *entrypoint]
         deadline = time.time() + 120
         while True:
