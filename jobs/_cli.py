@@ -12,8 +12,11 @@ import ray
 from nanoray.data import DataSpec
 from nanoray.dial import defaults, get_preset
 from nanoray.family import FamilyCore, family_results, prepare_family, write_family_report
+from nanoray.storage import RunStore, StorageError, check_writable
 from nanoray.sweep import CHECKPOINT_MINUTES, ResumeMismatch, SweepConfig, Trial, check_resume, run_sweep, trials
 from serve.app import ServeArgs, serve_family
+
+DEFAULT_STORAGE = "runs/sweeps"
 
 # The flag that sets each SweepConfig field a message may name.
 FLAGS = {"name": "--name", "preset": "--preset", "depths": "--depths", "grid": "--grid", "ratio": "--ratio",
@@ -52,9 +55,12 @@ def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between a trial's checkpoints "
                    f"(default: about every {CHECKPOINT_MINUTES} min of estimated training; 0: only at the end)")
-    p.add_argument("--out", default=None, help="report directory (default runs/<name>)")
-    p.add_argument("--storage", default=None, help="storage root for Tune, Train and prepared data: a shared path "
-                   "or s3://... (default runs/sweeps)")
+    p.add_argument("--out", default=None, help="report directory, local or s3://... (default: runs/<name>, or "
+                   "<storage>/reports/<name> when the storage is an object store)")
+    p.add_argument("--storage", default=os.environ.get("NANORAY_STORAGE"), help="storage root for Tune, Train "
+                   "and prepared data: s3://bucket/prefix, or a path (default: $NANORAY_STORAGE, else runs/sweeps)")
+    p.add_argument("--shared-storage", action="store_true", help="the --storage path is on a mount every node of "
+                   "the cluster shares (NFS...): use it although the cluster has several nodes")
     p.add_argument("--serve", action="store_true", help="after the report, serve every depth (Ray Serve: chat "
                    "page, /d{depth}/chat, OpenAI /v1) until stopped, and print the URLs")
     p.add_argument("--serve-host", default="127.0.0.1", help="address to serve on (default: this machine only)")
@@ -113,8 +119,34 @@ def sweep_from_args(args, job: str) -> SweepConfig:
         core_max_per_task=args.core_max_per_task or machine.core_max_per_task,
         data=DataSpec(kind="corpus", source=args.source, actors=args.tokenizer_actors or machine.tokenizer_actors,
                       cpus_per_actor=machine.cpus_per_actor),
-        storage_path=args.storage or "runs/sweeps", max_concurrent=args.max_concurrent,
+        storage_path=args.storage or DEFAULT_STORAGE, max_concurrent=args.max_concurrent,
         checkpoint_every=args.checkpoint_every, eval_tokens=machine.eval_tokens)
+
+
+def check_storage(storage: str, shared: bool) -> None:
+    """--storage must be reachable and writable, and on a cluster whose work runs on other machines, a place
+    every node reads: an object store, or a path the user says is shared (--shared-storage, file://)."""
+    try:
+        check_writable(storage)
+    except StorageError as e:
+        raise ValueError(f"--storage {e}") from None
+    store = RunStore(storage)
+    if store.shared or shared:
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) > 1 or not ray.cluster_resources().get("CPU"):
+        where = f"{len(nodes)} nodes" if len(nodes) > 1 else "a head without CPUs (its work runs on nodes an " \
+                                                                "autoscaler adds)"
+        raise ValueError(f"--storage: {storage} is a path on this machine, but the cluster has {where}: trials on "
+                         "other nodes could not read it. Give an object store (s3://bucket/prefix), or a path on a "
+                         "mount every node shares with --shared-storage (or as file:///...)")
+
+
+def out_dir(args, sweep: SweepConfig) -> str:
+    """Where the report goes: --out, else beside the runs in an object store, else runs/<name>."""
+    if args.out:
+        return args.out
+    return sweep.store.join("reports", sweep.name) if not sweep.store.is_local else os.path.join("runs", sweep.name)
 
 
 def plan_table(grid: list[Trial]) -> str:
@@ -145,6 +177,7 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
     try:
         sweep = sweep_from_args(args, job)
         table = plan_table(trials(sweep))
+        check_storage(sweep.storage_path, args.shared_storage)  # the first thing written: after every other check
         check_resume(sweep)
     except ResumeMismatch as e:
         p.error(flag_message(e))
@@ -155,11 +188,11 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
         sweep = prepare_family(sweep, core_required=args.core != "auto")
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # a bad source or task set, before any training
         p.error(str(e))
-    out_dir = args.out or os.path.join("runs", sweep.name)
-    core = FamilyCore(sweep, out_dir) if sweep.core is not None else None
+    report = out_dir(args, sweep)
+    core = FamilyCore(sweep, report) if sweep.core is not None else None
     results = family_results(sweep, run_sweep(sweep, callbacks=core and [core.callback()]), core)
-    paths = write_family_report(sweep, results, out_dir)
+    paths = write_family_report(sweep, results, report)
     print("\n".join(results.summary()), flush=True)
-    print(f"report: {paths.get('report.md', out_dir)}", flush=True)
+    print(f"report: {paths.get('report.md', report)}", flush=True)
     if args.serve:
-        serve_family(ServeArgs(run_dir=out_dir), args.serve_host, args.serve_port)
+        serve_family(ServeArgs(run_dir=report), args.serve_host, args.serve_port)

@@ -19,17 +19,17 @@ import json
 import math
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
-from nanoray.storage import atomic_dir, recover
+from nanoray.storage import atomic_dir, download, filesystem, join, read_bytes, recover
 from nanoray.tokenizer import Tokenizer
 
 WEIGHTS, OPTIMIZER, RNG, META, TOKENIZER = "model.safetensors", "optimizer.pt", "rng.pt", "meta.json", "tokenizer"
@@ -86,6 +86,12 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
 
 
 def read_meta(path: str | os.PathLike) -> dict:
+    """A checkpoint's meta.json (a local directory, or a URI such as s3://...: read without the weights)."""
+    if "://" in str(path):
+        try:
+            return json.loads(read_bytes(join(str(path), META)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})") from None
     meta_file = recover(path, META) / META
     if not meta_file.exists():
         raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})")
@@ -120,9 +126,9 @@ def restore(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Op
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The checkpoint's tokenizer, checked against the model's vocabulary."""
+    """The checkpoint's tokenizer (a local directory or a URI), checked against the model's vocabulary."""
     meta = read_meta(path)
-    tokenizer = Tokenizer.load(Path(path) / TOKENIZER)
+    tokenizer = Tokenizer.load(join(str(path), TOKENIZER))
     if tokenizer.vocab_size != meta["model"]["vocab_size"]:
         raise ValueError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{meta['model']['vocab_size']}; they must come from the same run")
@@ -138,10 +144,34 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """(model in eval mode, its tokenizer, meta): what serving and evaluation need from a checkpoint."""
+    """(model in eval mode, its tokenizer, meta): what serving and evaluation need from a checkpoint, a local
+    directory or a URI of an object store (downloaded to a temp directory first)."""
+    if "://" in str(path):
+        with tempfile.TemporaryDirectory(prefix="nanoray-ckpt-") as local:
+            download(str(path), local)
+            return load_for_inference(local, device)
     tokenizer = load_tokenizer(path)  # a missing or mismatched tokenizer fails before the weights load
     model, meta = load_model(path, device)
     return model, tokenizer, meta
+
+
+def safetensors_shapes(uri: str) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header (a local path or a URI: only the header and the
+    file's size are read); ValueError when the header is malformed or the file is shorter than it says."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        if size < 8:
+            raise ValueError(f"{size} bytes: shorter than a safetensors header")
+        length = int.from_bytes(f.read(8), "little")
+        if length > size - 8:
+            raise ValueError(f"{size} bytes, but its header alone claims {length}")
+        header = json.loads(f.read(length))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"{size} bytes, but its tensors end at byte {8 + length + end}: truncated")
+    return {k: tuple(v["shape"]) for k, v in tensors.items()}
 
 
 def check_for_inference(path: str | os.PathLike) -> dict:
@@ -152,11 +182,10 @@ def check_for_inference(path: str | os.PathLike) -> dict:
     load_tokenizer(path)
     with torch.device("meta"):  # shapes only: no memory, no init
         expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**meta["model"])).state_dict().items()}
-    weights = Path(path) / WEIGHTS
+    weights = join(str(path), WEIGHTS)
     try:
-        with safe_open(weights, "pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (OSError, SafetensorError) as e:
+        found = safetensors_shapes(weights)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{weights}: unreadable ({e})") from None
     if found != expected:
         name = next(k for k in sorted(expected.keys() | found.keys()) if found.get(k) != expected.get(k))

@@ -22,8 +22,10 @@ with published CORE) or a path to a bundle-shaped directory. See nanoray/core_da
 import argparse
 import json
 import random
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,51 +203,76 @@ class CoreWorker:
         return result
 
 
-def evaluate_core(checkpoint_dir: str, tasks: str = "core-lite", num_workers: int = 1,
-                  max_per_task: int | None = None, use_gpu: bool = False, gpu_share: float = 1.0) -> dict:
-    """CORE (mean centered accuracy) of a checkpoint over a task set, tasks spread over Ray actors.
-    Uses the running Ray cluster when one is initialized. With `use_gpu`, each actor asks for
-    `gpu_share` of a GPU (a fraction packs it beside a training run)."""
-    import ray
-    from ray.util import ActorPool
+@dataclass(frozen=True)
+class CoreTasks:
+    """A task set read into memory: every task's spec and items, checked, longest first. Read once where the
+    files are (the driver) and shipped to evaluators on any node through Ray's object store."""
 
-    if num_workers < 1:
-        raise ValueError(f"num_workers: must be >= 1, got {num_workers}")
+    name: str  # the task set as given: core, core-lite or a bundle directory
+    bundle: str  # the bundle directory it was read from
+    specs: list[TaskSpec]  # in the bundle's order
+    work: list[tuple[TaskSpec, list[dict]]]  # (spec, items), longest task first
+    max_per_task: int | None = None  # examples per task after shuffling (None: all)
+
+    @property
+    def labels(self) -> list[str]:
+        return [spec.label for spec in self.specs]
+
+
+def load_tasks(tasks: str, max_per_task: int | None = None) -> CoreTasks:
+    """Read and check a task set (core, core-lite or a bundle directory); raises naming the field."""
     if max_per_task is not None and max_per_task < 1:
         raise ValueError(f"max_per_task: must be >= 1 (or None for all), got {max_per_task}")
-    checkpoint_dir = str(Path(checkpoint_dir).resolve())
-    load_tokenizer(checkpoint_dir)  # a mismatched or missing tokenizer fails here, before any actor starts
     bundle = resolve_tasks(tasks)
     specs = read_specs(bundle)
     work = []
-    for spec in specs:  # all files are read and checked before any actor starts
+    for spec in specs:
         items = read_items(spec)
         if max_per_task is not None and min(max_per_task, len(items)) <= spec.num_fewshot:
             raise ValueError(f"max_per_task: {max_per_task} leaves too few examples for the {spec.num_fewshot}-shot "
                              f"task {spec.label}; use at least {spec.num_fewshot + 1}")
         work.append((spec, items))
     work.sort(key=lambda w: -min(len(w[1]), max_per_task or len(w[1])) * (w[0].num_fewshot + 1))  # longest first
+    return CoreTasks(name=str(tasks), bundle=str(bundle), specs=specs, work=work, max_per_task=max_per_task)
 
+
+def evaluate_core(checkpoint_dir: str, tasks: str | CoreTasks = "core-lite", num_workers: int = 1,
+                  max_per_task: int | None = None, use_gpu: bool = False, gpu_share: float = 1.0) -> dict:
+    """CORE (mean centered accuracy) of a checkpoint over a task set (a name, or one load_tasks read), tasks
+    spread over Ray actors. Uses the running Ray cluster when one is initialized. With `use_gpu`, each actor
+    asks for `gpu_share` of a GPU (a fraction packs it beside a training run)."""
+    import ray
+    from ray.util import ActorPool
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers: must be >= 1, got {num_workers}")
+    # a local directory is made absolute (actors run elsewhere); a URI stays (each actor downloads it)
+    checkpoint_dir = str(checkpoint_dir) if "://" in str(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
+    load_tokenizer(checkpoint_dir)  # a mismatched or missing tokenizer fails here, before any actor starts
+    if isinstance(tasks, str):  # all files are read and checked before any actor starts
+        tasks = load_tasks(tasks, max_per_task)
+    max_per_task = tasks.max_per_task
     if not ray.is_initialized():
         ray.init()
     t0 = time.perf_counter()
     worker = ray.remote(num_gpus=gpu_share if use_gpu else 0, num_cpus=1)(CoreWorker)
-    num_actors = min(num_workers, len(work))
+    num_actors = min(num_workers, len(tasks.work))
     if not use_gpu:  # more 1-CPU actors than the cluster has CPUs would wait forever; GPU ones wait for autoscaling
         num_actors = min(num_actors, max(int(ray.cluster_resources().get("CPU", 1)), 1))
     actors = [worker.remote(checkpoint_dir, "cuda" if use_gpu else "cpu") for _ in range(num_actors)]
     try:
-        results = list(ActorPool(actors).map_unordered(lambda a, w: a.evaluate.remote(*w, max_per_task), work))
+        results = list(ActorPool(actors).map_unordered(lambda a, w: a.evaluate.remote(*w, max_per_task), tasks.work))
     finally:
         for actor in actors:
             ray.kill(actor)
     seconds = time.perf_counter() - t0
-    order = [spec.label for spec in specs]
+    order = tasks.labels
     by_task = {r.pop("label"): r for r in sorted(results, key=lambda r: order.index(r["label"]))}
     total = sum(r["examples"] for r in by_task.values())
     return dict(core=core_score({k: r["centered"] for k, r in by_task.items()}), tasks=by_task,
-                task_set=str(tasks), bundle=str(bundle), checkpoint=checkpoint_dir, workers=len(actors),
-                device="cuda" if use_gpu else "cpu", examples=total, seconds=seconds, examples_per_s=total / seconds)
+                task_set=tasks.name, bundle=tasks.bundle, checkpoint=checkpoint_dir, workers=len(actors),
+                device="cuda" if use_gpu else "cpu", examples=total, seconds=seconds, examples_per_s=total / seconds,
+                hostname=socket.gethostname())
 
 
 def format_table(result: dict) -> str:

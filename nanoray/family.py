@@ -15,19 +15,19 @@ says why; it never fails the sweep whose training already succeeded.
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 import ray.train
 from ray.tune import Callback
 
 from nanoray.core_data.bundle import BundleUnavailable, resolve_tasks
-from nanoray.core_eval import evaluate_core
+from nanoray.core_eval import CoreTasks, evaluate_core, load_tasks
 from nanoray.dial import CostModel, get_preset
 from nanoray.report import TIMINGS, write_report
 from nanoray.scaling import PowerLaw, fit_optimal_allocation, fit_power_law, isoflop_minima
-from nanoray.storage import atomic_write
+from nanoray.storage import join, read_bytes, upload, write_bytes
 from nanoray.stream import prepare_data
 from nanoray.sweep import SweepConfig, Trial, trial_checkpoint
 
@@ -57,42 +57,48 @@ def prepare_family(sweep: SweepConfig, core_required: bool = True) -> SweepConfi
 # CORE of each finished trial
 
 
-def core_task(checkpoint: str, tasks: str, max_per_task: int | None, use_gpu: bool, gpu_share: float) -> dict:
+def core_task(checkpoint: str, tasks: CoreTasks, use_gpu: bool, gpu_share: float) -> dict:
     """Ray task body: CORE of one checkpoint (a local directory or a storage URI such as s3://...) on one
-    actor holding `gpu_share` of a GPU."""
+    actor holding `gpu_share` of a GPU. The tasks come read already (from the driver, through the object
+    store): the node this runs on needs neither the task files nor the checkpoint's disk."""
     with ray.train.Checkpoint(checkpoint).as_directory() as local:
-        result = evaluate_core(local, tasks, num_workers=1, max_per_task=max_per_task, use_gpu=use_gpu,
-                               gpu_share=gpu_share)
+        result = evaluate_core(local, tasks, num_workers=1, use_gpu=use_gpu, gpu_share=gpu_share)
     result["checkpoint"] = checkpoint
     return result
+
+
+# A lost node (the task's or its evaluator actor's) re-runs the evaluation elsewhere.
+CORE_RETRIES = dict(max_retries=3, retry_exceptions=[ray.exceptions.RayActorError])
 
 
 class FamilyCore:
     """The CORE evaluations of one sweep's trials, keyed by trial name."""
 
     def __init__(self, sweep: SweepConfig, out_dir: str | os.PathLike):
-        self.sweep, self.dir = sweep, Path(out_dir) / "core"
+        self.sweep, self.dir = sweep, join(str(out_dir), "core")
         self.pending: dict[str, tuple[str, object]] = {}  # trial -> (checkpoint, ObjectRef)
+        self._tasks = None  # the task set, read once and put in the object store at the first evaluation
 
     def _key(self, checkpoint: str) -> dict:
         return dict(checkpoint=checkpoint, tasks=self.sweep.core, max_per_task=self.sweep.core_max_per_task)
 
     def _cached(self, trial: str, checkpoint: str) -> dict | None:
-        path = self.dir / f"{trial}.json"
-        if not path.exists():
+        try:
+            saved = json.loads(read_bytes(join(self.dir, f"{trial}.json")))
+        except FileNotFoundError:
             return None
-        saved = json.loads(path.read_text())
         return saved if saved.get("key") == self._key(checkpoint) else None
 
     def start(self, trial: str, checkpoint: str | None) -> None:
         """Start scoring `checkpoint` unless it is scored already (or being scored)."""
         if not checkpoint or trial in self.pending or self._cached(trial, checkpoint):
             return
-        task = ray.remote(num_cpus=0.01)(core_task)
+        if self._tasks is None:
+            self._tasks = ray.put(load_tasks(self.sweep.core, self.sweep.core_max_per_task))
+        task = ray.remote(num_cpus=0.01, **CORE_RETRIES)(core_task)
         # The evaluator takes the GPU share of one Train worker: the slot its trial just gave back. A
         # smaller share would leave the rest of that slot too small for the next trial anyway.
-        ref = task.remote(checkpoint, self.sweep.core, self.sweep.core_max_per_task, self.sweep.use_gpu,
-                          self.sweep.gpus_per_worker)
+        ref = task.remote(checkpoint, self._tasks, self.sweep.use_gpu, self.sweep.gpus_per_worker)
         self.pending[trial] = (checkpoint, ref)
         print(f"CORE: scoring {trial} ({self.sweep.core})", flush=True)
 
@@ -111,7 +117,7 @@ class FamilyCore:
             except Exception as e:  # noqa: BLE001 - a failed eval must not lose the sweep's results
                 print(f"CORE: {trial} failed: {e}", flush=True)
                 continue
-            atomic_write(self.dir / f"{trial}.json", json.dumps(dict(key=self._key(checkpoint), result=result)))
+            write_bytes(join(self.dir, f"{trial}.json"), json.dumps(dict(key=self._key(checkpoint), result=result)))
             print(f"CORE: {trial} {result['core']:.4f} ({result['examples']} examples, "
                   f"{result['examples_per_s']:.0f}/s)", flush=True)
         self.pending.clear()
@@ -188,10 +194,21 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
             checkpoint=sweep.store.uri(m.get("checkpoint_path")) or trial_checkpoint(sweep, trial.name),
             status="error" if result.error else ("done" if m.get("step") == run.iterations else "stopped"),
             **{k: m[k] for k in TIMINGS if k in m},
+            **placement(m, history),
         ))
         histories[trial.name] = history
     rows.sort(key=lambda r: (r["flops_budget"] or 0, r["depth"]))
     return rows, histories
+
+
+def placement(final: dict, history: list[dict]) -> dict:
+    """Where a trial's Train worker (rank 0) ran: the node id and hostname of its last report, and every
+    hostname it ran on, in order (more than one after a lost node); nothing where the reports lack them."""
+    hosts = list(dict.fromkeys(h["worker_host"] for h in history if isinstance(h.get("worker_host"), str)))
+    if not hosts and "worker_host" not in final:
+        return {}
+    return dict(node_id=final.get("worker_node_id"), hostname=final.get("worker_host"),
+                hostnames=";".join(hosts or [final.get("worker_host", "")]))
 
 
 def family_fits(sweep: SweepConfig, rows: list[dict]) -> tuple[PowerLaw | None, list[str]]:
@@ -222,8 +239,14 @@ def family_results(sweep: SweepConfig, grid, core: FamilyCore | None = None) -> 
     return FamilyResults(rows, histories, fit, notes)
 
 
-def write_family_report(sweep: SweepConfig, results: FamilyResults, out_dir: str) -> dict[str, Path]:
-    """results.csv, plots, report.md and report.html in out_dir; returns their paths."""
+def write_family_report(sweep: SweepConfig, results: FamilyResults, out_dir: str) -> dict:
+    """results.csv, plots, report.md and report.html in out_dir (a local directory, or a URI of an object
+    store: written here, then uploaded); returns their paths (or URIs)."""
     sections = {"Compute-optimal allocation (isoFLOP minima)": results.notes} if results.notes else None
-    return write_report(results.rows, results.histories, out_dir, title=f"nanoray {sweep.name}", fit=results.fit,
-                        sections=sections)
+    report = dict(title=f"nanoray {sweep.name}", fit=results.fit, sections=sections)
+    if "://" not in str(out_dir):
+        return write_report(results.rows, results.histories, out_dir, **report)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_report(results.rows, results.histories, tmp, **report)
+        upload(tmp, out_dir)
+    return {name: join(out_dir, name) for name in paths}

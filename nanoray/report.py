@@ -3,7 +3,8 @@
 `write_report(rows, histories, out_dir, fit=...)` writes into out_dir:
 
     results.csv         one row per trial: COLUMNS in this order, then busy_fraction (train_s / wall_s), then
-                        the TIMINGS and per-task CORE columns (core_<task>: centered accuracy) the rows carry
+                        the TIMINGS, PLACEMENT and per-task CORE columns (core_<task>: centered accuracy) the
+                        rows carry
     bpb_vs_flops.png    final val bpb of each trial vs its training FLOPs (log x), the fit's curve if any
     loss_curves.png     train loss and val bpb vs FLOPs (tokens when no history has FLOPs), one line a trial
     core_vs_flops.png   CORE vs FLOPs, only when some trial has a CORE score
@@ -38,6 +39,9 @@ COLUMNS = ["trial", "depth", "preset", "horizon", "ratio", "flops_budget", "para
            "val_loss", "val_bpb", "core", "tok_per_s", "mfu", "checkpoint", "status"]
 # Where a trial's wall time went besides its steps (seconds; the first window includes torch.compile).
 TIMINGS = ["setup_s", "first_window_s", "eval_time_s"]
+# Where a trial ran: the node and hostname of its last report, and every hostname it ran on, in order
+# (more than one after a lost node).
+PLACEMENT = ["node_id", "hostname", "hostnames"]
 RESULTS, BPB_PLOT, LOSS_PLOT, CORE_PLOT = "results.csv", "bpb_vs_flops.png", "loss_curves.png", "core_vs_flops.png"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 MISSING = "–"
@@ -52,8 +56,8 @@ def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, ti
     `sections`: more text at the end of the pages, {heading: bullet lines}.
     """
     _check(rows)
-    extra = [k for k in TIMINGS if any(k in r for r in rows)] + sorted({k for r in rows for k in r
-                                                                         if k.startswith("core_")})
+    extra = [k for k in TIMINGS + PLACEMENT if any(k in r for r in rows)] + sorted({k for r in rows for k in r
+                                                                                    if k.startswith("core_")})
     rows = [dict({k: _scalar(r.get(k)) for k in COLUMNS + extra}, busy_fraction=_busy(r)) for r in rows]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Ray's overhead on the loop is the difference between the two (DESIGN.md).
 
 import contextlib
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -23,6 +24,11 @@ class Session:
     rank: int = 0
     world_size: int = 1
     device: torch.device
+
+    def placement(self) -> dict:
+        """Where this worker runs, for its reports: the machine's hostname (and Ray's node id). Not `hostname`:
+        Tune fills that key of every result with the trial driver's host."""
+        return dict(worker_host=socket.gethostname())
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -50,6 +56,11 @@ class RaySession(Session):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+
+    def placement(self):
+        import ray
+
+        return dict(super().placement(), worker_node_id=ray.get_runtime_context().get_node_id())
 
     def rows(self, split, batch_size, position=None):
         import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)

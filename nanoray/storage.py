@@ -10,7 +10,8 @@ Layout under a storage root (the `--storage` of the jobs, `storage_path` of Ray 
 
     <sweep>/           Tune's experiment, one per sweep name (the key a re-run resumes)
     train/<run>/       one Ray Train run: its checkpoint_*/ directories and Train's snapshot
-    data/<source>/     a corpus prepared once: shards/{train,val}/ and tokenizer-<vocab>/
+    data/<source>/     a corpus prepared once: shards/{train,val}/ (+ manifest.json) and tokenizer-<vocab>/
+    reports/<sweep>/   a sweep's report, where the jobs put it when the root is an object store
 
 Nothing else in nanoray joins these paths. A local root is made absolute, since trial drivers and Ray Data
 actors run in other working directories. Train reports checkpoint paths inside the storage's filesystem
@@ -45,6 +46,87 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def join(uri: str, *parts: str) -> str:
+    """A location under `uri` (a local path or a URI)."""
+    return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """A whole file (local path or URI); FileNotFoundError names it."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file") from None
+    except OSError as e:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{uri}: no such file") from None
+        raise OSError(f"{uri}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes | str) -> None:
+    """A whole file, atomically: a rename for a local path, one PUT for an object store."""
+    if "://" not in uri:
+        atomic_write(uri, data)
+        return
+    fs, path = filesystem(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def upload(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local directory's files to `uri` (a directory in an object store or a local path)."""
+    fs, path = filesystem(uri)
+    pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
+
+
+class StorageError(ValueError):
+    """A storage root that cannot be used; the message names it and says why."""
+
+
+def check_writable(root: str) -> None:
+    """Raise StorageError, naming `root` and the reason, unless a file can be written and deleted under it: an
+    unreachable endpoint, a bucket that does not exist, missing or refused credentials all stop here, before
+    any work is done."""
+    try:
+        fs, path = filesystem(root)
+    except (OSError, ValueError) as e:  # a malformed URI, an unknown scheme
+        raise StorageError(f"{root}: not a storage location pyarrow can open ({e})") from None
+    probe = f"{path.rstrip('/')}/.nanoray-probe-{os.getpid()}"  # a directory and a file in it, as uploads write
+    try:
+        if "://" in root and not root.startswith("file://"):  # an object store: its bucket first
+            bucket = path.split("/")[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"{root}: the bucket {bucket!r} does not exist (create it, or name another)")
+        fs.create_dir(probe, recursive=True)
+        with fs.open_output_stream(f"{probe}/file") as f:
+            f.write(b"nanoray")
+        fs.delete_dir(probe)
+    except StorageError:
+        raise
+    except OSError as e:
+        reason = str(e)
+        if "ACCESS_DENIED" in reason or "AccessDenied" in reason or "credentials" in reason.lower():
+            reason = ("access denied: no credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                      f"or the node's instance role), or they may not write there ({reason})")
+        elif "NETWORK_CONNECTION" in reason or "connect" in reason.lower():
+            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the provider's endpoint")
+            reason = f"cannot reach the object store at {endpoint} ({reason})"
+        raise StorageError(f"{root}: cannot write there: {reason}") from None
+
+
+def download(uri: str, local_dir: str | os.PathLike) -> None:
+    """Copy the files under `uri` (a directory in an object store) into the local directory `local_dir`."""
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
 def slug(name: str) -> str:
     """A name safe as one path component ("hf:org/name" -> "hf-org-name")."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
@@ -55,6 +137,9 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike):
         root = str(root)
+        # file:///mnt/x names a local path that the user says every node shares (an NFS mount, say)
+        self.shared = root.startswith("file://") or ("://" in root)
+        root = root.removeprefix("file://")
         self.scheme = root.split("://")[0] if "://" in root else None
         self.root = root.rstrip("/") if self.scheme else os.path.abspath(root)
 
@@ -63,11 +148,12 @@ class RunStore:
 
     @property
     def is_local(self) -> bool:
-        """Whether the root is a directory of this machine (not an object store or a file:// URI)."""
+        """Whether the root is a directory of this machine's filesystem (file:// ones included), not an object
+        store."""
         return self.scheme is None
 
     def join(self, *parts: str) -> str:
-        return "/".join([self.root, *parts]) if self.scheme else os.path.join(self.root, *parts)
+        return join(self.root, *parts)
 
     def sweep_dir(self, sweep: str) -> str:
         """Tune's experiment directory of sweep `sweep`."""

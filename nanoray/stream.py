@@ -23,8 +23,10 @@ Validation reads the val split once, in shard order, and keeps the first `rows` 
 
 import functools
 import hashlib
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,11 +42,12 @@ from nanoray.data import DataSpec, pack_rows
 from nanoray.dial import RunPlan
 from nanoray.evaluate import evaluate
 from nanoray.position import StreamPosition, in_ranges
-from nanoray.storage import RunStore, atomic_dir
+from nanoray.storage import RunStore, atomic_dir, exists, join, read_bytes, upload, write_bytes
 from nanoray.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"  # beside a prepared source's train/ and val/: what each split holds
 BYTES_PER_TOKEN_LOW = 2.5  # a low guess of text bytes per token, to size the number of epochs generously
 KEPT_FRACTION_LOW = 0.5  # a low guess of the tokens that survive best-fit cropping
 
@@ -237,44 +240,77 @@ def rebatch(blocks: Iterator[dict[str, np.ndarray]], batch_size: int, drop_last:
 
 
 def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike,
-                 max_chars: int = 2_000_000_000) -> tuple[str, Path]:
+                 max_chars: int = 2_000_000_000) -> tuple[str, str]:
     """Make `source` streamable: (a parquet-backed source spec, the tokenizer's directory).
 
-    Parquet sources (parquet:, hf:) stream as they are. Others (stdlib, files:, debian-docs) are
-    written once as parquet shards under data_dir/shards. The tokenizer (vocab_size, trained on the
-    train split) is kept in data_dir/tokenizer-<vocab_size>. Both are reused when present.
+    Parquet sources (parquet:, hf:) stream as they are. Others (stdlib, files:, debian-docs) are written
+    once as parquet shards under data_dir/shards, with a manifest. The tokenizer (vocab_size, trained on the
+    train split) is kept in data_dir/tokenizer-<vocab_size>. Both are reused when present. data_dir may be
+    a local directory or a URI of an object store (s3://...), where every node of a cluster reads them.
     """
-    data_dir = Path(data_dir)
+    data_dir = str(data_dir)
     if source.startswith(("parquet:", "hf:")):
         spec = source
     else:
-        shards = data_dir / "shards"
-        if not shards.is_dir():
-            with atomic_dir(shards, replace=False) as tmp:  # another process finishing first keeps theirs
-                for split in ("train", "val"):
-                    skipped: list = []
-                    if not write_shards(read_source(source, split, skipped), tmp / split,
-                                        docs_per_shard=ROW_GROUP_DOCS):
-                        raise ValueError(f"source {source!r}: no {split} documents")
-                    if skipped:
-                        log.warning("%s (%s): skipped %d, e.g. %s: %s", source, split, len(skipped), *skipped[0])
+        shards = join(data_dir, "shards")
+        if not (exists(join(shards, MANIFEST)) or ("://" not in shards and Path(shards).is_dir())):
+            write_source_shards(source, shards)
         spec = f"parquet:{shards}"
-    tokenizer_dir = data_dir / f"tokenizer-{vocab_size}"
-    if not (tokenizer_dir / "tokenizer.json").exists():
+    tokenizer_dir = join(data_dir, f"tokenizer-{vocab_size}")
+    if not exists(join(tokenizer_dir, "tokenizer.json")):
         Tokenizer.train(read_source(spec, "train"), vocab_size, max_chars=max_chars).save(tokenizer_dir)
     return spec, tokenizer_dir
 
 
+def write_source_shards(source: str, shards: str) -> None:
+    """`source` as parquet shards in shards/{train,val}, and a manifest of what each split holds (written last
+    on an object store: a reader trusts only a complete set). Built locally first; another process finishing
+    first keeps its copy."""
+    def build(out: Path) -> None:
+        manifest = {}
+        for split in ("train", "val"):
+            skipped: list = []
+            written = write_shards(read_source(source, split, skipped), out / split, docs_per_shard=ROW_GROUP_DOCS)
+            if not written:
+                raise ValueError(f"source {source!r}: no {split} documents")
+            if skipped:
+                log.warning("%s (%s): skipped %d, e.g. %s: %s", source, split, len(skipped), *skipped[0])
+            manifest[split] = dict(files=len(written), text_bytes=text_bytes(map(str, written)))
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    if "://" not in shards:
+        with atomic_dir(shards, replace=False) as tmp:
+            build(tmp)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp))
+        manifest = (Path(tmp) / MANIFEST).read_bytes()
+        (Path(tmp) / MANIFEST).unlink()
+        upload(tmp, shards)
+        write_bytes(join(shards, MANIFEST), manifest)
+
+
+def text_bytes(paths, filesystem=None) -> int:
+    """The uncompressed size of the parquet files' data (their row groups), from their footers."""
+    total = 0
+    for path in paths:
+        meta = pq.ParquetFile(path, filesystem=filesystem).metadata
+        total += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    return total
+
+
 def epochs_for(spec: str, tokens: int) -> int:
-    """Epochs enough for `tokens` (with generous margins) over a local source; 1 for remote ones."""
-    shards = parquet_shards(spec, "train")
-    if shards.filesystem is not None:
-        return 1
-    text_bytes = 0
-    for path in shards.paths:
-        meta = pq.ParquetFile(path).metadata
-        text_bytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-    per_epoch = max(1.0, text_bytes / BYTES_PER_TOKEN_LOW * KEPT_FRACTION_LOW)
+    """Epochs enough for `tokens` (with generous margins): from a prepared source's manifest, or the local
+    shards' footers; 1 for a remote source without a manifest (thousands of files: one pass is plenty)."""
+    manifest = join(spec.removeprefix("parquet:"), MANIFEST) if spec.startswith("parquet:") else None
+    if manifest and exists(manifest):
+        size = json.loads(read_bytes(manifest))["train"]["text_bytes"]
+    else:
+        shards = parquet_shards(spec, "train")
+        if shards.filesystem is not None:
+            return 1
+        size = text_bytes(shards.paths)
+    per_epoch = max(1.0, size / BYTES_PER_TOKEN_LOW * KEPT_FRACTION_LOW)
     return int(tokens / per_epoch) + 2
 
 
@@ -320,8 +356,7 @@ def latest_position(store: RunStore, run: str, corpus: Corpus | None = None) -> 
     checkpoint = store.latest_checkpoint(run)
     if checkpoint is None:
         return StreamPosition()
-    with checkpoint.as_directory() as path:
-        data = read_meta(path)["data"]
+    data = read_meta(store.uri(checkpoint.path))["data"]  # meta.json alone, not the weights
     if corpus is not None:
         check_fingerprint(data.get("shards"), corpus.shards, corpus.train.source)
     return StreamPosition.from_json(data["position"])

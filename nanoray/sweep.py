@@ -25,7 +25,7 @@ from nanoray.storage import RunStore
 from nanoray.train import TrainConfig, fit
 
 CHECKPOINT_MINUTES = 15  # by default a failed trial loses at most about this much training
-RESERVED_NAMES = ("train", "data")  # the storage root's own folders (nanoray.storage)
+RESERVED_NAMES = ("train", "data", "reports")  # the storage root's own folders (nanoray.storage)
 
 
 class SweepConfig(BaseModel):

@@ -26,7 +26,7 @@ import tiktoken
 import torch
 
 from nanoray.corpus import read_source
-from nanoray.storage import atomic_write
+from nanoray.storage import join, read_bytes, write_bytes
 
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                  r"""\s*[\r\n]|\s+(?!\S)|\s+""")
@@ -87,33 +87,38 @@ class Tokenizer:
         return torch.tensor([0 if i in special else len(self.encoding.decode_single_token_bytes(i))
                              for i in range(self.vocab_size)], dtype=torch.int32)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the two text files; atomic per file (temp name, then rename)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write the two text files into `directory` (a local path or a URI of an object store), the config
+        last: a reader that finds it finds the ranks too. Each file is written atomically."""
+        directory = str(directory)
+        if "://" not in directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         ranks = self.encoding._mergeable_ranks
         lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n"
                         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
         config = dict(pattern=self.encoding._pat_str, special_tokens=self.encoding._special_tokens,
                       vocab_size=self.vocab_size)
-        atomic_write(directory / RANKS, lines)
-        atomic_write(directory / CONFIG, json.dumps(config, indent=2))
+        write_bytes(join(directory, RANKS), lines)
+        write_bytes(join(directory, CONFIG), json.dumps(config, indent=2))
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
-        directory = Path(directory)
-        if not (directory / CONFIG).exists() or not (directory / RANKS).exists():
+        """The tokenizer saved in `directory` (a local path, or a URI such as s3://... of an object store)."""
+        directory = str(directory)
+        try:
+            config, lines = (json.loads(read_bytes(join(directory, CONFIG))),
+                             read_bytes(join(directory, RANKS)).decode().splitlines())
+        except FileNotFoundError:
             raise FileNotFoundError(f"{directory}: no tokenizer here (expected {CONFIG} and {RANKS}); "
-                                    f"train one with: python -m nanoray.tokenizer train --out {directory}")
-        config = json.loads((directory / CONFIG).read_text())
+                                    f"train one with: python -m nanoray.tokenizer train --out {directory}") from None
         ranks = {}
-        for lineno, line in enumerate((directory / RANKS).read_text().splitlines(), start=1):
+        for lineno, line in enumerate(lines, start=1):
             try:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError as e:
-                raise ValueError(f"{directory / RANKS}:{lineno}: expected '<base64> <rank>', got {line[:80]!r}") from e
+                raise ValueError(f"{join(directory, RANKS)}:{lineno}: expected '<base64> <rank>', got {line[:80]!r}") from e
         tokenizer = cls(tiktoken.Encoding(name="nanoray", pat_str=config["pattern"], mergeable_ranks=ranks,
                                           special_tokens=config["special_tokens"]))
         if tokenizer.vocab_size != config["vocab_size"]:

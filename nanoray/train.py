@@ -97,7 +97,7 @@ def train(config: TrainConfig, session: Session, corpus: Corpus | None = None) -
                 continue
             if evaluating:
                 (state.val_loss, state.val_bpb), state.val_step = window.exclude(data.validate, model), state.step
-            metrics = window.close(state)
+            metrics = window.close(state) | session.placement()
             state.position = data.position() if saving else None  # every rank takes part in gathering it
             checkpoint = None
             if saving and session.rank == 0:

@@ -88,8 +88,10 @@ def build(args: dict) -> serve.Application:
 
 def run(args: ServeArgs, family: Family, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
     """Serve `family` on the running Ray cluster at host:port; returns the lines that say where. Raises when
-    the family does not answer there (Serve already running on this cluster keeps its own address)."""
-    serve.start(http_options={"host": host, "port": port})
+    the family does not answer there (Serve already running on this cluster keeps its own address). The HTTP
+    proxy runs on the head only (as serve/config.yaml has it): the address printed is the head's, and nodes
+    that share an address (a simulated cluster) would otherwise contend for the port."""
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     serve.run(deployments(args, family), name=APP, route_prefix="/")
     base = f"http://{host}:{port}"
     probe = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health"

@@ -9,6 +9,7 @@ served (a truncated model.safetensors, say) is set aside with its reason, and th
 """
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from nanoray.checkpoint import check_for_inference
+from nanoray.storage import join, read_bytes
 
 
 class Member(BaseModel):
@@ -23,7 +25,7 @@ class Member(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     depth: int = Field(description="the dial's depth (layers)")
-    checkpoint: str = Field(description="absolute path of the checkpoint directory")
+    checkpoint: str = Field(description="the checkpoint directory: an absolute path, or a URI (s3://...)")
     seq_len: int = Field(description="context length in tokens")
     vocab_size: int = Field(description="tokens in the vocabulary, special tokens included")
     params: int = Field(description="total parameters")
@@ -46,10 +48,16 @@ class Family(BaseModel):
     unservable: list[Unservable] = Field([], description="the checkpoints that cannot be served, with why")
 
 
+def location(checkpoint: str | os.PathLike) -> str:
+    """A checkpoint's location as the replicas open it: a URI as it is (s3://...: each replica downloads it),
+    a local path made absolute."""
+    return str(checkpoint) if "://" in str(checkpoint) else str(Path(checkpoint).resolve())
+
+
 def member(checkpoint: str | os.PathLike) -> Member:
-    """A checkpoint directory's depth and shape, from its meta.json, once checked as the engine would load it;
-    raises ValueError or FileNotFoundError naming what is wrong."""
-    path = Path(checkpoint).resolve()
+    """A checkpoint's depth and shape, from its meta.json, once checked as the engine would load it; raises
+    ValueError or FileNotFoundError naming what is wrong."""
+    path = location(checkpoint)
     meta = check_for_inference(path)
     model, plan = meta["model"], meta.get("plan") or {}
     depth = plan.get("depth", model["n_layer"])
@@ -67,29 +75,32 @@ def _bpb(row: dict) -> float:
 
 def from_run_dir(run_dir: str | os.PathLike) -> dict[int, str]:
     """Per depth, the checkpoint of the finished trial (status "done") with the lowest val bpb (results.csv).
-    A relative checkpoint path is taken from the run directory."""
-    table = Path(run_dir) / "results.csv"
-    if not table.exists():
+    The run directory may be a URI (s3://...: where the jobs put the report beside an object-store root); a
+    relative checkpoint path is taken from the run directory."""
+    table = join(str(run_dir), "results.csv")
+    try:
+        text = read_bytes(table).decode()
+    except FileNotFoundError:
         raise FileNotFoundError(f"run_dir: {table} does not exist; point at a run directory "
-                                f"(runs/<name>/ as jobs/miniseries.py writes it)")
+                                f"(runs/<name>/ as jobs/miniseries.py writes it)") from None
     best: dict[int, dict] = {}
-    with open(table, newline="") as f:
-        for number, row in enumerate(csv.DictReader(f), start=1):  # row 1 is the first after the header
-            if not row.get("checkpoint") or row.get("status", "done") != "done":
-                continue
-            try:
-                depth = float(row.get("depth") or "nan")
-                if not depth.is_integer() or depth < 1:
-                    raise ValueError
-            except ValueError:
-                raise ValueError(f"run_dir: {table} row {number}: depth must be a positive whole number, "
-                                 f"got {row.get('depth')!r}") from None
-            depth = int(depth)
-            if depth not in best or _bpb(row) < _bpb(best[depth]):
-                best[depth] = row
+    for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=1):  # row 1: the first after the header
+        if not row.get("checkpoint") or row.get("status", "done") != "done":
+            continue
+        try:
+            depth = float(row.get("depth") or "nan")
+            if not depth.is_integer() or depth < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"run_dir: {table} row {number}: depth must be a positive whole number, "
+                             f"got {row.get('depth')!r}") from None
+        depth = int(depth)
+        if depth not in best or _bpb(row) < _bpb(best[depth]):
+            best[depth] = row
     if not best:
         raise ValueError(f"run_dir: {table} has no finished trial (status done) with a checkpoint")
-    return {d: str(Path(run_dir) / best[d]["checkpoint"]) for d in sorted(best)}
+    return {d: best[d]["checkpoint"] if "://" in best[d]["checkpoint"] else join(str(run_dir), best[d]["checkpoint"])
+            for d in sorted(best)}
 
 
 def find_family(run_dir: str | os.PathLike | None = None, checkpoints: list[str] | None = None) -> Family:
@@ -102,13 +113,10 @@ def find_family(run_dir: str | os.PathLike | None = None, checkpoints: list[str]
     members, unservable = [], []
     for depth, checkpoint in (from_run_dir(run_dir).items() if run_dir is not None
                               else ((None, c) for c in checkpoints)):
-        if "://" in str(checkpoint):
-            raise ValueError(f"{field}: {checkpoint} is remote; serving reads checkpoints from a local or shared "
-                             f"filesystem: copy it there (aws s3 sync ...) and pass that path")
         try:
             members.append(member(checkpoint))
         except Exception as e:  # whatever keeps one checkpoint from loading: set it aside, serve the others
-            unservable.append(Unservable(checkpoint=str(Path(checkpoint).resolve()), depth=depth,
+            unservable.append(Unservable(checkpoint=location(checkpoint), depth=depth,
                                          reason=f"{type(e).__name__}: {e}"))
     if not members:
         raise ValueError(f"{field}: no checkpoint can be served: "

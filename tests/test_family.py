@@ -20,3 +20,12 @@ def test_isoflop_fits_from_rows():
     assert fit is None and len(notes) == 4 and notes[0].startswith("C = 1.00e+12: N_opt")
     exponent = float(re.search(r"N_opt = [0-9.]+ \* C\^([0-9.]+)", notes[-1]).group(1))
     assert exponent == pytest.approx(0.28 / (0.34 + 0.28), abs=0.03)  # N_opt ~ C^(beta / (alpha + beta))
+
+
+def test_placement_names_every_machine_a_trial_ran_on():
+    from nanoray.family import placement
+
+    history = [dict(worker_host="a", worker_node_id="1"), dict(worker_host="a"), dict(worker_host="b")]
+    final = dict(worker_host="b", worker_node_id="2", hostname="head")  # Tune's own `hostname`: the driver's
+    assert placement(final, history) == dict(node_id="2", hostname="b", hostnames="a;b")
+    assert placement({}, []) == {}  # reports without placement (older runs): no columns

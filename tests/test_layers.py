@@ -13,8 +13,9 @@ LAYERS = [
     ["nanoray.hardware", "nanoray.storage", "nanoray.kernels", "nanoray.scaling"],
     # 1: the pieces: model, dial, data, tokenizer, checkpoints, CORE tasks, the report
     ["nanoray.model", "nanoray.dial", "nanoray.optim", "nanoray.tokenizer", "nanoray.corpus", "nanoray.evaluate",
-     "nanoray.data", "nanoray.position", "nanoray.checkpoint", "nanoray.fused_decode", "nanoray.report", "nanoray.core_data", "nanoray.core_data.bundle",
-     "nanoray.core_data.bigbench", "nanoray.dev", "nanoray.dev.procs"],
+     "nanoray.data", "nanoray.position", "nanoray.checkpoint", "nanoray.fused_decode", "nanoray.report",
+     "nanoray.core_data", "nanoray.core_data.bundle", "nanoray.core_data.bigbench", "nanoray.dev",
+     "nanoray.dev.procs", "nanoray.dev.cluster"],
     # 2: what runs on Ray's workers: the stream, the trainer, the engine, CORE
     ["nanoray.stream", "nanoray.session", "nanoray.train", "nanoray.engine", "nanoray.core_eval"],
     # 3: a family: the Tune sweep and its results

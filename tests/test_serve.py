@@ -70,8 +70,10 @@ def test_family_from_run_dir_and_checkpoints(family, tmp_path):
         find_family(tmp_path / "missing")
     with pytest.raises(ValueError, match="give exactly one"):
         find_family()
-    with pytest.raises(ValueError, match="s3://b/d4/ckpt is remote"):
-        find_family(checkpoints=["s3://b/d4/ckpt"])
+    # a URI (s3://... in a cluster: tests/test_cluster.py serves one) stays a URI, and a missing one is named
+    with pytest.raises(ValueError, match="checkpoints: no checkpoint can be served: file:///nowhere/ckpt: "
+                                         "FileNotFoundError"):
+        find_family(checkpoints=["file:///nowhere/ckpt"])
 
 
 def test_family_serves_finished_trials_resolves_relative_paths_and_names_bad_rows(family, tmp_path):

@@ -12,7 +12,8 @@ share nothing but Ray's session files and the loopback network, and an S3 server
 
 Each worker node is `ray start --block` inside `unshare --mount --uts`: a private tmpfs covers every `hide`
 directory (the project's checkout, the driver's run directories, ~/.cache/nanoray), so a path that exists
-only on the driver's disk cannot be read there, as on a cloud node; its hostname is its own. The head has no
+only on the driver's disk cannot be read there, as on a cloud node; its hostname is its own, and so is its
+Ray temp dir (logs, sockets, the job's downloaded working directory). The head has no
 CPUs (as cluster.yaml's head) and the `trial_driver` resource, so Train workers, Ray Data actors, CORE tasks
 and Serve replicas all land on worker nodes, while job drivers and trial drivers stay on the head. Token
 auth is on, as cluster.yaml has it. Each node is a session of its own: killing it takes the raylet and
@@ -32,6 +33,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
+
+from nanoray.dev.procs import train_workers
 
 WORKER_CPUS = 2  # logical CPUs per worker node: bookkeeping (ray-notes §6), so 2 real cores carry 2 nodes
 STATE = "cluster.json"
@@ -85,7 +89,12 @@ class LocalCluster:
     """A head and worker nodes on this machine; see the module docstring."""
 
     def __init__(self, work_dir: str | os.PathLike, hide: list[str | os.PathLike] = (), env: dict | None = None,
-                 head_resources: dict | None = None):
+                 head_resources: dict | None = None, system_config: dict | None = None,
+                 autoscaling_config: dict | None = None):
+        """work_dir: logs, the auth token, Ray's temp dir (kept short: socket paths). hide: directories worker
+        nodes must not see. env: more environment for every node (S3 endpoint and credentials). system_config:
+        Ray's, for the head (tests shorten failure detection). autoscaling_config: a fake_multinode cluster
+        config (fake_autoscaling_config): the head runs an autoscaler that adds and removes worker nodes."""
         self.dir = Path(work_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hide = [Path(h).resolve() for h in hide]
@@ -94,6 +103,7 @@ class LocalCluster:
             self.token.write_text(secrets.token_hex(32))
         self.extra_env = dict(env or {})
         self.head_resources = head_resources or {"trial_driver": 100}
+        self.system_config, self.autoscaling_config = system_config, autoscaling_config
         self.port, self.dashboard_port = free_port(), free_port()
         self.head: Node | None = None
         self.workers: list[Node] = []
@@ -114,8 +124,10 @@ class LocalCluster:
     def env(self) -> dict:
         """The environment of every node, and what a client (ray job, a driver) needs: token auth, the extra
         environment (S3 endpoint and credentials), Ray's test-speed knobs."""
+        # A busy 2-core machine can take 15 s to start a node's dashboard agent; the raylet's default wait
+        # for it is shorter, and the node dies at start (RAY_agent_register_timeout_ms).
         return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), RAY_USAGE_STATS_ENABLED="0",
-                    **self.extra_env)
+                    RAY_agent_register_timeout_ms="120000", **self.extra_env)
 
     # ------------------------------------------------------------------------------------------- nodes
 
@@ -123,10 +135,20 @@ class LocalCluster:
         temp = self.dir / "ray"  # a short path of its own: Ray's socket paths must stay under 108 bytes
         cmd = [ray_executable(), "start", "--head", "--block", f"--port={self.port}", "--num-cpus=0",
                "--node-ip-address=127.0.0.1",
-               f"--resources={json.dumps(self.head_resources)}", "--include-dashboard=true",
+               f"--resources={json.dumps({k: v for k, v in self.head_resources.items() if k != 'CPU'})}",
+               "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}", *node_ports()]
-        self.head = Node("head", self._spawn(cmd, "head"), self.head_resources)
+        if self.system_config:
+            cmd.append(f"--system-config={json.dumps(self.system_config)}")
+        env = {}
+        if self.autoscaling_config:
+            config = dict(self.autoscaling_config, provider=dict(self.autoscaling_config["provider"],
+                                                                 gcs_address=self.address))
+            (self.dir / "autoscaling.json").write_text(json.dumps(config, indent=2))
+            cmd.append(f"--autoscaling-config={self.dir / 'autoscaling.json'}")
+            env = dict(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        self.head = Node("head", self._spawn(cmd, "head", env), self.head_resources)
         self._wait(lambda: self._dashboard_up(), f"the head's dashboard at {self.dashboard_url}", self.head)
         self._save()
         return self
@@ -140,9 +162,10 @@ class LocalCluster:
         before = self.alive_nodes()
         ray_cmd = [ray_executable(), "start", f"--address={self.address}", "--block", f"--num-cpus={cpus}",
                    "--node-ip-address=127.0.0.1",
-                   f"--resources={json.dumps(resources)}", f"--temp-dir={self.dir / 'ray'}", *node_ports()]
+                   f"--resources={json.dumps(resources)}", f"--temp-dir={self.dir / name}", *node_ports()]
         hide = " ".join(f"mkdir -p '{d}' && mount -t tmpfs -o size=1g tmpfs '{d}' && " for d in self.hide)
-        script = f"hostname {name} && {hide}exec " + " ".join(f"'{a}'" for a in ray_cmd)
+        # cd after the mounts: a working directory inside a hidden one would still reach what is under the tmpfs
+        script = f"hostname {name} && {hide}cd '{self.dir}' && exec " + " ".join(f"'{a}'" for a in ray_cmd)
         node = Node(name, self._spawn(["unshare", "--mount", "--uts", "--propagation", "private", "--",
                                        "sh", "-c", script], name), resources)
         self.workers.append(node)
@@ -150,6 +173,38 @@ class LocalCluster:
             self._wait(lambda: self.alive_nodes() > before, f"worker node {name} to join", node)
         self._save()
         return node
+
+    def node_of(self, pid: int) -> Node | None:
+        """The worker node a process runs on (the one whose session holds it), or None."""
+        try:
+            sid = os.getsid(pid)
+        except ProcessLookupError:
+            return None
+        return next((n for n in self.workers if n.proc.pid == sid), None)
+
+    def submit(self, entrypoint: list[str], working_dir: str | os.PathLike | None, submission_id: str,
+               pythonpath: str | os.PathLike | None = None) -> str:
+        """`ray job submit --no-wait` of `entrypoint` with `working_dir` uploaded, as a user would (the CLI, token
+        auth); returns the submission id. Without a working_dir, `pythonpath` is where the job's processes import
+        from (nodes that share this machine's disk). The head's job agent comes up a little after its dashboard."""
+        where = [f"--working-dir={working_dir}"] if working_dir else \
+            [f"--runtime-env-json={json.dumps(dict(env_vars=dict(PYTHONPATH=str(pythonpath))))}"]
+        cmd = [ray_executable(), "job", "submit", f"--address={self.dashboard_url}", *where,
+               f"--submission-id={submission_id}", "--no-wait", "--", *entrypoint]
+        deadline = time.time() + 120
+        while True:
+            run = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=300)
+            if run.returncode == 0:
+                return submission_id
+            if "No available agent" not in run.stderr or time.time() > deadline:
+                raise RuntimeError(f"ray job submit failed: {run.stderr[-2000:]}")
+            time.sleep(2)
+
+    def jobs(self):
+        """A JobSubmissionClient of this cluster, with its token."""
+        from ray.job_submission import JobSubmissionClient  # Ray's client, only where a cluster is driven
+
+        return JobSubmissionClient(self.dashboard_url, headers={"authorization": f"Bearer {self.token.read_text()}"})
 
     def kill(self, node: Node) -> None:
         """SIGKILL every process of the node at once, as a machine that is switched off: its process group
@@ -211,9 +266,10 @@ class LocalCluster:
         except OSError:
             return False
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")
-        return subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=dict(self.env(), **(env or {})), cwd=self.dir, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait(self, ready, what: str, node: Node, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -233,6 +289,70 @@ class LocalCluster:
         state = dict(address=self.address, dashboard_url=self.dashboard_url, token=str(self.token),
                      env=self.extra_env, pgids=[n.proc.pid for n in [self.head, *self.workers] if n])
         (self.dir / STATE).write_text(json.dumps(state, indent=2))
+
+
+def registered_checkpoint(filesystem, run_dir: str):
+    """The checkpoint Ray Train has registered for the run at `run_dir` (a path in `filesystem`), or None."""
+    import ray.train  # Ray Train's own reader of its snapshot
+
+    try:
+        return ray.train.Result.from_path(run_dir, storage_filesystem=filesystem).checkpoint
+    except Exception:  # noqa: BLE001 - no run there yet, or its snapshot caught half-written
+        return None
+
+
+def lose_a_training_node(cluster: LocalCluster, filesystem, run_dir: str, submission_id: str,
+                         timeout: float = 900) -> dict:
+    """While job `submission_id` runs: once the Train run at `run_dir` (in `filesystem`) has a registered
+    checkpoint, kill the worker node its Train worker runs on; then wait for the job. Returns what happened:
+    the job's status and logs, the node killed and the checkpoint step it was killed after, where the restarted
+    workers resumed (their "resumed from step" lines), the alive-node count over time, and the wall time."""
+    jobs, t0, timeline = cluster.jobs(), time.time(), []
+    killed = None
+    while not jobs.get_job_status(submission_id).is_terminal():
+        if time.time() - t0 > timeout:
+            jobs.stop_job(submission_id)
+            break
+        if killed is None and (checkpoint := registered_checkpoint(filesystem, run_dir)) is not None:
+            node = next((n for n in map(cluster.node_of, (p.pid for p in train_workers())) if n), None)
+            if node is not None:
+                cluster.kill(node)
+                killed = dict(node=node.name, after_step=int(Path(checkpoint.path).name.removeprefix("step_")),
+                              at_s=round(time.time() - t0, 1))
+        if not timeline or time.time() - t0 - timeline[-1][0] > 5:
+            timeline.append((round(time.time() - t0, 1), cluster.alive_nodes()))
+        time.sleep(0.5)
+    logs = jobs.get_job_logs(submission_id)
+    resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in logs.splitlines()
+               if "resumed from step" in line]
+    return dict(status=str(jobs.get_job_status(submission_id)), logs=logs, killed=killed, resumed_from=resumed,
+                timeline=timeline, wall_s=round(time.time() - t0, 1))
+
+
+def fake_autoscaling_config(cluster_yaml: str | os.PathLike, idle_timeout_minutes: float = 0.25,
+                            cpus_per_node: float = WORKER_CPUS) -> dict:
+    """cluster.yaml's node types for Ray's fake_multinode provider (the autoscaler starts worker nodes as
+    processes on this machine): the same worker type names and max_workers, min_workers 0, CPUs scaled to
+    this machine (logical), the other resources as declared, and a short idle timeout; the head as cluster.yaml's
+    (no CPUs, trial_driver). The provider names its head type ray.head.default."""
+    import yaml  # a dependency already (cluster.yaml), imported only here
+
+    raw = yaml.safe_load(Path(cluster_yaml).read_text())
+    types = raw["available_node_types"]
+    workers = {name: dict(resources=dict(t.get("resources", {}), CPU=cpus_per_node), node_config={},
+                          min_workers=0, max_workers=t.get("max_workers", raw["max_workers"]))
+               for name, t in types.items() if name != raw["head_node_type"]}
+    head = dict(types[raw["head_node_type"]].get("resources", {}))
+    return dict(cluster_name=f"{raw['cluster_name']}-fake", max_workers=raw["max_workers"],
+                upscaling_speed=raw.get("upscaling_speed", 1.0), idle_timeout_minutes=idle_timeout_minutes,
+                provider=dict(type="fake_multinode", use_node_id_as_ip=True, disable_node_updaters=True,
+                              disable_launch_config_check=True),
+                available_node_types={"ray.head.default": dict(resources=head, node_config={}, max_workers=0),
+                                      **workers},
+                head_node_type="ray.head.default", auth={}, docker={}, file_mounts={}, cluster_synced_files=[],
+                file_mounts_sync_continuously=False, rsync_exclude=[], rsync_filter=[], initialization_commands=[],
+                setup_commands=[], head_setup_commands=[], worker_setup_commands=[], head_start_ray_commands=[],
+                worker_start_ray_commands=[])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,6 +395,12 @@ class S3Server:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def filesystem(self):
+        """A pyarrow filesystem of this server, for a reader whose own environment points elsewhere."""
+        env = self.env
+        return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
+                                 secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"])
 
     def __enter__(self) -> "S3Server":
         return self.start()

@@ -1,6 +1,7 @@
 """Ray's processes on this machine, for fault tests and benchmarks that kill them on purpose.
 
     victim = train_workers()[0]                      # a Ray Train worker of a running fit()
+    ray_processes("ray::core_task")                  # the workers running a task of that name
     registered_checkpoint(RunStore("runs/sweeps"))   # the step of a checkpoint Train would resume from
 """
 
@@ -11,16 +12,22 @@ import psutil
 from nanoray.storage import RunStore
 
 
-def train_workers() -> list[psutil.Process]:
-    """The Ray Train worker processes running on this machine (their process title names the actor)."""
+def ray_processes(title: str) -> list[psutil.Process]:
+    """Ray's processes on this machine whose title holds `title` (Ray titles a worker by its actor or task:
+    "ray::RayTrainWorker", "ray::core_task")."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            if title in " ".join(proc.info["cmdline"] or []):
                 found.append(proc)
         except psutil.Error:
             pass
     return found
+
+
+def train_workers() -> list[psutil.Process]:
+    """The Ray Train worker processes running on this machine."""
+    return ray_processes("RayTrainWorker")
 
 
 def registered_checkpoint(store: RunStore) -> int | None:
