@@ -99,6 +99,7 @@ def check_writable(root: str) -> None:
     except (OSError, ValueError) as e:  # a malformed URI, an unknown scheme
         raise StorageError(f"{root}: not a storage location pyarrow can open ({e})") from None
     probe = f"{path.rstrip('/')}/.nanoray-probe-{os.getpid()}"  # a directory and a file in it, as uploads write
+    made = _first_missing(fs, path) or probe  # what the probe creates, removed again: a check writes nothing
     try:
         if "://" in root and not root.startswith("file://"):  # an object store: its bucket first
             bucket = path.split("/")[0]
@@ -107,7 +108,7 @@ def check_writable(root: str) -> None:
         fs.create_dir(probe, recursive=True)
         with fs.open_output_stream(f"{probe}/file") as f:
             f.write(b"nanoray")
-        fs.delete_dir(probe)
+        fs.delete_dir(made)
     except StorageError:
         raise
     except OSError as e:
@@ -119,6 +120,19 @@ def check_writable(root: str) -> None:
             endpoint = os.environ.get("AWS_ENDPOINT_URL", "the provider's endpoint")
             reason = f"cannot reach the object store at {endpoint} ({reason})"
         raise StorageError(f"{root}: cannot write there: {reason}") from None
+
+
+def _first_missing(fs: pafs.FileSystem, path: str) -> str | None:
+    """The outermost directory of a local `path` that does not exist yet (None when it all exists, or on an
+    object store, where directories are only key prefixes)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return None
+    missing = None
+    for parent in [path, *map(str, Path(path).parents)]:
+        if fs.get_file_info(parent).type != pafs.FileType.NotFound:
+            return missing
+        missing = parent
+    return missing
 
 
 def download(uri: str, local_dir: str | os.PathLike) -> None:
