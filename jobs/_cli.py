@@ -5,6 +5,7 @@ A bad flag stops the job before anything starts, naming the flag (argparse's exi
 """
 
 import argparse
+import logging
 import os
 
 import ray
@@ -81,7 +82,9 @@ def numbers(flag: str, text: str | None, kind) -> list | None:
 
 
 def init_ray() -> None:
-    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one."""
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one. The workers' output stays in
+    their nodes' logs (the driver prints each trial's progress itself, nanoray.sweep.ProgressLines): a
+    successful run shows its plan, its progress and its summary, and Ray's own chatter stays out."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
     # A trial waits for its GPUs (an autoscaler adding a node, a CORE evaluation holding a share) rather
     # than failing after Train's default 60 s. Reaches a local cluster started below; a cluster's nodes
@@ -89,10 +92,12 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
     if ray.is_initialized():
         return
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # INFO lines of the driver's own Ray libraries
+        logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(log_to_driver=False)
     else:  # a laptop: logical CPUs are bookkeeping, so trial driver, worker and data actors coexist
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 100})
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 100}, log_to_driver=False)
 
 
 def sweep_from_args(args, job: str) -> SweepConfig:

@@ -15,9 +15,11 @@ Writes are atomic (nanoray.storage.atomic_dir): a crash never leaves a half-writ
 name, and one caught between replacing an old checkpoint's two renames is found under its old name.
 """
 
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanoray.model import GPT, ModelConfig, build_model
@@ -41,6 +44,8 @@ class LoopState(BaseModel):
     step: int = Field(0, description="optimizer steps done")
     position: Any = Field(None, description="the data position (JSON): what the run has consumed")
     train_time_s: float = Field(0.0, description="seconds spent in training steps so far")
+    wall_time_s: float = Field(0.0, description="seconds the run's worker groups have spent in train() so far "
+                               "(setup, steps, evaluations, checkpoints), over every restart")
     train_loss: float = Field(math.nan, description="mean train loss of the last report window")
     val_loss: float = Field(math.nan, description="the latest val loss")
     val_bpb: float = Field(math.nan, description="the latest val bits per byte")
@@ -50,8 +55,16 @@ class LoopState(BaseModel):
     data: dict = Field({}, description="the data the checkpoint read: DataSpec fields and the train shards")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file, the checkpoint and what is wrong."""
+
+
 def rng_state() -> dict:
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    """Every RNG's state as tensors, numbers, strings and lists only: what torch.load(weights_only=True) reads
+    back (NumPy's key array as a list), so a checkpoint never needs pickle to resume."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 numpy=[name, key.tolist(), int(pos), int(has_gauss), float(cached)])
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,7 +73,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
@@ -68,7 +82,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Optimizer] | None,
                     meta: dict, state: LoopState | None = None, tokenizer: Tokenizer | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path. `meta` (JSON) is kept as it is, with the
-    model's config and, for a training checkpoint, the loop `state` (step, data position, loop counters)."""
+    model's config, for a training checkpoint the loop `state` (step, data position, loop counters), and the
+    SHA-256 of every other file (`files`), which every load checks."""
     path = Path(path)
     meta = dict(meta, model=model.config.model_dump())
     if state is not None:
@@ -79,10 +94,34 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.
         if optimizers is not None:
             torch.save([opt.state_dict() for opt in optimizers], tmp / OPTIMIZER)
         torch.save(rng_state(), tmp / RNG)
-        (tmp / META).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:  # serving and evaluation need it beside the weights
             tokenizer.save(tmp / TOKENIZER)
+        files = {str(f.relative_to(tmp)): sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / META).write_text(json.dumps(dict(meta, files=files), indent=2))
     return path
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: str | os.PathLike, meta: dict, names: tuple[str, ...]) -> None:
+    """Check files of a local checkpoint against the checksums its meta.json records (a checkpoint from before
+    checksums records none: nothing to check); CheckpointError names the file."""
+    recorded = meta.get("files")
+    if recorded is None:
+        return
+    for name in names:
+        for rel in [r for r in recorded if r == name or r.startswith(name + "/")]:
+            f = Path(path) / rel
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing from checkpoint {path} (its meta.json lists it)")
+            if sha256(f) != recorded[rel]:
+                raise CheckpointError(f"{f}: corrupt (its SHA-256 is not the one checkpoint {path} recorded)")
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -95,25 +134,46 @@ def read_meta(path: str | os.PathLike) -> dict:
     meta_file = recover(path, META) / META
     if not meta_file.exists():
         raise FileNotFoundError(f"{path}: not a nanoray checkpoint (no {META})")
-    return json.loads(meta_file.read_text())
+    try:
+        return json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Optimizer] | None = None,
                     restore_rng: bool = False) -> dict:
-    """Load weights (and optimizer/RNG state when asked) into existing objects; returns the meta."""
+    """Load weights (and optimizer/RNG state when asked) into existing objects; returns the meta. Every file is
+    checked against the checksum meta.json records, weights must be finite, and nothing is unpickled beyond
+    tensors, numbers and containers (torch.load weights_only): a crafted checkpoint cannot run code."""
     path = Path(path)
     meta = read_meta(path)
     if meta["model"] != model.config.model_dump():
         raise ValueError(f"{path}: checkpoint model {meta['model']} does not match {model.config.model_dump()}")
+    verify(path, meta, (WEIGHTS,) + ((OPTIMIZER,) if optimizers is not None else ()) + ((RNG,) if restore_rng else ()))
     device = model.wte.weight.device
-    model.load_state_dict(load_file(path / WEIGHTS, device=str(device)))
+    try:
+        weights = load_file(path / WEIGHTS, device=str(device))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable ({e})") from None
+    bad = next((k for k, v in weights.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path / WEIGHTS}: tensor {bad} holds NaN or infinite values")
+    model.load_state_dict(weights)
     if optimizers is not None:
-        states = torch.load(path / OPTIMIZER, map_location=device, weights_only=False)
-        for opt, state in zip(optimizers, states, strict=True):
+        for opt, state in zip(optimizers, _load_tensors(path / OPTIMIZER, device), strict=True):
             opt.load_state_dict(state)
     if restore_rng:
-        set_rng_state(torch.load(path / RNG, weights_only=False))
+        set_rng_state(_load_tensors(path / RNG, "cpu"))
     return meta
+
+
+def _load_tensors(path: Path, device):
+    """torch.load without arbitrary pickle (weights_only): what is not tensors, numbers and containers is an
+    error naming the file, not code that runs."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a plain tensor file, refused ({str(e).splitlines()[0]})") from None
 
 
 def restore(path: str | os.PathLike, model: GPT, optimizers: list[torch.optim.Optimizer]) -> LoopState:
@@ -150,6 +210,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         with tempfile.TemporaryDirectory(prefix="nanoray-ckpt-") as local:
             download(str(path), local)
             return load_for_inference(local, device)
+    verify(path, read_meta(path), (TOKENIZER,))
     tokenizer = load_tokenizer(path)  # a missing or mismatched tokenizer fails before the weights load
     model, meta = load_model(path, device)
     return model, tokenizer, meta
@@ -175,10 +236,13 @@ def safetensors_shapes(uri: str) -> dict[str, tuple[int, ...]]:
 
 
 def check_for_inference(path: str | os.PathLike) -> dict:
-    """Check what load_for_inference would read, without loading the weights (their file's header, the
-    tokenizer's text): raises ValueError or FileNotFoundError naming the file and what is wrong with it (a
-    truncated model.safetensors, tensors that are not the model's); returns the meta."""
+    """Check what load_for_inference would read, without loading the weights (their file's header and, for a
+    local checkpoint, every file's checksum; the tokenizer's text): raises ValueError or FileNotFoundError naming
+    the file and what is wrong with it (a truncated or corrupt model.safetensors, tensors that are not the
+    model's); returns the meta."""
     meta = read_meta(path)
+    if "://" not in str(path):  # an object store's copy is checked where it is downloaded (load_for_inference)
+        verify(path, meta, (WEIGHTS, TOKENIZER))
     load_tokenizer(path)
     with torch.device("meta"):  # shapes only: no memory, no init
         expected = {k: tuple(v.shape) for k, v in GPT(ModelConfig(**meta["model"])).state_dict().items()}

@@ -180,7 +180,7 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
         for h in history:  # val numbers only where they were measured, not carried between evaluations
             if h.get("val_step") != h.get("step"):
                 h["val_loss"] = h["val_bpb"] = nan
-        wall = m.get("time_total_s", nan)
+        wall = trial_wall(m)
         gpu_hours = wall * sweep.workers * sweep.gpus_per_worker / 3600 if sweep.use_gpu else 0.0
         rows.append(dict(
             trial=trial.name, depth=trial.depth, preset=sweep.preset, horizon=run.horizon_mode,
@@ -199,6 +199,13 @@ def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[di
         histories[trial.name] = history
     rows.sort(key=lambda r: (r["flops_budget"] or 0, r["depth"]))
     return rows, histories
+
+
+def trial_wall(final: dict) -> float:
+    """A trial's wall time: Tune's (its driver's, which a restored sweep counts from the restore only) or the
+    trainer's over every worker group (wall_time_s), whichever is longer; never less than its train time."""
+    walls = [final[k] for k in ("time_total_s", "wall_time_s") if isinstance(final.get(k), (int, float))]
+    return max(walls) if walls else float("nan")
 
 
 def placement(final: dict, history: list[dict]) -> dict:

@@ -17,12 +17,13 @@ from typing import Literal
 import ray
 import ray.tune
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, PlanError, RunPlan, get_preset, plan
 from nanoray.storage import RunStore
-from nanoray.train import TrainConfig, fit
+from nanoray.train import TrainConfig, fit, progress_line
 
 CHECKPOINT_MINUTES = 15  # by default a failed trial loses at most about this much training
 RESERVED_NAMES = ("train", "data", "reports")  # the storage root's own folders (nanoray.storage)
@@ -174,6 +175,24 @@ def default_concurrency(sweep: SweepConfig, num_trials: int) -> int:
     return max(1, fits) if gpus else num_trials  # 0 GPUs: an autoscaler will bring them
 
 
+class ProgressLines(Callback):
+    """The sweep's progress, printed by the driver: one line per report of every trial, and a line where a
+    trial's worker group starts over from a checkpoint. (Jobs keep the workers' own output on their nodes.)"""
+
+    def __init__(self):
+        self.starts: dict[str, int] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "train_loss" not in result:
+            return
+        name, start = trial_name(trial), result.get("start_step", 0)
+        prefix = "" if name == f"d{result['depth']}" else f"{name}: "  # isoFLOP trials: depth and budget
+        if start and self.starts.get(name) != start:
+            print(f"{prefix}d{result['depth']} resumed from step {start} of {result['iterations']}", flush=True)
+        self.starts[name] = start
+        print(prefix + progress_line(result), flush=True)
+
+
 # What a re-run must repeat to resume a sweep: Tune restores trials with the config they started with.
 RESUME_FIELDS = ("preset", "depths", "grid", "ratio", "budgets", "workers", "gpus_per_worker", "use_gpu",
                  "data.source", "eval_tokens")
@@ -212,14 +231,17 @@ def check_resume(sweep: SweepConfig) -> None:
 
 
 def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
-    """Run (or resume) the sweep; returns Tune's ResultGrid. `callbacks`: Tune callbacks of this driver."""
+    """Run (or resume) the sweep; returns Tune's ResultGrid. `callbacks`: more Tune callbacks of this driver
+    (it always prints each trial's progress). Tune's own status tables stay off (verbose 0)."""
     grid = trials(sweep)  # fail before anything starts
+    callbacks = [ProgressLines(), *(callbacks or [])]
     trainable = ray.tune.with_resources(run_trial, driver_resources())
     path = sweep.store.sweep_dir(sweep.name)
     if ray.tune.Tuner.can_restore(path):
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-        if callbacks:  # this driver's callbacks replace the pickled ones (Tune has no public setter for them)
-            tuner._local_tuner._run_config.callbacks = callbacks
+        # this driver's callbacks and verbosity replace the pickled ones (Tune has no public setter for them)
+        tuner._local_tuner._run_config.callbacks = callbacks
+        tuner._local_tuner._run_config.verbose = 0
     else:
         tuner = ray.tune.Tuner(
             trainable,
@@ -227,7 +249,7 @@ def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent
                                             or default_concurrency(sweep, len(grid)),
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage_path, verbose=1,
+            run_config=ray.tune.RunConfig(name=sweep.name, storage_path=sweep.storage_path, verbose=0,
                                           callbacks=callbacks, failure_config=ray.tune.FailureConfig(max_failures=1)),
         )
     return tuner.fit()

@@ -82,7 +82,7 @@ def train(config: TrainConfig, session: Session, corpus: Corpus | None = None) -
     data = open_data(config, session, corpus, state.position)
     wrapped = session.wrap(model)
     forward = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
-    window = Window(plan, device, session.world_size, start_step=state.step, setup_s=time.perf_counter() - entered)
+    window = Window(plan, device, session.world_size, state, entered)
     metrics: dict = {}
     with ManualGC() as collector:
         while state.step < end_step:
@@ -199,8 +199,12 @@ class Window:
     """The steps between two reports: their loss, their time (evaluation and checkpoints excluded), and what
     the run's metrics say at the window's end. The first window includes torch.compile."""
 
-    def __init__(self, plan: RunPlan, device: torch.device, world_size: int, start_step: int, setup_s: float):
-        self.plan, self.device, self.start_step = plan, device, start_step  # start_step > 0: a restart
+    def __init__(self, plan: RunPlan, device: torch.device, world_size: int, state: LoopState, entered: float):
+        """`state`: where the loop starts (step > 0 after a restart); `entered`: when this worker entered train()."""
+        self.plan, self.device, self.start_step = plan, device, state.step
+        # the run's wall time: what earlier worker groups spent, plus this one's since it entered train()
+        self.entered, self.wall_before = entered, state.wall_time_s
+        setup_s = time.perf_counter() - entered
         self.peak = peak_flops(device_name(device)) * world_size
         self.loss_sum, self.steps, self.excluded = torch.zeros((), device=device), 0, 0.0
         self.overhead = dict(setup_s=setup_s, first_window_s=None, eval_time_s=0.0)
@@ -227,6 +231,7 @@ class Window:
         self.end = time.perf_counter()
         dt = self.end - self.start - self.excluded
         state.train_time_s += dt
+        state.wall_time_s = self.wall_before + (self.end - self.entered)
         if self.overhead["first_window_s"] is None:
             self.overhead["first_window_s"] = dt
         tok_per_s = self.steps * plan.total_batch_tokens / dt
@@ -236,7 +241,7 @@ class Window:
             val_loss=state.val_loss, val_bpb=state.val_bpb, val_step=state.val_step, start_step=self.start_step,
             tok_per_s=tok_per_s, mfu=tok_per_s * plan.flops_per_token / self.peak,
             lr_mult=lr_multiplier(state.step - 1, plan), step_s=dt / self.steps,
-            train_time_s=state.train_time_s, window_steps=self.steps,
+            train_time_s=state.train_time_s, wall_time_s=state.wall_time_s, window_steps=self.steps,
             peak_mem_gb=torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0,
             **self.overhead)
 

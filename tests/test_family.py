@@ -29,3 +29,11 @@ def test_placement_names_every_machine_a_trial_ran_on():
     final = dict(worker_host="b", worker_node_id="2", hostname="head")  # Tune's own `hostname`: the driver's
     assert placement(final, history) == dict(node_id="2", hostname="b", hostnames="a;b")
     assert placement({}, []) == {}  # reports without placement (older runs): no columns
+
+
+def test_a_trials_wall_time_is_never_less_than_its_training():
+    from nanoray.family import trial_wall
+
+    assert trial_wall(dict(time_total_s=61.6, wall_time_s=75.0, train_time_s=70.6)) == 75.0  # a restored trial
+    assert trial_wall(dict(time_total_s=80.0, wall_time_s=75.0)) == 80.0
+    assert trial_wall(dict(time_total_s=12.0)) == 12.0 and trial_wall({}) != trial_wall({})  # NaN

@@ -93,6 +93,11 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     assert {p: p.stat().st_mtime for p in (storage / "train" / "miniseries-d1").rglob("model.safetensors")} == stamps
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["trial"], r["status"]) for r in rows] == [("d1", "done"), ("d2", "done")]
+    # A run that goes well reads clean (issue 17, finding 9: 515 lines, Tune's tables, Ray's error lines): the
+    # plan, one line per report, the summary; the workers' own output stays in their logs.
+    logs = client.get_job_logs("second")
+    assert "Trial status" not in logs and "core_worker.cc" not in logs and " ERROR " not in logs, logs[-3000:]
+    assert "d2 step" in logs and "report:" in logs and len(logs.splitlines()) < 120, logs[-3000:]
     for name in ("report.md", "report.html", "bpb_vs_flops.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
 
