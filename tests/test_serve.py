@@ -718,12 +718,12 @@ def test_a_bad_checkpoint_is_reported_and_the_other_depths_served(served_by_cli)
     /v1/models; its routes a 503 saying why) and the others are served."""
     proc, url, out, broken = served_by_cli
     log = out.read_text()
-    assert re.search(rf"d2 +NOT SERVED: {re.escape(str(broken))}: ValueError: .*model.safetensors: unreadable", log)
+    assert re.search(rf"d2 +NOT SERVED: {re.escape(str(broken))}: CheckpointError: .*model.safetensors: corrupt", log)
     health = requests.get(f"{url}/health", timeout=30).json()
     assert health["status"] == "degraded" and list(health["models"]) == ["nanoray-d1"]
     [bad] = health["unservable"]
     assert bad["checkpoint"] == str(broken) and bad["depth"] == 2
-    assert re.search(r"model\.safetensors: unreadable .*truncated", bad["reason"]), bad["reason"]
+    assert re.search(r"model\.safetensors: corrupt \(its SHA-256 is not", bad["reason"]), bad["reason"]
     assert [m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]] == ["nanoray-d1"]
     r = requests.post(f"{url}/d1/chat", timeout=60, json=dict(messages=HELLO, max_tokens=3, stream=False))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
