@@ -145,6 +145,10 @@ def test_missing_release_is_a_clear_error_without_retries(index, tmp_path):
         ensure_core_lite(tmp_path / "cache", index_url=index.url, sleep=no_sleep)
     assert "NANORAY_BIGBENCH_DIR" in str(e.value) and "NANORAY_PYPI_URL" in str(e.value)
     assert "404" in str(e.value) and index.url in str(e.value)
+    index.failures = {API: [403]}  # refused (a proxy, a private index): asking again would not help either
+    with pytest.raises(bigbench.Refused, match="HTTP 403"):
+        bigbench.ensure_raw(tmp_path / "cache", index.url, sleep=no_sleep)
+    assert index.hits == {API: 3}
 
 
 def test_an_index_without_the_sdist_or_without_the_tasks(index, tmp_path):

@@ -77,13 +77,20 @@ def ensure_raw(cache: str | os.PathLike, index_url: str | None = None, sleep=tim
     return local_data(cache) or download(cache, index_url, sleep)
 
 
+class Refused(LookupError):
+    """An HTTP answer that asking again would not change (4xx but 408 and 429); with_retries passes it on."""
+
+    def __init__(self, url: str, code: int, reason: str):
+        super().__init__(f"{url}: HTTP {code} {reason}")
+        self.code = code
+
+
 def _open(url: str):
-    """urlopen, where a 404 (not a transient error: with_retries passes it through) is a LookupError."""
     try:
         return urllib.request.urlopen(url, timeout=60)
     except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise LookupError(f"{url}: 404 Not Found") from None
+        if 400 <= e.code < 500 and e.code not in (408, 429):
+            raise Refused(url, e.code, e.reason) from None
         raise
 
 
@@ -96,8 +103,10 @@ def release_file(index_url: str, sleep=time.sleep) -> tuple[str, str]:
             return json.load(response)
     try:
         doc = with_retries(api, attempt, sleep=sleep)
-    except LookupError:
-        raise LookupError(f"{api}: 404, bigbench {RELEASE} is not on the index {index_url}") from None
+    except Refused as e:
+        if e.code == 404:
+            raise LookupError(f"{api}: 404, bigbench {RELEASE} is not on the index {index_url}") from None
+        raise
     for f in doc.get("urls") or []:
         if f.get("packagetype") == "sdist":
             return urllib.parse.urljoin(api, f["url"]), f["digests"]["sha256"]
@@ -142,8 +151,8 @@ def _extract(sdist: Path, out: Path, url: str) -> None:
 
 def download(cache: str | os.PathLike, index_url: str | None = None, sleep=time.sleep) -> Path:
     """bigbench 1.0.0's sdist from the index (default $NANORAY_PYPI_URL, else PyPI) into <cache>/CACHE_NAME:
-    only the tasks' task.json files and the LICENSE are kept. A 404 is not retried; other network errors
-    are, with backoff. A download whose sha256 is not the index's is removed and nothing is cached."""
+    only the tasks' task.json files and the LICENSE are kept. A 404 (or another refusal) is not retried;
+    other network errors are, with backoff. A download whose sha256 is not the index's is removed and nothing is cached."""
     cache = Path(cache)
     index_url = index_url or os.environ.get("NANORAY_PYPI_URL") or PYPI_URL
     url, expected = release_file(index_url, sleep)
