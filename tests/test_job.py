@@ -66,7 +66,8 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     # CORE left at auto (core-lite on CPU) whose tasks cannot be had: the job goes on without CORE and says so,
     # after the plan and again after the summary (issue 17, finding 10), rather than silently
     (tmp_path / "no-bigbench").mkdir()
-    no_tasks = json.dumps({"env_vars": {"NANORAY_BIGBENCH_DIR": str(tmp_path / "no-bigbench")}})
+    no_tasks = json.dumps({"env_vars": {"NANORAY_BIGBENCH_DIR": str(tmp_path / "no-bigbench"),
+                                        "NANORAY_CACHE": str(tmp_path / "cache")}})  # no core-lite built before
     submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
               "--runtime-env-json", no_tasks]
 
