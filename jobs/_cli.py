@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=1.0,
                    help="GPU share per worker: 1, or 0.5/0.25 so small trials share a GPU")
     p.add_argument("--core", default="auto", help="CORE of each final checkpoint: core (the DCLM eval bundle, "
-                   "downloaded once), core-lite (offline BIG-bench), a bundle directory, or none "
-                   "(default auto: core on GPUs, core-lite on CPU, skipped with a warning when unavailable)")
+                   "downloaded once), core-lite (BIG-bench's six CORE tasks: the bigbench sdist from PyPI, downloaded "
+                   "once, or $NANORAY_BIGBENCH_DIR), a bundle directory, or none (default auto: core on GPUs, "
+                   "core-lite on CPU, skipped with a warning when unavailable)")
     p.add_argument("--core-max-per-task", type=int, default=None, help="CORE examples per task (default "
                    f"{gpu.core_max_per_task} on GPUs, {cpu.core_max_per_task} on CPU)")
     p.add_argument("--tokenizer-actors", type=int, default=None, help="Ray Data tokenizer actors per trial")
@@ -189,15 +190,20 @@ def job_main(argv: list[str] | None, *, prog: str, doc: str, job: str, grid: str
     except ValueError as e:  # PlanError and pydantic's ValidationError are ValueErrors
         p.error(str(e))
     print(table, flush=True)
+    core_wanted = sweep.core
     try:
         sweep = prepare_family(sweep, core_required=args.core != "auto")
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # a bad source or task set, before any training
         p.error(str(e))
+    no_core = core_wanted is not None and sweep.core is None  # auto's tasks could not be had: prepare_family said why
     report = out_dir(args, sweep)
     core = FamilyCore(sweep, report) if sweep.core is not None else None
     results = family_results(sweep, run_sweep(sweep, callbacks=core and [core.callback()]), core)
     paths = write_family_report(sweep, results, report)
     print("\n".join(results.summary()), flush=True)
+    if no_core:
+        print(f"warning: this report has no CORE: the {core_wanted} tasks could not be had (the warning after the "
+              "plan says why and what to set; --core none skips CORE without a warning)", flush=True)
     print(f"report: {paths.get('report.md', report)}", flush=True)
     if args.serve:
         serve_family(ServeArgs(run_dir=report), args.serve_host, args.serve_port)

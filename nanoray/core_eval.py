@@ -12,8 +12,9 @@ seq_len tokens. Rows of several examples share one forward, right-padded with BO
 makes the padding harmless). Tasks are spread over Ray actors, each loading the checkpoint once.
 
 Task sets: "core" (nanochat's eval bundle, downloaded once per machine), "core-lite" (six BIG-bench
-tasks converted offline; prompts differ from the bundle's, so numbers compare across our runs only, not
-with published CORE) or a path to a bundle-shaped directory. See nanoray/core_data/.
+tasks from the bigbench sdist on PyPI, downloaded once, or $NANORAY_BIGBENCH_DIR, converted here; prompts
+differ from the bundle's, so numbers compare across our runs only, not with published CORE) or a path to
+a bundle-shaped directory. See nanoray/core_data/.
 
     python -m nanoray.core_eval --checkpoint runs/d4/checkpoint --tasks core-lite --max-per-task 50
     python -m nanoray.core_eval --checkpoint /mnt/cluster/d20/checkpoint --tasks core --workers 8 --gpu
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanoray.core_eval", description="CORE eval of a checkpoint on Ray.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (with a tokenizer/ subdirectory)")
     p.add_argument("--tasks", default="core-lite",
-                   help="core (the eval bundle), core-lite (offline BIG-bench) or a bundle directory")
+                   help="core (the eval bundle), core-lite (BIG-bench's six CORE tasks, downloaded once from PyPI "
+                   "or read from $NANORAY_BIGBENCH_DIR) or a bundle directory")
     p.add_argument("--max-per-task", type=int, default=None, help="examples per task after shuffling (default all)")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each evaluating whole tasks")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")

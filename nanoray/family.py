@@ -44,7 +44,7 @@ def prepare_family(sweep: SweepConfig, core_required: bool = True) -> SweepConfi
         except (BundleUnavailable, FileNotFoundError) as e:
             if core_required:
                 raise
-            print(f"warning: no CORE for this sweep: {e}", flush=True)
+            print(f"warning: no CORE for this sweep ({sweep.core}): {e}", flush=True)
             update["core"] = None
     data_dir = sweep.data.data_dir or sweep.store.data_dir(sweep.data.source)
     data_dir = data_dir if "://" in data_dir else os.path.abspath(data_dir)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanoray.core_data import bigbench
-from nanoray.core_data.bundle import (BUNDLE_URL, BundleUnavailable, ensure_bundle, ensure_core_lite, read_items,
-                                      read_specs, resolve_tasks)
+from nanoray.core_data.bundle import (BUNDLE_URL, BundleUnavailable, cache_dir, ensure_bundle, ensure_core_lite,
+                                      read_items, read_specs, resolve_tasks)
 from nanoray.core_eval import (centered, core_score, evaluate_core, evaluate_task, fewshot_examples, main,
                                prepare_example, prepare_items, render_prompts, tokenize_prompts, truncate)
 from nanoray.tokenizer import Tokenizer
@@ -242,20 +242,21 @@ def test_checkpoint_of_another_vocab_is_refused(tmp_path):
         evaluate_core(str(ckpt), tasks="core-lite")
 
 
-needs_bigbench = pytest.mark.skipif(not (bigbench.bigbench_dir() / bigbench.TARBALL).exists(),
-                                    reason="BIG-bench raw data absent (set NANORAY_BIGBENCH_DIR)")
+BIGBENCH = bigbench.local_data(cache_dir())  # the real tasks on this machine, if any (never downloaded here)
+needs_bigbench = pytest.mark.skipif(BIGBENCH is None, reason="BIG-bench's tasks not on this machine (set "
+                                    "NANORAY_BIGBENCH_DIR, or let core-lite download them once)")
 
 
 @needs_bigbench
 def test_core_lite_converts(tmp_path):
-    root = ensure_core_lite(tmp_path)
+    root = ensure_core_lite(tmp_path, source=BIGBENCH)
     specs = read_specs(root)
     assert [s.label for s in specs] == list(bigbench.TASKS)
     sizes = {s.label: len(read_items(s)) for s in specs}
     assert sizes["bigbench_cs_algorithms"] == 1320 and sizes["bigbench_repeat_copy_logic"] == 32
     lang = specs[-1]
     assert lang.task_type == "multiple_choice" and lang.random_baseline == pytest.approx(100 / 11, abs=1e-3)
-    assert ensure_core_lite(tmp_path) == root
+    assert ensure_core_lite(tmp_path) == root  # cached: no source needed
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +295,7 @@ def test_tiny_checkpoint_through_ray(ray_cluster, tiny_checkpoint, bundle, capsy
 
 @needs_bigbench
 def test_core_lite_end_to_end_through_ray(ray_cluster, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANORAY_BIGBENCH_DIR", str(BIGBENCH))  # the tasks found above, not a download
     monkeypatch.setenv("NANORAY_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="max_per_task: 5 leaves too few"):
         evaluate_core(str(tiny_checkpoint), tasks="core-lite", max_per_task=5)

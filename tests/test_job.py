@@ -3,6 +3,7 @@ report files; a driver killed mid-sweep whose re-submitted job resumes without r
 same command with --serve, which keeps the family served over HTTP until the job is stopped."""
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -61,8 +62,14 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     ray_bin, address, client = head
     out, storage = tmp_path / "report", tmp_path / "runs"
     command = ["--", sys.executable, "jobs/miniseries.py", "--depths", "1,2", "--ratio", "0.25", "--out", str(out),
-               "--storage", str(storage), "--core", "none"]
-    submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT)]
+               "--storage", str(storage)]
+    # CORE left at auto (core-lite on CPU) whose tasks cannot be had: the job goes on without CORE and says so,
+    # after the plan and again after the summary (issue 17, finding 10), rather than silently
+    (tmp_path / "no-bigbench").mkdir()
+    no_tasks = json.dumps({"env_vars": {"NANORAY_BIGBENCH_DIR": str(tmp_path / "no-bigbench"),
+                                        "NANORAY_CACHE": str(tmp_path / "cache")}})  # no core-lite built before
+    submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+              "--runtime-env-json", no_tasks]
 
     # First submission, without waiting; once d1 is finished and d2 is training, kill the driver.
     deadline = time.time() + 180
@@ -98,6 +105,9 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     logs = client.get_job_logs("second")
     assert "Trial status" not in logs and "core_worker.cc" not in logs and " ERROR " not in logs, logs[-3000:]
     assert "d2 step" in logs and "report:" in logs and len(logs.splitlines()) < 120, logs[-3000:]
+    assert "warning: no CORE for this sweep (core-lite)" in logs and "NANORAY_BIGBENCH_DIR" in logs, logs[-3000:]
+    assert "warning: this report has no CORE" in logs.split("d2 step")[-1], logs[-3000:]
+    assert all(not r.get("core") for r in rows)
     for name in ("report.md", "report.html", "bpb_vs_flops.png", "loss_curves.png"):
         assert (out / name).stat().st_size > 0
 

@@ -3,9 +3,10 @@
 A bundle is a directory holding core.yaml (`icl_tasks`: label, dataset_uri, num_fewshot, icl_task_type,
 optional continuation_delimiter), eval_meta_data.csv (`Eval Task`, `Random baseline` in percent) and
 eval_data/<dataset_uri> jsonl files (reference/nanochat-facts.md §5). `resolve_tasks` turns a task-set
-name into one: "core" (nanochat's bundle, downloaded), "core-lite" (BIG-bench, converted offline) or a
-path. Caches live under $NANORAY_CACHE (default ~/.cache/nanoray); each is built under a file lock into
-a temp directory that is renamed into place, so concurrent processes build it once and never see half.
+name into one: "core" (nanochat's bundle, downloaded), "core-lite" (BIG-bench's six tasks, downloaded once
+from PyPI or read from $NANORAY_BIGBENCH_DIR, converted here) or a path. Caches live under $NANORAY_CACHE
+(default ~/.cache/nanoray); each is built under a file lock into a temp directory that is renamed into
+place, so concurrent processes build it once and never see half.
 """
 
 import csv
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -115,11 +117,25 @@ def ensure_bundle(cache: str | os.PathLike | None = None, fetch=None, sleep=time
     return _build_once(cache / "eval_bundle", build)
 
 
-def ensure_core_lite(cache: str | os.PathLike | None = None, source: str | os.PathLike | None = None) -> Path:
-    """The core-lite bundle converted from BIG-bench raw data, cached under a key of the converter version."""
+def ensure_core_lite(cache: str | os.PathLike | None = None, source: str | os.PathLike | None = None,
+                     index_url: str | None = None, sleep=time.sleep) -> Path:
+    """The core-lite bundle, converted from BIG-bench's raw data (the folder `source`, else
+    bigbench.ensure_raw: $NANORAY_BIGBENCH_DIR, the cache, or a download) and cached under a key of the
+    converter version. Raw data that cannot be had raises BundleUnavailable saying why and what to set."""
     cache = Path(cache) if cache is not None else cache_dir()
-    return _build_once(cache / f"core-lite-v{bigbench.VERSION}",
-                       lambda tmp: bigbench.write_bundle(tmp / "bundle", source))
+
+    def build(tmp: Path) -> Path:
+        try:
+            raw = source if source is not None else bigbench.ensure_raw(cache, index_url, sleep)
+            return bigbench.write_bundle(tmp / "bundle", raw)
+        except (OSError, ValueError, LookupError, tarfile.TarError) as e:
+            index = index_url or os.environ.get("NANORAY_PYPI_URL") or bigbench.PYPI_URL
+            raise BundleUnavailable(
+                f"core-lite: BIG-bench's tasks could not be had ({e}). They come from NANORAY_BIGBENCH_DIR (a folder "
+                f"holding {bigbench.TARBALL} or the tasks' task.json files), else {cache / bigbench.CACHE_NAME}, else "
+                f"the bigbench {bigbench.RELEASE} sdist on {index} (NANORAY_PYPI_URL: an index with PyPI's JSON API "
+                f"that has it), downloaded once into that cache") from e
+    return _build_once(cache / f"core-lite-v{bigbench.VERSION}", build)
 
 
 def resolve_tasks(tasks: str | os.PathLike) -> Path:
