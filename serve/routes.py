@@ -89,8 +89,8 @@ class Gateway:
         self.depths = {m.depth: Depth(m, DepthText(m, load_tokenizer(m.checkpoint)), models[m.depth])
                        for m in family.members}
         self.unservable = family.unservable
-        # vLLM's tokenizer routes may name no model (lm-eval's never do): the tokenizer every depth shares, with the
-        # shortest context; None where the depths' tokenizers differ (then `model` is required).
+        # vLLM's tokenizer routes may name no model (lm-eval's remote tokenizer never does): then the tokenizer every
+        # depth shares, with the shortest context; None where the depths' tokenizers differ (`model` is required).
         texts = [d.text for d in self.depths.values()]
         self.shared = (min(texts, key=lambda t: t.member.seq_len)
                        if texts and all(t.tokenizer.same_as(texts[0].tokenizer) for t in texts) else None)
@@ -217,9 +217,10 @@ class Gateway:
 
     @app.get("/tokenizer_info", response_model=S.TokenizerInfo)
     def tokenizer_info(self, model: str | None = None) -> S.TokenizerInfo:
+        """The special tokens (lm-eval's remote tokenizer reads bos_token and eos_token) and the context."""
         text = self._text(model)
-        return S.TokenizerInfo(bos_token=BOS, eos_token=SPECIAL_STOPS["text"][0], model_max_length=text.member.seq_len,
-                               vocab_size=text.tokenizer.vocab_size, special_tokens=text.tokenizer.special_tokens)
+        return S.TokenizerInfo(bos_token=BOS, eos_token=SPECIAL_STOPS["text"][0], vocab_size=text.tokenizer.vocab_size,
+                               model_max_length=text.member.seq_len, special_tokens=text.tokenizer.special_tokens)
 
     @app.get("/v1/models", response_model=S.ModelList)
     def models(self) -> S.ModelList:

@@ -216,7 +216,7 @@ def test_prompts_longer_than_the_context_can_hold_are_refused_before_tokenizing(
     text = DepthText(member, tokenizer)
     most = member.seq_len * text.token_chars
     encoded = []
-    monkeypatch.setattr(tokenizer, "encode", lambda s, bos=False: encoded.append(len(s)) or [1] * len(s))
+    monkeypatch.setattr(tokenizer, "encode", lambda s, bos=False, special=False: encoded.append(len(s)) or [1] * len(s))
     turns = most // 4000 + 1  # each at most 8000 characters
     for prompt in ("x" * (most + 1), [Message(role="user", content="x" * 4000)] * turns):
         with pytest.raises(ApiError) as e:
