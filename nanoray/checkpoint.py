@@ -4,7 +4,8 @@
     optimizer.pt        [AdamW state dict, Muon state dict]            (training checkpoints)
     rng.pt              torch (CPU and CUDA), Python and NumPy RNG states
     meta.json           {"plan": RunPlan, "model": ModelConfig, "step", "data": {..., "position"}, "loop", ...}
-    tokenizer/          the tokenizer the model was trained with (nanoray.tokenizer's two text files)
+    tokenizer/          the tokenizer the model was trained with (nanoray.tokenizer's files; tokenizer/tokenizer.json
+                        is Hugging Face's, for tools that read that format)
 
     save_checkpoint(path, model, optimizers, meta, state=LoopState(step=7), tokenizer=tok)
     state = restore(path, model, optimizers)           # training: weights, optimizer, RNG; where the loop was

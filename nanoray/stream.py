@@ -257,8 +257,12 @@ def prepare_data(source: str, vocab_size: int, data_dir: str | os.PathLike,
             write_source_shards(source, shards)
         spec = f"parquet:{shards}"
     tokenizer_dir = join(data_dir, f"tokenizer-{vocab_size}")
-    if not exists(join(tokenizer_dir, "tokenizer.json")):
-        Tokenizer.train(read_source(spec, "train"), vocab_size, max_chars=max_chars).save(tokenizer_dir)
+    if not Tokenizer.is_saved(tokenizer_dir):
+        try:  # one saved before Hugging Face's tokenizer.json was written beside it: saved again, with it
+            tokenizer = Tokenizer.load(tokenizer_dir)
+        except FileNotFoundError:
+            tokenizer = Tokenizer.train(read_source(spec, "train"), vocab_size, max_chars=max_chars)
+        tokenizer.save(tokenizer_dir)
     return spec, tokenizer_dir
 
 

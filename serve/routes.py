@@ -4,7 +4,9 @@ serve/text.py), sent to its depth's replica as a GenerateRequest, and its token 
 native or OpenAI responses (serve/openai.py).
 
 Routes: native POST /d{depth}/chat, GET /d{depth}/stats, POST /d{depth}/core; OpenAI GET /v1/models (and
-/v1/models/{id}), POST /v1/chat/completions, POST /v1/completions; GET / (the web chat page), GET /health, GET /docs.
+/v1/models/{id}), POST /v1/chat/completions, POST /v1/completions; vLLM's POST /tokenize, POST /detokenize and
+GET /tokenizer_info (what lm-eval's tokenizer_backend=remote calls); GET / (the web chat page), GET /health,
+GET /docs.
 """
 
 import asyncio
@@ -21,12 +23,13 @@ from ray.serve.handle import DeploymentHandle
 from nanoray.checkpoint import load_tokenizer
 from nanoray.core_data.bundle import BundleUnavailable
 from nanoray.core_eval import evaluate_core
+from nanoray.tokenizer import BOS
 from serve import errors
 from serve import schemas as S
 from serve.errors import ApiError
 from serve.family import Family, Member
 from serve.openai import ChatShapes, CompletionShapes, sse
-from serve.text import DepthText, Prompt, Reply
+from serve.text import SPECIAL_STOPS, DepthText, Prompt, Reply
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -86,6 +89,11 @@ class Gateway:
         self.depths = {m.depth: Depth(m, DepthText(m, load_tokenizer(m.checkpoint)), models[m.depth])
                        for m in family.members}
         self.unservable = family.unservable
+        # vLLM's tokenizer routes may name no model (lm-eval's remote tokenizer never does): then the tokenizer every
+        # depth shares, with the shortest context; None where the depths' tokenizers differ (`model` is required).
+        texts = [d.text for d in self.depths.values()]
+        self.shared = (min(texts, key=lambda t: t.member.seq_len)
+                       if texts and all(t.tokenizer.same_as(texts[0].tokenizer) for t in texts) else None)
         self.page = PAGE.read_text()
         self.core_lock = asyncio.Semaphore(1)  # serializes /d{depth}/core runs
 
@@ -112,6 +120,15 @@ class Gateway:
             raise ApiError(404, f"model: {model!r} does not exist; served models: "
                                 f"{[S.model_id(d) for d in self.depths]}", "model", "model_not_found")
         return self.depths[int(depth)]
+
+    def _text(self, model: str | None) -> DepthText:
+        """The tokenizer side of `model`, or with none named, the one every served depth shares."""
+        if model is not None:
+            return self._model(model).text
+        if self.shared is None:
+            raise ApiError(400, f"model: required here, as the served models' tokenizers differ; one of "
+                                f"{[S.model_id(d) for d in self.depths]}", "model", "missing_required_parameter")
+        return self.shared
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
@@ -177,6 +194,33 @@ class Gateway:
         except BundleUnavailable as e:
             raise ApiError(503, str(e), "tasks", "bundle_unavailable", type="server_error") from None
         return dict(model=S.model_id(depth), **result)
+
+    # vLLM's tokenizer routes (plain functions: FastAPI runs them in its thread pool, so a long text's tokenizing
+    # does not hold up the streams the event loop serves).
+
+    @app.post("/tokenize", response_model=S.Tokens, responses={400: {"model": S.ErrorResponse}})
+    def tokenize(self, req: S.TokenizeRequest) -> S.Tokens:
+        """A text (or chat turns) to the token ids this server gives the model: with add_special_tokens (the
+        default) what /v1/completions makes of the text; no length limit but the body's."""
+        if (req.prompt is None) == (req.messages is None):
+            raise errors.invalid("prompt", "give exactly one of prompt (a text) and messages (chat turns)",
+                                 "missing_required_parameter" if req.prompt is None else "invalid_value")
+        text = self._text(req.model)
+        tokens = text.render(req.messages) if req.messages is not None else text.tokenize(req.prompt,
+                                                                                         req.add_special_tokens)
+        return S.Tokens(tokens=tokens, count=len(tokens), max_model_len=text.member.seq_len)
+
+    @app.post("/detokenize", response_model=S.Text, responses={400: {"model": S.ErrorResponse}})
+    def detokenize(self, req: S.DetokenizeRequest) -> S.Text:
+        """Token ids to text (special tokens as their strings; bytes that end mid-character as U+FFFD)."""
+        return S.Text(prompt=self._text(req.model).detokenize(req.tokens))
+
+    @app.get("/tokenizer_info", response_model=S.TokenizerInfo)
+    def tokenizer_info(self, model: str | None = None) -> S.TokenizerInfo:
+        """The special tokens (lm-eval's remote tokenizer reads bos_token and eos_token) and the context."""
+        text = self._text(model)
+        return S.TokenizerInfo(bos_token=BOS, eos_token=SPECIAL_STOPS["text"][0], vocab_size=text.tokenizer.vocab_size,
+                               model_max_length=text.member.seq_len, special_tokens=text.tokenizer.special_tokens)
 
     @app.get("/v1/models", response_model=S.ModelList)
     def models(self) -> S.ModelList:

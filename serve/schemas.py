@@ -228,6 +228,33 @@ class CompletionRequest(OpenAIRequest):
         return suffix
 
 
+class TokenizeRequest(Strict):
+    """POST /tokenize (vLLM's): a text, or chat turns, to the token ids this server would give the model."""
+    model: str | None = Field(None, description="nanoray-d{depth}; null: the tokenizer every served depth shares")
+    prompt: str | None = Field(None, description="a text; special-token strings in it (\"<|bos|>\") are those "
+                                                 "tokens, as in /v1/completions")
+    messages: list[Message] | None = Field(None, description="chat turns instead, rendered as /v1/chat/completions "
+                                                             "renders them (<|bos|> first, <|assistant_start|> last)")
+    add_special_tokens: bool = Field(True, description="prompt: <|bos|> first, as /v1/completions puts it before "
+                                                       "a text (lm-eval asks false)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _unicode(cls, prompt):
+        return prompt if prompt is None else unicode(prompt)
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, messages):
+        return messages if messages is None else _check_messages(messages)
+
+
+class DetokenizeRequest(Strict):
+    """POST /detokenize (vLLM's): token ids to their text."""
+    model: str | None = Field(None, description="nanoray-d{depth}; null: the tokenizer every served depth shares")
+    tokens: list[int] = Field(description="token ids; special tokens come out as their strings (\"<|bos|>\")")
+
+
 class CoreRequest(Strict):
     """POST /d{depth}/core."""
     tasks: Literal["core-lite", "core"] = Field("core-lite", description="core needs the DCLM eval bundle")
@@ -310,6 +337,31 @@ class ModelCard(BaseModel):
     params: int = Field(description="total parameters")
     seq_len: int = Field(description="context length in tokens")
     vocab_size: int
+
+
+class Tokens(BaseModel):
+    """POST /tokenize's answer (vLLM's shape)."""
+    tokens: list[int]
+    count: int = Field(description="len(tokens)")
+    max_model_len: int = Field(description="the model's context in tokens (null model: the shortest served)")
+
+
+class Text(BaseModel):
+    """POST /detokenize's answer (vLLM's shape)."""
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM's): what a client that tokenizes through this server needs (lm-eval's
+    tokenizer_backend=remote reads bos_token and eos_token, and finds their ids through /tokenize)."""
+    tokenizer_class: str = "nanoray"
+    bos_token: str = Field(description="what every document starts with in training")
+    eos_token: str = Field(description="what ends a text: the next document's <|bos|> (chat replies end at "
+                                       "<|assistant_end|>)")
+    pad_token: str | None = None
+    model_max_length: int = Field(description="the model's context in tokens (null model: the shortest served)")
+    vocab_size: int
+    special_tokens: dict[str, int] = Field(description="every special token and its id")
 
 
 class ModelList(BaseModel):

@@ -108,22 +108,37 @@ class DepthText:
 
     def chat(self, messages: list[Message]) -> Prompt:
         self._fits("messages", sum(len(m.content) for m in messages))
+        return Prompt(self.render(messages), "chat")
+
+    def render(self, messages: list[Message]) -> list[int]:
+        """Chat turns as token ids (a message's text never becomes a special token: no forged turns)."""
         turns = [dict(role="system" if m.role == "developer" else m.role, content=m.content) for m in messages]
         try:
-            return Prompt(render_chat(self.tokenizer, turns), "chat")
+            return render_chat(self.tokenizer, turns)
         except ValueError as e:  # it names the message: "messages[2].role: ..."
             param = str(e).split(":")[0]
             raise invalid(param if param.startswith("messages") else "messages", str(e)) from None
 
     def text(self, prompt: str | list[int]) -> Prompt:
-        """A text gets a BOS in front; token ids are taken as they are."""
+        """A text gets a BOS in front (special-token strings in it are those tokens, as vLLM reads a prompt, and as
+        POST /tokenize gives them); token ids are taken as they are."""
         if isinstance(prompt, str):
             self._fits("prompt", len(prompt))
-            return Prompt(self.tokenizer.encode(prompt, bos=True), "text", start=1)
-        vocab = self.member.vocab_size
-        if bad := [t for t in prompt if not 0 <= t < vocab]:
-            raise invalid("prompt", f"token ids must be in [0, {vocab}), got {bad[0]}")
+            return Prompt(self.tokenize(prompt, bos=True), "text", start=1)
+        self.check_ids("prompt", prompt)
         return Prompt(list(prompt), "text")
+
+    def tokenize(self, text: str, bos: bool) -> list[int]:
+        return self.tokenizer.encode(text, bos=bos, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        self.check_ids("tokens", tokens)
+        return self.tokenizer.decode(tokens)
+
+    def check_ids(self, field: str, tokens: list[int]) -> None:
+        vocab = self.member.vocab_size
+        if bad := [t for t in tokens if not 0 <= t < vocab]:
+            raise invalid(field, f"token ids must be in [0, {vocab}), got {bad[0]}")
 
     def room(self, prompt: Prompt, max_tokens: int | None) -> int:
         """The tokens to sample: max_tokens, checked against the context (None: all the room there is)."""

@@ -4,6 +4,7 @@ the model itself), bad input of every kind, a client that hangs up mid-stream, 6
 
 import concurrent.futures
 import csv
+import functools
 import json
 import os
 import re
@@ -215,7 +216,7 @@ def test_prompts_longer_than_the_context_can_hold_are_refused_before_tokenizing(
     text = DepthText(member, tokenizer)
     most = member.seq_len * text.token_chars
     encoded = []
-    monkeypatch.setattr(tokenizer, "encode", lambda s, bos=False: encoded.append(len(s)) or [1] * len(s))
+    monkeypatch.setattr(tokenizer, "encode", lambda s, bos=False, special=False: encoded.append(len(s)) or [1] * len(s))
     turns = most // 4000 + 1  # each at most 8000 characters
     for prompt in ("x" * (most + 1), [Message(role="user", content="x" * 4000)] * turns):
         with pytest.raises(ApiError) as e:
@@ -400,6 +401,122 @@ def test_completions_with_logprobs_end_with_the_stop_token_like_vllm(url, family
     assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 0
 
 
+def test_tokenize_detokenize_and_tokenizer_info_like_vllm(url, family, tokenizer):
+    """Issue 17, finding 5: vLLM's tokenizer routes. /tokenize gives what /v1/completions makes of a text (BOS
+    first unless add_special_tokens is false; special-token strings are those tokens, as Hugging Face's
+    tokenizer.json beside the checkpoint reads them), or of chat turns; /detokenize gives the text back."""
+    import tokenizers
+
+    from nanoray.tokenizer import render_chat
+
+    text = "naïve café 🚀 <|bos|>x = 1  \n\n\t 12345"
+    ids = tokenizer.encode(text, special=True)
+    assert tokenizer.bos_id in ids  # the string <|bos|> in a text is the token
+    hf = tokenizers.Tokenizer.from_file(str(family / "d1" / "ckpt" / "tokenizer" / "tokenizer.json"))
+    assert hf.encode(text).ids == ids
+    for body, expected in [(dict(model="nanoray-d1", prompt=text), [tokenizer.bos_id, *ids]),
+                           (dict(prompt=text, add_special_tokens=False), ids),  # lm-eval's call: no model
+                           (dict(model="nanoray-d2", messages=HELLO), render_chat(tokenizer, HELLO))]:
+        r = requests.post(f"{url}/tokenize", json=body, timeout=60)
+        assert r.json() == dict(tokens=expected, count=len(expected), max_model_len=256), r.text
+    # what /v1/completions scores is what /tokenize gave (its echo leaves out the BOS it put first)
+    c = requests.post(f"{url}/v1/completions", timeout=60, json=dict(
+        model="nanoray-d1", prompt=text, max_tokens=0, echo=True, logprobs=0)).json()
+    assert c["usage"]["prompt_tokens"] == len(ids) and c["choices"][0]["text"] == text
+    for body in (dict(tokens=ids), dict(model="nanoray-d2", tokens=[tokenizer.bos_id, *ids])):
+        r = requests.post(f"{url}/detokenize", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["prompt"] == tokenizer.decode(body["tokens"]), r.text
+    assert r.json()["prompt"] == "<|bos|>" + text
+    info = requests.get(f"{url}/tokenizer_info", timeout=60).json()
+    assert info["bos_token"] == info["eos_token"] == "<|bos|>" and info["model_max_length"] == 256
+    assert info["special_tokens"]["<|assistant_end|>"] == tokenizer.encode_special("<|assistant_end|>")
+    assert requests.get(f"{url}/tokenizer_info", params=dict(model="nanoray-d9"), timeout=60).status_code == 404
+
+
+def lm_eval_task(root: Path, rows: list[dict]) -> str:
+    """A multiple-choice task for lm-eval in `root`: its YAML and a local jsonl dataset; the task's name."""
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mc.yaml").write_text(f"""task: nanoray_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {root / "mc.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    return "nanoray_mc"
+
+
+MC = [dict(question="The capital of France is", choices=["Paris", "Berlin", "Rome"], answer=0),
+      dict(question="def add(a, b):\n    return", choices=["a + b", "a - b", "a * b"], answer=0),
+      dict(question="naïve café 🚀 costs ", choices=["3 €", "٣ euros", "12345678"], answer=1),
+      dict(question="After <|bos|> comes", choices=["a new document", "the end"], answer=0),
+      dict(question="", choices=["Hello", "\t\tindented"], answer=0)]  # no context: lm-eval puts the BOS first
+
+
+def test_lm_eval_scores_a_local_task_through_the_served_tokenizer(url, family, tokenizer, tmp_path, monkeypatch):
+    """Issue 17, finding 5: the real lm-eval harness (local-completions with tokenizer_backend=remote, so it
+    tokenizes through /tokenize, /detokenize and /tokenizer_info), offline, on a local multiple-choice task:
+    every choice's loglikelihood it logs equals a forward of the checkpoint over the tokens it sent, with token
+    ids as requests and with texts (then the server puts a BOS first)."""
+    import datasets
+    import huggingface_hub
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from nanoray.checkpoint import load_model
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # no network (read at import, so set where read too)
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    task = lm_eval_task(tmp_path, MC)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(family / "d1" / "ckpt", device=device)
+    if device == "cuda":
+        model.prepare_inference(torch.bfloat16)
+    bos = tokenizer.bos_id
+
+    def forward(prefix: list[int], context: str, continuation: str) -> tuple[float, bool]:
+        """lm-eval's split of a request into tokens (a context's trailing spaces go to the continuation; an
+        empty context is the BOS), then the continuation's logprob and whether greedy decoding gives it."""
+        spaces = len(context) - len(context.rstrip())
+        context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+        encode = functools.partial(tokenizer.encode, special=True)
+        ctx = encode(context) if context else [bos]
+        cont = encode(context + continuation)[len(ctx):] if context else encode(continuation)
+        tokens = prefix + ctx + cont
+        with torch.no_grad():
+            logprobs = model(torch.tensor([tokens], device=device))[0].float().log_softmax(-1).cpu()
+        at = torch.arange(len(tokens) - len(cont) - 1, len(tokens) - 1)
+        chosen = logprobs[at, torch.tensor(cont)]
+        return float(chosen.sum()), bool((logprobs[at].argmax(-1) == torch.tensor(cont)).all())
+
+    for tokenized, prefix in ((True, []), (False, [bos])):
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=[task], log_samples=True,
+            model_args=f"base_url={url}/v1/completions,model=nanoray-d1,tokenizer_backend=remote,max_length=256,"
+                       f"tokenized_requests={tokenized}",
+            task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+        samples = out["samples"][task]
+        assert len(samples) == len(MC)
+        chosen = []
+        for sample in samples:
+            logged = [resp[0] for resp in sample["resps"]]
+            local = [forward(prefix, *args) for args in sample["arguments"]]
+            tol = 1e-4 if device == "cpu" else 0.1  # bf16 on a GPU: ~3e-2 a token (see above)
+            assert [ll for ll, _ in logged] == pytest.approx([ll for ll, _ in local], abs=tol), sample["arguments"]
+            if device == "cpu":
+                assert [greedy for _, greedy in logged] == [greedy for _, greedy in local]
+            chosen.append(max(range(len(local)), key=lambda i: local[i][0]) == sample["target"])
+        assert out["results"][task]["acc,none"] == pytest.approx(sum(chosen) / len(chosen))
+
+
 NULLS = dict(temperature=None, top_p=None, top_k=None, n=None, stream=None, stream_options=None, stop=None,
              seed=None, max_tokens=None, user=None, presence_penalty=None, frequency_penalty=None)
 
@@ -477,6 +594,19 @@ BAD = [  # (route, body or raw text, status, param)
     ("/d1/chat", {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
     ("/d1/chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages[0].content"),
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("/tokenize", {"model": "nanoray-d1"}, 400, "prompt"),
+    ("/tokenize", {"prompt": "hi", "messages": HELLO}, 400, "prompt"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a\ud800b"}, 400, "prompt"),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/detokenize", {"model": "nanoray-d7", "tokens": [1]}, 404, "model"),
+    ("/detokenize", {}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, 4096]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, "2"]}, 400, "tokens[1]"),
     ("/d1/core", {"max_per_task": 0}, 400, "max_per_task"),
     ("/d1/core", {"tasks": "mmlu"}, 400, "tasks"),
 ]

@@ -1,5 +1,9 @@
+import json
+import random
+
 import pytest
 import rustbpe
+import tokenizers
 
 from nanoray.corpus import SPLITS, chunk_text, read_source, split_of
 from nanoray.tokenizer import MIN_VOCAB, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -44,6 +48,74 @@ def test_save_load_equality(tmp_path, docs, tokenizer):
     for text in docs[:50] + SAMPLES:
         assert loaded.encode(text) == tokenizer.encode(text)
     assert (tmp_path / "tok" / "ranks.tiktoken").read_text().count("\n") == 1024 - len(SPECIAL_TOKENS)
+
+
+def adversarial_texts() -> list[str]:
+    """Texts that stress a tokenizer conversion: scripts, combining marks, emoji sequences, whitespace runs,
+    digits of other scripts, contractions, special-token strings (whole, back to back, cut short), random bytes
+    decoded with errors=replace, and one-character runs longer than any token."""
+    rng = random.Random(0)
+    noise = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))).decode("utf-8", errors="replace")
+             for _ in range(200)]
+    return [
+        "naïve café — 東京 Привет مرحبا שלום नमस्ते ไทย 한국어 e\u0301 a\u0308\u0323",
+        "🚀👨‍👩‍👧‍👦🏳️‍🌈🇫🇷 👍🏽 \u200b\u200d\ufeff zero-width",
+        "   \t\t\n\n\r\n  \x0b\x0c   x  \n\n\n\n  \u00a0\u3000end   ",
+        " " * 300, "\n" * 50, "a" * 500, "ab" * 300, "🙂" * 80,
+        "1234567890 3.14159 1e-10 -0 007 ٣٤٥ ๑๒๓ ½ ²³ Ⅻ 1,000,000",
+        "I'M don't WE'LL they'Re it's 'tis O'Neil",
+        "<|bos|>text<|user_start|>hi<|user_end|><|assistant_start|><|assistant_end|><|bos|><|bos|>",
+        "<|bos| <|bos|> <| bos |> <|python_start|>print(1)<|python_end|><|output_start|>1<|output_end|>",
+        "\x00\x01\x7f\x80 control \ufffd\ufffd replacement", *noise, *SAMPLES]
+
+
+def test_hugging_face_tokenizer_json_gives_the_same_ids(tmp_path, docs, tokenizer):
+    """tokenizer.json, read by Hugging Face's `tokenizers` alone (no nanoray), encodes every text to our ids and
+    decodes them back: special-token strings read as special tokens by default (our encode(special=True)), as
+    plain text with encode_special_tokens (our default encode)."""
+    tokenizer.save(tmp_path / "tok")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    assert hf.get_vocab_size() == tokenizer.vocab_size
+    assert [hf.token_to_id(name) for name in SPECIAL_TOKENS] == [tokenizer.encode_special(n) for n in SPECIAL_TOKENS]
+    rng = random.Random(1)  # texts made of token pieces, cut anywhere: every merge gets exercised
+    pieces = [tokenizer.encoding.decode_single_token_bytes(i) for i in range(tokenizer.bos_id)]
+    glued = [b"".join(rng.choices(pieces, k=rng.randint(1, 40))).decode("utf-8", errors="replace")
+             for _ in range(1000)]
+    texts = docs + adversarial_texts() + glued
+    assert any(tokenizer.bos_id in tokenizer.encode(t, special=True) for t in texts)
+    for text in texts:
+        ids = tokenizer.encode(text, special=True)
+        assert hf.encode(text).ids == ids, text
+        assert hf.decode(ids, skip_special_tokens=False) == tokenizer.decode(ids) == text
+    hf.encode_special_tokens = True
+    for text in texts:
+        assert hf.encode(text).ids == tokenizer.encode(text), text
+
+
+def test_a_folder_saved_before_hugging_face_s_tokenizer_json_still_loads_and_is_upgraded(tmp_path, docs, tokenizer):
+    """Before, our config was named tokenizer.json; such a folder loads (told apart by its content), a prepared
+    data directory holding one gets HF's tokenizer.json on its next prepare_data (not a new tokenizer), and
+    `convert` writes today's format elsewhere (a checkpoint's files are never rewritten)."""
+    from nanoray.stream import prepare_data
+    from nanoray.tokenizer import main
+
+    old = tmp_path / "data" / "tokenizer-1024"
+    tokenizer.save(old)
+    (old / "tokenizer.json").write_text((old / "nanoray_tokenizer.json").read_text())
+    (old / "nanoray_tokenizer.json").unlink()
+    ranks = (old / "ranks.tiktoken").read_text()
+    assert not Tokenizer.is_saved(old) and Tokenizer.load(old).same_as(tokenizer)
+    main(["convert", str(old), "--out", str(tmp_path / "converted")])
+    assert Tokenizer.load(tmp_path / "converted").same_as(tokenizer)
+    assert "pattern" in json.loads((old / "tokenizer.json").read_text())  # the old folder is untouched
+    # no corpus is read: the tokenizer there is kept, and saved again in today's format
+    assert prepare_data(f"parquet:{tmp_path}/no-shards", 1024, tmp_path / "data")[1] == str(old)
+    assert Tokenizer.is_saved(old) and (old / "ranks.tiktoken").read_text() == ranks
+    assert tokenizers.Tokenizer.from_file(str(old / "tokenizer.json")).encode(docs[0]).ids == tokenizer.encode(docs[0])
+    # a folder with Hugging Face's tokenizer.json but not our config (a save cut short) has no tokenizer
+    (old / "nanoray_tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer here"):
+        Tokenizer.load(old)
 
 
 def test_token_bytes(tokenizer):
