@@ -57,8 +57,8 @@ class TrainConfig(BaseModel):
     eval_at_end: bool = Field(True, description="val loss after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
     seed: int = Field(42, description="model init and RNG seed")
-    tracker: Trackers = Field(default_factory=list, description="experiment trackers (mlflow, tensorboard, wandb) of "
-                              "a run that fit() trains alone; a sweep's trials are tracked by Tune (SweepConfig.tracker)")
+    tracker: Trackers = Field(default_factory=list, description="experiment trackers (mlflow, tensorboard, wandb) "
+                              "of a run fit() trains alone; a sweep's trials are tracked by Tune (SweepConfig.tracker)")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -198,11 +198,16 @@ def test_a_training_run_outside_tune_is_one_tracker_run(ray_cluster, offline, tm
 
     run = plan(2, "tiny", Horizon(iterations=4), device_batch_size=8)
     config = TrainConfig(plan=run, data=DataSpec(kind="markov"), log_every=2, eval_every=0, eval_tokens=2 * 8 * 256,
-                         tracker="mlflow,tensorboard")
+                         tracker=ALL)
     fit(config, "alone", str(tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "train" / "alone"  # the Train run's folder holds its TensorBoard and W&B files
     client = mlflow.MlflowClient(tracking_uri=f"file://{tmp_path}/runs/mlflow")
     (tracked,) = client.search_runs([client.get_experiment_by_name("alone").experiment_id])
     assert tracked.info.run_name == "alone" and tracked.info.status == "FINISHED"
     assert tracked.data.params["plan/depth"] == "2" and tracked.data.params["log_every"] == "2"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train_loss")] == [2, 4]
-    assert [s for s, _ in scalars(tmp_path / "runs" / "train" / "alone", "ray/tune/train_loss")] == [2, 4]
+    assert [s for s, _ in scalars(run_dir, "ray/tune/train_loss")] == [2, 4]
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    tracked = wandb_run(offline_run)
+    assert tracked["name"] == "alone" and tracked["config"]["plan"]["depth"] == 2
+    assert tracked["history"]["step"] == [2, 4]
