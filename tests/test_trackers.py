@@ -193,7 +193,7 @@ def test_a_sweep_logs_each_trial_and_the_report_to_every_tracker(ray_cluster, of
     assert name == "trk-report" and set(paths) <= set(files)
 
 
-def test_a_training_run_outside_tune_is_one_tracker_run(ray_cluster, offline, tmp_path):
+def test_a_training_run_outside_tune_is_one_tracker_run(ray_cluster, offline, monkeypatch, tmp_path):
     import mlflow
 
     run = plan(2, "tiny", Horizon(iterations=4), device_batch_size=8)
@@ -201,6 +201,7 @@ def test_a_training_run_outside_tune_is_one_tracker_run(ray_cluster, offline, tm
                          tracker=ALL)
     fit(config, "alone", str(tmp_path / "runs"))
     run_dir = tmp_path / "runs" / "train" / "alone"  # the Train run's folder holds its TensorBoard and W&B files
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the controller logged; this process reads (README)
     client = mlflow.MlflowClient(tracking_uri=f"file://{tmp_path}/runs/mlflow")
     (tracked,) = client.search_runs([client.get_experiment_by_name("alone").experiment_id])
     assert tracked.info.run_name == "alone" and tracked.info.status == "FINISHED"
