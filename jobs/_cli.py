@@ -15,6 +15,7 @@ from nanoray.dial import defaults, get_preset
 from nanoray.family import FamilyCore, family_results, prepare_family, write_family_report
 from nanoray.storage import RunStore, StorageError, check_writable
 from nanoray.sweep import CHECKPOINT_MINUTES, ResumeMismatch, SweepConfig, Trial, check_resume, run_sweep, trials
+from nanoray.trackers import TRACKERS, TrackerError, Tracking, parse_trackers
 from serve.app import ServeArgs, serve_family
 
 DEFAULT_STORAGE = "runs/sweeps"
@@ -24,7 +25,7 @@ FLAGS = {"name": "--name", "preset": "--preset", "depths": "--depths", "grid": "
          "budgets": "--budgets", "workers": "--workers", "gpus_per_worker": "--gpus-per-worker",
          "use_gpu": "--gpu/--no-gpu", "data.source": "--source", "storage_path": "--storage",
          "checkpoint_every": "--checkpoint-every", "core_max_per_task": "--core-max-per-task",
-         "max_concurrent": "--max-concurrent"}
+         "max_concurrent": "--max-concurrent", "tracker": "--tracker"}
 
 
 def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
@@ -63,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
                    "and prepared data: s3://bucket/prefix, or a path (default: $NANORAY_STORAGE, else runs/sweeps)")
     p.add_argument("--shared-storage", action="store_true", help="the --storage path is on a mount every node of "
                    "the cluster shares (NFS...): use it although the cluster has several nodes")
+    p.add_argument("--tracker", default=None, help=f"experiment trackers, comma-separated: {', '.join(TRACKERS)}. A "
+                   "run per trial (its plan as config, every report's metrics) and the report's files at the end; "
+                   "settings from the trackers' own variables (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE...), "
+                   "by default everything under --storage (README: Trackers)")
     p.add_argument("--serve", action="store_true", help="after the report, serve every depth (Ray Serve: chat "
                    "page, /d{depth}/chat, OpenAI /v1) until stopped, and print the URLs")
     p.add_argument("--serve-host", default="127.0.0.1", help="address to serve on (default: this machine only)")
@@ -112,6 +117,7 @@ def sweep_from_args(args, job: str) -> SweepConfig:
         raise ValueError(f"--checkpoint-every: must be >= 0 (0: only at the end), got {args.checkpoint_every}")
     if args.core_max_per_task is not None and args.core_max_per_task < 1:
         raise ValueError(f"--core-max-per-task: must be >= 1, got {args.core_max_per_task}")
+    trackers = check_trackers(args.tracker, args.storage or DEFAULT_STORAGE, args.name or job)
     init_ray()
     gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     machine = defaults(gpu)
@@ -126,7 +132,20 @@ def sweep_from_args(args, job: str) -> SweepConfig:
         data=DataSpec(kind="corpus", source=args.source, actors=args.tokenizer_actors or machine.tokenizer_actors,
                       cpus_per_actor=machine.cpus_per_actor),
         storage_path=args.storage or DEFAULT_STORAGE, max_concurrent=args.max_concurrent,
-        checkpoint_every=args.checkpoint_every, eval_tokens=machine.eval_tokens)
+        checkpoint_every=args.checkpoint_every, eval_tokens=machine.eval_tokens, tracker=trackers)
+
+
+def check_trackers(text: str | None, storage: str, name: str) -> list[str]:
+    """--tracker's names, each known, installed and with somewhere to write (before Ray starts)."""
+    try:
+        trackers = parse_trackers(text)
+    except ValueError as e:
+        raise ValueError(f"--tracker: {e}") from None
+    try:
+        Tracking.make(trackers, name, RunStore(storage))
+    except TrackerError as e:
+        raise ValueError(f"--tracker {e}") from None
+    return trackers
 
 
 def check_storage(storage: str, shared: bool) -> None:

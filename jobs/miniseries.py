@@ -4,6 +4,7 @@
     python jobs/miniseries.py --preset gpt2 --depths 8,12,16,20 --source hf:karpathy/climbmix-400b-shuffle
     ray job submit --working-dir . -- python jobs/miniseries.py --storage s3://bucket/nanoray ...
     python jobs/miniseries.py --serve              # then keep every depth served: chat page + OpenAI API
+    python jobs/miniseries.py --tracker mlflow,tensorboard   # a tracker run per trial (README: Trackers)
 
 Corpus and tokenizer (prepared once, reused) -> the sweep (a re-run with the same --name resumes it and
 skips finished depths) -> CORE of each final checkpoint (a Ray task per depth, as it finishes) -> a power-law fit of val bpb

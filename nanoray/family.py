@@ -248,12 +248,23 @@ def family_results(sweep: SweepConfig, grid, core: FamilyCore | None = None) -> 
 
 def write_family_report(sweep: SweepConfig, results: FamilyResults, out_dir: str) -> dict:
     """results.csv, plots, report.md and report.html in out_dir (a local directory, or a URI of an object
-    store: written here, then uploaded); returns their paths (or URIs)."""
+    store: written here, then uploaded), and into the family run of each of the sweep's trackers; returns their
+    paths (or URIs)."""
     sections = {"Compute-optimal allocation (isoFLOP minima)": results.notes} if results.notes else None
     report = dict(title=f"nanoray {sweep.name}", fit=results.fit, sections=sections)
     if "://" not in str(out_dir):
-        return write_report(results.rows, results.histories, out_dir, **report)
+        paths = write_report(results.rows, results.histories, out_dir, **report)
+        track_report(sweep, paths)
+        return paths
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_report(results.rows, results.histories, tmp, **report)
         upload(tmp, out_dir)
+        track_report(sweep, paths)
     return {name: join(out_dir, name) for name in paths}
+
+
+def track_report(sweep: SweepConfig, paths: dict) -> None:
+    """The report's files (local) as artifacts of each tracker's family run; prints where each tracker keeps them."""
+    tracking = sweep.tracking()
+    for line in tracking.log_report(paths, sweep.model_dump(mode="json")) if tracking else []:
+        print(line, flush=True)

@@ -8,7 +8,10 @@
 
 Layout under a storage root (the `--storage` of the jobs, `storage_path` of Ray Train and Tune):
 
-    <sweep>/           Tune's experiment, one per sweep name (the key a re-run resumes)
+    <sweep>/           Tune's experiment, one per sweep name (the key a re-run resumes); its <trial>/ folders
+                       also hold each trial's TensorBoard events and W&B run (nanoray.trackers)
+    <sweep>/report/    the trackers' family-level run of a sweep: its report in TensorBoard, its W&B run
+    mlflow/            MLflow's file store (nanoray.trackers), unless MLFLOW_TRACKING_URI names another
     train/<run>/       one Ray Train run: its checkpoint_*/ directories and Train's snapshot
     data/<source>/     a corpus prepared once: shards/{train,val}/ (+ manifest.json) and tokenizer-<vocab>/
     reports/<sweep>/   a sweep's report, where the jobs put it when the root is an object store
@@ -172,6 +175,15 @@ class RunStore:
     def sweep_dir(self, sweep: str) -> str:
         """Tune's experiment directory of sweep `sweep`."""
         return self.join(sweep)
+
+    def family_dir(self, sweep: str) -> str:
+        """The trackers' files of sweep `sweep` as a whole (beside its trials' folders, which Tune fills)."""
+        return self.join(sweep, "report")
+
+    @property
+    def mlflow_uri(self) -> str | None:
+        """MLflow's file store under a local root; None under an object store, where MLflow cannot keep one."""
+        return None if self.scheme else "file://" + self.join("mlflow")
 
     @property
     def train_root(self) -> str:

@@ -23,10 +23,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, PlanError, RunPlan, get_preset, plan
 from nanoray.storage import RunStore
+from nanoray.trackers import Trackers, Tracking
 from nanoray.train import TrainConfig, fit, progress_line
 
 CHECKPOINT_MINUTES = 15  # by default a failed trial loses at most about this much training
-RESERVED_NAMES = ("train", "data", "reports")  # the storage root's own folders (nanoray.storage)
+RESERVED_NAMES = ("train", "data", "reports", "mlflow")  # the storage root's own folders (nanoray.storage)
 
 
 class SweepConfig(BaseModel):
@@ -57,6 +58,8 @@ class SweepConfig(BaseModel):
     core: str | None = Field(None, description="CORE task set for each final checkpoint: core, core-lite or a "
                              "bundle-shaped directory; None: no CORE")
     core_max_per_task: int | None = Field(None, ge=1, description="CORE examples per task (None: all)")
+    tracker: Trackers = Field(default_factory=list, description="experiment trackers (mlflow, tensorboard, wandb): a "
+                              "run per trial and the report at the end (nanoray.trackers)")
 
     @field_validator("name")
     @classmethod
@@ -88,6 +91,10 @@ class SweepConfig(BaseModel):
     @property
     def store(self) -> RunStore:
         return RunStore(self.storage_path)
+
+    def tracking(self) -> Tracking | None:
+        """The sweep's trackers, checked (TrackerError names one that cannot run here); None without any."""
+        return Tracking.make(self.tracker, self.name, self.store) if self.tracker else None
 
 
 class Trial(BaseModel):
@@ -232,9 +239,11 @@ def check_resume(sweep: SweepConfig) -> None:
 
 def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
     """Run (or resume) the sweep; returns Tune's ResultGrid. `callbacks`: more Tune callbacks of this driver
-    (it always prints each trial's progress). Tune's own status tables stay off (verbose 0)."""
+    (it always prints each trial's progress, and logs each trial to the sweep's trackers). Tune's own status
+    tables stay off (verbose 0)."""
     grid = trials(sweep)  # fail before anything starts
-    callbacks = [ProgressLines(), *(callbacks or [])]
+    tracking = sweep.tracking()
+    callbacks = [ProgressLines(), *(tracking.tune_callbacks() if tracking else []), *(callbacks or [])]
     trainable = ray.tune.with_resources(run_trial, driver_resources())
     path = sweep.store.sweep_dir(sweep.name)
     if ray.tune.Tuner.can_restore(path):

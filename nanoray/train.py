@@ -37,6 +37,7 @@ from nanoray.optim import apply_schedule, build_optimizers, lr_multiplier
 from nanoray.session import RaySession, Session
 from nanoray.storage import RunStore
 from nanoray.stream import Corpus, CorpusData, check_fingerprint, latest_position, prepare_corpus
+from nanoray.trackers import Trackers, TrackerError, Tracking, parse_trackers
 
 GC_EVERY = 5000  # steps between the loop's garbage collections (nanochat's)
 
@@ -56,6 +57,8 @@ class TrainConfig(BaseModel):
     eval_at_end: bool = Field(True, description="val loss after the last step")
     compile: bool | None = Field(None, description="torch.compile the model (default: on GPU)")
     seed: int = Field(42, description="model init and RNG seed")
+    tracker: Trackers = Field(default_factory=list, description="experiment trackers (mlflow, tensorboard, wandb) "
+                              "of a run fit() trains alone; a sweep's trials are tracked by Tune (SweepConfig.tracker)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,6 +310,10 @@ def fit(config: TrainConfig, name: str, store: RunStore | str, use_gpu: bool = F
     from ray.train.torch import TorchTrainer
 
     store = store if isinstance(store, RunStore) else RunStore(store)
+    if config.tracker:  # checked (TrackerError) before anything starts
+        end_step = min(config.max_steps or config.plan.iterations, config.plan.iterations)
+        tracking = Tracking.make(config.tracker, name, store)
+        callbacks = [*(callbacks or []), tracking.train_callback(config.model_dump(mode="json"), end_step)]
     resources = dict(CPU=cpus_per_worker, GPU=gpus_per_worker) if use_gpu else dict(CPU=cpus_per_worker)
     corpus, datasets, dataset_config = None, None, None
     if config.data.kind == "corpus":
@@ -363,7 +370,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="Ray Data actors tokenizing the corpus")
     p.add_argument("--name", default=None, help="run name (default d<depth>-<preset>); the same name resumes")
     p.add_argument("--storage", default="runs", help="storage root: Train runs go to <storage>/train/<name>")
+    p.add_argument("--tracker", default=None, help="experiment trackers, comma-separated: mlflow, tensorboard, wandb "
+                   "(README: Trackers)")
     args = p.parse_args(argv)
+    name = args.name or f"d{args.depth}-{args.preset}"
+    try:
+        tracker = parse_trackers(args.tracker)
+        Tracking.make(tracker, name, RunStore(args.storage))
+    except TrackerError as e:
+        p.error(f"--tracker {e}")
+    except ValueError as e:
+        p.error(f"--tracker: {e}")
     run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
     print(run.table(), flush=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
@@ -371,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
             DataSpec(kind="corpus", source=args.data, data_dir=args.data_dir, actors=args.tokenizer_actors,
                      cpus_per_actor=machine.cpus_per_actor))
     config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=machine.log_every,
-                         eval_tokens=machine.eval_tokens)
-    result = fit(config, args.name or f"d{args.depth}-{args.preset}", args.storage, use_gpu=gpu)
+                         eval_tokens=machine.eval_tokens, tracker=tracker)
+    result = fit(config, name, args.storage, use_gpu=gpu)
     print(json.dumps(dict(result.metrics or {}, checkpoint=result.checkpoint and result.checkpoint.path)))
 
 
