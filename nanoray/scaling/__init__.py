@@ -21,7 +21,7 @@ Predictions carry the scatter of one run as well: each resample also draws one o
 residuals (scaled by sqrt(n / (n - p)) for the p fitted parameters), so `band(x)` is where a new run at x
 would land and `solve_draws(y)` the FLOPs at which it would reach y. On nanochat's miniseries v1 (d10-d18
 fitted, tests/test_predict.py) the 95% band at d20's FLOPs holds the measured d20; in simulations with 5
-points and 0.2-0.5% noise such a band held the next depth 60-77% of the time: with this few points, read
+points and 0.2-0.5% noise such a band held the next depth 52-77% of the time: with this few points, read
 it as about a 68% band.
 
     fit = fit_power_law(flops, val_bpb, offset=True)
