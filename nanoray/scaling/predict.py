@@ -6,7 +6,7 @@
 The run directory is a family's report directory (its results.csv); the command prints the table and then one
 JSON line. The same table goes into the family's report (nanoray.family).
 
-The fits of a family (`family_fits`): the power law of val bpb in FLOPs (a ratio grid's trials), nanochat's
+The fits of a family (`fit_family`): the power law of val bpb in FLOPs (a ratio grid's trials), nanochat's
 CORE curve (every trial with a score; an isoFLOP grid: the best CORE of each budget), the loss surface
 (Approach 3, every trial, when the trials can pin it: nanoray.scaling.surface) and Approach 2's allocation
 (an isoFLOP grid). C is the trials' own FLOPs (flops_per_token x tokens, attention included).
@@ -78,7 +78,7 @@ def finished(rows: list[dict]) -> list[dict]:
     return [r for r in rows if ok(r)]
 
 
-def family_fits(rows: list[dict], *, n_boot: int = N_BOOT, seed: int = 0) -> FamilyFits:
+def fit_family(rows: list[dict], *, n_boot: int = N_BOOT, seed: int = 0) -> FamilyFits:
     """The fits of a family's result rows (as the family writes them, or as read from results.csv)."""
     done = finished(rows)
     isoflop = any(_float(r.get("flops_budget")) for r in done)
@@ -275,7 +275,7 @@ def what_it_takes(rows: list[dict], targets: list[Target] | None = None, *, cost
     if len(presets) != 1 or None in presets:
         raise ValueError(f"rows: the trials must share one preset, got {sorted(map(str, presets))}")
     preset = get_preset(presets.pop()).name
-    fits = family_fits(rows, n_boot=n_boot, seed=seed)
+    fits = fit_family(rows, n_boot=n_boot, seed=seed)
     ratios = [_float(r.get("ratio")) for r in done if _float(r.get("ratio"))]
     ratio = float(np.median(ratios)) if ratios else DEFAULT_RATIO
     depths = Depths(preset, ratio)

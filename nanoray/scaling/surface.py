@@ -231,7 +231,7 @@ def _predict(P, N, D):
 
 
 def _optimal(P, C, k):
-    E, A, B, alpha, beta = P
+    _, A, B, alpha, beta = P
     G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
     n = G * (np.asarray(C, dtype=float) / k) ** (beta / (alpha + beta))
     return n, np.asarray(C, dtype=float) / k / n
