@@ -231,6 +231,11 @@ def scaling_params(depth: int, preset: Preset) -> int:
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
+def training_gpu_hours(flops, cost: CostModel):
+    """GPU-hours of `flops` training FLOPs on the cost model's GPU at its assumed MFU (scalar or array)."""
+    return flops / (cost.mfu * peak_flops(cost.gpu)) / 3600
+
+
 def _check_inputs(depth, horizon: Horizon, num_workers: int, cost: CostModel) -> None:
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise PlanError(f"depth: must be an integer >= 1, got {depth!r}")
@@ -320,7 +325,7 @@ def plan(
     width_scale = (n_embd / WIDTH_REF) ** -0.5
     tokens = iterations * total_batch_tokens
     total_flops = float(flops_per_token) * tokens
-    gpu_hours = total_flops / (cost.mfu * peak_flops(cost.gpu)) / 3600
+    gpu_hours = training_gpu_hours(total_flops, cost)
     return RunPlan(
         depth=depth, preset=preset.name, model=model, split_long_docs=preset.split_long_docs,
         total_params=counts["total"], scaling_params=n_scaling, matmul_params=n_matmul,

@@ -4,7 +4,8 @@
     core = FamilyCore(sweep, out_dir)                   # each finished trial's CORE, as its own Ray task
     grid = run_sweep(sweep, callbacks=[core.callback()])
     results = family_results(sweep, grid, core)         # rows (with CORE), histories, fits
-    write_family_report(sweep, results, out_dir)        # results.csv, plots, report.md, report.html
+    write_family_report(sweep, results, out_dir)        # results.csv, plots, report.md, report.html, with
+                                                        # what the targets take (nanoray.scaling.predict)
 
 CORE runs while the other depths train: a Tune callback starts a Ray task for a trial the moment it
 completes. A score is kept in out_dir/core/<trial>.json with the checkpoint and task set it belongs to, so
@@ -27,6 +28,7 @@ from nanoray.core_eval import CoreTasks, evaluate_core, load_tasks
 from nanoray.dial import CostModel, get_preset
 from nanoray.report import TIMINGS, write_report
 from nanoray.scaling import PowerLaw, fit_optimal_allocation, fit_power_law, isoflop_minima
+from nanoray.scaling.predict import Prediction, what_it_takes
 from nanoray.storage import join, read_bytes, upload, write_bytes
 from nanoray.stream import prepare_data
 from nanoray.sweep import SweepConfig, Trial, trial_checkpoint
@@ -157,15 +159,17 @@ class FamilyResults:
     histories: dict[str, list[dict]]
     fit: PowerLaw | None  # val bpb vs FLOPs (ratio grid)
     notes: list[str]  # isoFLOP grid: each budget's minimum and the compute-optimal allocation
+    prediction: Prediction | None = None  # what the default targets take (None: no finished trial)
 
     def summary(self) -> list[str]:
-        """A line per trial and the fits: what a job prints at its end."""
+        """A line per trial, the fits and what the targets take: what a job prints at its end."""
         lines = []
         for r in self.rows:
             core = f"  CORE {r['core']:.4f}" if r.get("core") is not None else ""
             lines.append(f"{r['trial']:<12} {r['status']:<8} steps {r['steps_done']:>6}  val bpb {r['val_bpb']:.4f}"
                          f"{core}  FLOPs {r['flops']:.2e}  {r['wall_s']:.0f} s")
-        return lines + ([f"fit: {self.fit}"] if self.fit is not None else []) + self.notes
+        lines += ([f"fit: {self.fit}"] if self.fit is not None else []) + self.notes
+        return lines + ([self.prediction.text()] if self.prediction is not None else [])
 
 
 def result_rows(sweep: SweepConfig, grid) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -243,7 +247,12 @@ def family_results(sweep: SweepConfig, grid, core: FamilyCore | None = None) -> 
     if core is not None:
         core.fill(rows)
     fit, notes = family_fits(sweep, rows)
-    return FamilyResults(rows, histories, fit, notes)
+    try:
+        prediction = what_it_takes(rows)
+    except ValueError as e:  # no finished trial: the report says so, the sweep's results stay
+        print(f"no prediction: {e}", flush=True)
+        prediction = None
+    return FamilyResults(rows, histories, fit, notes, prediction)
 
 
 def write_family_report(sweep: SweepConfig, results: FamilyResults, out_dir: str) -> dict:
@@ -251,7 +260,7 @@ def write_family_report(sweep: SweepConfig, results: FamilyResults, out_dir: str
     store: written here, then uploaded), and into the family run of each of the sweep's trackers; returns their
     paths (or URIs)."""
     sections = {"Compute-optimal allocation (isoFLOP minima)": results.notes} if results.notes else None
-    report = dict(title=f"nanoray {sweep.name}", fit=results.fit, sections=sections)
+    report = dict(title=f"nanoray {sweep.name}", fit=results.fit, sections=sections, prediction=results.prediction)
     if "://" not in str(out_dir):
         paths = write_report(results.rows, results.histories, out_dir, **report)
         track_report(sweep, paths)

@@ -8,8 +8,13 @@
     bpb_vs_flops.png    final val bpb of each trial vs its training FLOPs (log x), the fit's curve if any
     loss_curves.png     train loss and val bpb vs FLOPs (tokens when no history has FLOPs), one line a trial
     core_vs_flops.png   CORE vs FLOPs, only when some trial has a CORE score
-    report.md           title, the table, the fit, the plots by relative path, and a text version of the
-                        val bpb plot (`text_plot`) that reads in a terminal or a diff
+    prediction.png      with a prediction (nanoray.scaling.predict): val bpb and CORE vs FLOPs, the law that
+                        answers each, its 95% band extrapolated to the targets, and each target's FLOPs
+    surface.png         with a prediction: the loss surface's isoFLOP curves (loss vs params at fixed FLOPs)
+                        and its compute-optimal N*(C); without a surface, the trials in (params, tokens) and why
+    report.md           title, the table, the fit, the plots by relative path, a text version of the val bpb
+                        plot (`text_plot`) that reads in a terminal or a diff, and with a prediction the "what it
+                        takes" table, the fits and Approach 2 vs 3
     report.html         the same page, self-contained: inline CSS, the plots as base64 data URIs, no JS
 
 Rows keep the caller's order. Missing values (None, NaN) print as "–" in the page and as an empty
@@ -43,17 +48,19 @@ TIMINGS = ["setup_s", "first_window_s", "eval_time_s"]
 # (more than one after a lost node).
 PLACEMENT = ["node_id", "hostname", "hostnames"]
 RESULTS, BPB_PLOT, LOSS_PLOT, CORE_PLOT = "results.csv", "bpb_vs_flops.png", "loss_curves.png", "core_vs_flops.png"
+PREDICTION_PLOT, SURFACE_PLOT = "prediction.png", "surface.png"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 MISSING = "–"
 DPI = 110
 
 
 def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, title: str = "nanoray miniseries",
-                 fit=None, sections: dict[str, list[str]] | None = None) -> dict[str, Path]:
+                 fit=None, sections: dict[str, list[str]] | None = None, prediction=None) -> dict[str, Path]:
     """Writes results.csv, plots (PNG) and report.md + report.html into out_dir; returns {name: path}.
 
     `fit` is anything with `predict(flops) -> val bpb` and a `__str__` (nanoray.scaling's power law), or None.
     `sections`: more text at the end of the pages, {heading: bullet lines}.
+    `prediction`: a nanoray.scaling.predict.Prediction (what the targets take), or None.
     """
     _check(rows)
     extra = [k for k in TIMINGS + PLACEMENT if any(k in r for r in rows)] + sorted({k for r in rows for k in r
@@ -70,6 +77,16 @@ def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, ti
         plots[CORE_PLOT] = ("CORE vs training FLOPs", _core_plot(rows, colors))
     else:
         (out / CORE_PLOT).unlink(missing_ok=True)  # a stale plot from an earlier report of other results
+    tables = {}
+    if prediction is not None:
+        plots[PREDICTION_PLOT] = ("what more compute buys: the fits, their 95% bands and the targets",
+                                  _prediction_plot(rows, colors, prediction))
+        plots[SURFACE_PLOT] = ("the loss surface: isoFLOP curves and the compute-optimal size",
+                               _surface_plot(rows, colors, prediction))
+        tables = _prediction_tables(prediction)
+    else:
+        for name in (PREDICTION_PLOT, SURFACE_PLOT):
+            (out / name).unlink(missing_ok=True)
     for name, (_, png) in plots.items():
         paths[name] = _write(out / name, png)
 
@@ -79,9 +96,9 @@ def write_report(rows: list[dict], histories: dict[str, list[dict]], out_dir, ti
     text = text_plot(rows, "val_bpb", fit)
     sections = sections or {}
     paths[REPORT_MD] = _write(out / REPORT_MD, _markdown(title, summary, header, cells, fit_line, plots, text,
-                                                         sections).encode())
+                                                         sections, tables).encode())
     paths[REPORT_HTML] = _write(out / REPORT_HTML, _html(title, summary, header, cells, fit_line, plots,
-                                                         sections).encode())
+                                                         sections, tables).encode())
     return paths
 
 
@@ -300,6 +317,104 @@ def _core_plot(rows, colors) -> bytes:
     return _png(fig)
 
 
+def _prediction_plot(rows, colors, prediction) -> bytes:
+    """val bpb and CORE vs FLOPs: the trials, the law that answers each metric's targets with its 95% band,
+    carried out to the targets' FLOPs, and each target (a star at its FLOPs, the bar its interval)."""
+    fig = Figure(figsize=(11, 4.4))
+    for ax, key, label in zip(fig.subplots(1, 2), ("val_bpb", "core"), ("val bpb", "CORE")):
+        pts = _points(rows, key)
+        needs = [n for n in prediction.needs if n.target.metric == key]
+        xs = [x for x, _, _ in pts] + [n.flops_needed for n in needs if n.flops_needed]
+        if not pts:
+            _empty(ax, label)
+        else:
+            lo = min(x for x, _, _ in pts) / 2
+            hi = min(max(xs), 1e6 * max(x for x, _, _ in pts)) * 2  # at most 6 decades past the family
+            grid = np.geomspace(lo, hi, 200)
+            curve = prediction.curve(key, grid)
+            if curve is not None:
+                mid, band_lo, band_hi = (np.asarray(c, dtype=float) for c in curve)
+                ax.fill_between(grid, band_lo, band_hi, color="gray", alpha=0.25, lw=0, label="95% band")
+                ax.plot(grid, mid, color="black", lw=1, ls="--", label=prediction.law_name(key))
+            for n in needs:
+                ax.axhline(n.target.value, color="tab:red", lw=0.8, ls=":")
+                if n.flops_needed and n.flops_needed <= hi:
+                    c_lo, c_hi = (min(v, hi) if v is not None else hi for v in n.flops_needed_ci)  # open: to the edge
+                    ax.errorbar([n.flops_needed], [n.target.value], fmt="*", ms=10, color="tab:red",
+                                xerr=[[max(n.flops_needed - c_lo, 0)], [max(c_hi - n.flops_needed, 0)]], capsize=3)
+                where = f"d{n.depth}" if n.depth else "out of reach"
+                ax.annotate(f"{label} {n.target.value:g}: {where}", (grid[0], n.target.value), xytext=(2, 3),
+                            textcoords="offset points", fontsize=8, color="tab:red")
+            ax.set_xscale("log")
+            _scatter(ax, pts, colors)
+            ax.legend(fontsize=8, loc="upper right")
+        ax.set(xlabel="training FLOPs", ylabel=label, title=f"{label}: fit, 95% band, targets")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _surface_plot(rows, colors, prediction) -> bytes:
+    """The loss surface's isoFLOP curves (val bpb vs params along C = k·N·D) at the trials' budgets (or
+    FLOPs) and the targets', the trials, and the compute-optimal N*(C); without a surface, the trials in
+    (params, tokens) and why there is none."""
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot()
+    surface = prediction.fits.surface
+    done = [r for r in rows if r["status"] == "done" and (_num(r["params"]) or 0) > 0]
+    if surface is None:
+        for r in done:
+            if (_num(r["tokens"]) or 0) > 0:
+                ax.scatter([r["params"]], [r["tokens"]], s=40, color=colors.get(r["depth"], "gray"))
+                ax.annotate(f"d{r['depth']}", (r["params"], r["tokens"]), xytext=(5, 4), textcoords="offset points",
+                            fontsize=8)
+        if ax.has_data():
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        why = prediction.fits.missing.get("surface", "not fitted")
+        ax.text(0.03, 0.97, "loss surface not fitted:\n" + _wrap(why, 52), ha="left", va="top", fontsize=9,
+                transform=ax.transAxes, color="dimgray", bbox=dict(facecolor="white", edgecolor="lightgray"))
+        ax.set(xlabel="scaling params N", ylabel="tokens D", title="trials in (N, D): no loss surface")
+    else:
+        budgets = sorted({_num(r["flops_budget"]) for r in done if _num(r["flops_budget"])})
+        if not budgets:
+            flops = [_num(r["flops"]) for r in done if _num(r["flops"])]
+            budgets = list(np.geomspace(min(flops), max(flops), 4)) if flops else []
+        targets = sorted(n.flops_needed for n in prediction.needs if n.law == "loss surface" and n.flops_needed)
+        cmap = colormaps["plasma"]
+        every = budgets + [c for c in targets if c > max(budgets, default=0)][:2]
+        for i, c in enumerate(every):
+            n_opt = float(surface.optimal(c)[0])
+            n = n_opt * np.geomspace(0.1, 10, 100)
+            ax.plot(n, surface.predict(n, c / (surface.flops_per_param_token * n)), lw=1.2,
+                    color=cmap(0.85 * i / max(len(every) - 1, 1)), ls="-" if c in budgets else "--",
+                    label=f"C = {c:.2g}" + ("" if c in budgets else " (target)"))
+        if every:
+            cs = np.geomspace(min(every), max(every), 50)
+            ax.plot(surface.optimal(cs)[0], surface.frontier(cs), color="black", lw=1, ls=":", label="N*(C)")
+        for r in done:
+            if _num(r["val_bpb"]) is not None:
+                ax.scatter([r["params"]], [r["val_bpb"]], s=30, zorder=3, color=colors.get(r["depth"], "gray"),
+                           edgecolors="black", linewidths=0.5)
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        ax.set(xlabel="scaling params N", ylabel="val bpb", title="loss surface: isoFLOP curves (Approach 3)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _wrap(text: str, width: int) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])
+
+
 def _series(history: list[dict], xkey: str, ykey: str) -> tuple[list[float], list[float]]:
     pts = [(_num(m.get(xkey)), _num(m.get(ykey))) for m in history]
     pts = [(x, y) for x, y in pts if x is not None and y is not None and x > 0 and math.isfinite(y)]
@@ -335,13 +450,34 @@ def _loss_plot(rows, histories, colors) -> bytes:
 # Pages
 
 
-def _markdown(title, summary, header, cells, fit_line, plots, text, sections) -> str:
-    def line(values):
-        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
-    parts = [f"# {title}", "", summary, "", line(header), line(["---"] * len(header))]
-    parts += [line(c) for c in cells]
+def _prediction_tables(prediction) -> dict[str, tuple[str, list[str], list[list[str]], list[str]]]:
+    """{heading: (text above, header, cells, bullet lines below)} of a prediction."""
+    header, cells = prediction.table()
+    notes = [f"{n.target.metric} {n.target.value:g}: {n.note}" for n in prediction.needs if n.note]
+    tables = {"What it takes": (prediction.assumptions() + ". FLOPs needed: where the law reaches the target; "
+                                "depth: the smallest dial depth that does, trained on the tokens shown.",
+                                header, cells, notes + prediction.fits.lines())}
+    if prediction.comparison:
+        tables["Compute-optimal allocation: Approach 2 vs Approach 3"] = (
+            "Tokens per param with 95% intervals; 'disagree': the two intervals do not overlap.",
+            list(prediction.comparison_header), prediction.comparison, [])
+    return tables
+
+
+def _md_row(values) -> str:
+    return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+
+def _markdown(title, summary, header, cells, fit_line, plots, text, sections, tables) -> str:
+    parts = [f"# {title}", "", summary, "", _md_row(header), _md_row(["---"] * len(header))]
+    parts += [_md_row(c) for c in cells]
     if fit_line:
         parts += ["", fit_line]
+    for heading, (above, t_header, t_cells, below) in tables.items():
+        parts += ["", f"## {heading}", "", above, "", _md_row(t_header), _md_row(["---"] * len(t_header))]
+        parts += [_md_row(c) for c in t_cells]
+        if below:
+            parts += ["", *(f"- {line}" for line in below)]
     for name, (caption, _) in plots.items():
         parts += ["", f"![{caption}]({name})"]
     if text:
@@ -361,7 +497,7 @@ img { max-width: 100%; }
 figcaption { color: #555; font-size: 0.9rem; }"""
 
 
-def _html(title, summary, header, cells, fit_line, plots, sections) -> str:
+def _html(title, summary, header, cells, fit_line, plots, sections, tables) -> str:
     esc = html.escape
     parts = ["<!doctype html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{esc(title)}</title>",
              f"<style>\n{CSS}\n</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>", f"<p>{esc(summary)}</p>",
@@ -370,6 +506,13 @@ def _html(title, summary, header, cells, fit_line, plots, sections) -> str:
     parts.append("</table>")
     if fit_line:
         parts.append(f"<p>{esc(fit_line)}</p>")
+    for heading, (above, t_header, t_cells, below) in tables.items():
+        parts += [f"<h2>{esc(heading)}</h2>", f"<p>{esc(above)}</p>", "<table>",
+                  "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in t_header) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in c) + "</tr>" for c in t_cells]
+        parts.append("</table>")
+        if below:
+            parts += ["<ul>", *(f"<li>{esc(line)}</li>" for line in below), "</ul>"]
     for name, (caption, png) in plots.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(caption)}">'

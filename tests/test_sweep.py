@@ -91,9 +91,12 @@ def test_sweep_trains_scores_reports_and_resumes(ray_cluster, corpus, write_bund
     for r in rows:  # CORE = mean centered accuracy of the two tasks, each known to be in its range
         lm_c, mc_c = float(r["core_lm"]), float(r["core_mc"])
         assert 0 <= lm_c <= 1 and -1 <= mc_c <= 1 and float(r["core"]) == pytest.approx((lm_c + mc_c) / 2)
-    for name in ("bpb_vs_flops.png", "loss_curves.png", "core_vs_flops.png", "report.md", "report.html"):
+    for name in ("bpb_vs_flops.png", "loss_curves.png", "core_vs_flops.png", "prediction.png", "surface.png",
+                 "report.md", "report.html"):
         assert paths[name].stat().st_size > 0
-    assert "d2" in paths["report.md"].read_text()
+    md = paths["report.md"].read_text()
+    assert "d2" in md and "## What it takes" in md and "| CORE 0.2565 (GPT-2's CORE) |" in md
+    assert "loss surface (Approach 3): not enough trials (need >= 6 finished trials, have 2)" in md
 
     # A re-run with other settings would resume the old ones: it is refused, naming the field (the jobs name
     # the flag: tests/test_cli.py).

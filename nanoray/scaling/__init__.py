@@ -1,18 +1,28 @@
-"""Scaling-law fits: loss power laws, isoFLOP minima and the compute-optimal allocation.
+"""Scaling-law fits: loss power laws, the CORE curve, isoFLOP minima and the compute-optimal allocation.
 
-Plain numpy (no scipy, no Ray), so the fits are unit-testable and run anywhere the results table is.
-The method is nanochat's dev/scaling_analysis.ipynb (reference/nanochat-facts.md §6), with bootstrap
-intervals added:
+Plain numpy (no Ray), so the fits are unit-testable and run anywhere the results table is. The method is
+nanochat's dev/scaling_analysis.ipynb (reference/nanochat-facts.md §6), with bootstrap intervals added:
 
 1. `fit_power_law(x, y)`: L = E + A·x^-α by least squares in log space (E = 0 unless offset=True).
-2. `isoflop_minima(points)`: for each FLOPs budget C, a parabola of loss vs ln N; its vertex is N_opt(C),
-   and D_opt(C) is read off the trials' own tokens, interpolated in log space.
-3. `fit_optimal_allocation(minima)`: N_opt = k_N·C^a and D_opt = k_D·C^b across budgets.
+2. `fit_core_curve(flops, core)`: nanochat's CORE = 1 - a·C^-b, a power law of 1 - CORE.
+3. `isoflop_minima(points)`: for each FLOPs budget C, a parabola of loss vs ln N; its vertex is N_opt(C),
+   and D_opt(C) is read off the trials' own tokens, interpolated in log space (Approach 2 of Hoffmann et al.).
+4. `fit_optimal_allocation(minima)`: N_opt = k_N·C^a and D_opt = k_D·C^b across budgets.
+
+The package's other modules: `surface` (Approach 3: the loss surface L(N, D) over every trial, scipy) and
+`predict` (what a target costs: depth, tokens, FLOPs, GPU-hours, dollars; `python -m nanoray.scaling predict`).
 
 Intervals are percentile bootstraps over points (resample with replacement, refit, skip resamples with
 too few distinct x). With the handful of points a sweep gives (6 depths, 3-4 budgets) they are rough:
 a resample of 4 budgets often holds only 2-3 distinct ones, so treat a 95% interval as "about right",
 not as exact coverage.
+
+Predictions carry the scatter of one run as well: each resample also draws one of the fit's log-space
+residuals (scaled by sqrt(n / (n - p)) for the p fitted parameters), so `band(x)` is where a new run at x
+would land and `solve_draws(y)` the FLOPs at which it would reach y. On nanochat's miniseries v1 (d10-d18
+fitted, tests/test_predict.py) the 95% band at d20's FLOPs holds the measured d20; in simulations with 5
+points and 0.2-0.5% noise such a band held the next depth 52-77% of the time: with this few points, read
+it as about a 68% band.
 
     fit = fit_power_law(flops, val_bpb, offset=True)
     print(fit)            # L = 0.61 + 9.8 * C^-0.071 (alpha 95% CI 0.05-0.09)
@@ -22,7 +32,7 @@ not as exact coverage.
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,10 +57,30 @@ class PowerLaw:
     ci95: dict[str, Interval]  # 2.5th-97.5th percentiles
     n_points: int
     n_boot: int  # resamples actually used (degenerate ones are skipped)
+    # (n_boot, 4): A, alpha, E of each resample and the log-space residual it draws (one run's scatter)
+    samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)), repr=False, compare=False)
 
     def predict(self, x):
         """E + A·x^-alpha at x (scalar or array)."""
         return self.E + self.A * np.asarray(x, dtype=float) ** -self.alpha
+
+    def draws(self, x) -> np.ndarray:
+        """(n_boot, len(x)): what a new run at each x would measure under each resample."""
+        A, alpha, E, noise = (self.samples[:, i:i + 1] for i in range(4))
+        return (E + A * np.atleast_1d(np.asarray(x, dtype=float))[None, :] ** -alpha) * np.exp(noise)
+
+    def band(self, x, level: str = "ci95") -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) at each x: the percentiles of `draws` (NaN without resamples)."""
+        return _band(self.draws(x), level)
+
+    def solve(self, y: float) -> float:
+        """The x at which the law reaches y: inf if it never does (y <= E, or a law that does not fall)."""
+        return float(_solve(self.A, self.alpha, self.E, y))
+
+    def solve_draws(self, y: float) -> np.ndarray:
+        """(n_boot,): the x at which a run reaches y under each resample (inf where it never does)."""
+        A, alpha, E, noise = self.samples.T
+        return _solve(A, alpha, E, y * np.exp(-noise))
 
     def __str__(self):
         lo, hi = self.ci95["alpha"]
@@ -86,9 +116,12 @@ def fit_power_law(x, y, *, offset=False, n_boot=1000, seed=0) -> PowerLaw:
     idx = np.concatenate([np.arange(len(x))[None], idx])
     logA, alpha, E = _fit_batch(np.log(x[idx]), y[idx], offset)
     params = dict(A=np.exp(logA), alpha=alpha, E=E)
+    residuals = np.log(y) - np.log(E[0] + params["A"][0] * x ** -alpha[0])
+    noise = run_noise(residuals, need, len(idx) - 1, seed)
     return PowerLaw(A=float(params["A"][0]), alpha=float(alpha[0]), E=float(E[0]),
                     **_intervals({k: v[1:] for k, v in params.items()}),
-                    n_points=len(x), n_boot=len(idx) - 1)
+                    n_points=len(x), n_boot=len(idx) - 1,
+                    samples=np.stack([params["A"][1:], alpha[1:], E[1:], noise], axis=1))
 
 
 def _fit_batch(logx, y, offset):
@@ -138,6 +171,62 @@ def _weighted_fit(logx, y, E):
     pred = EE + np.exp(logA[..., None] + slope[..., None] * lx)
     sse = ((np.log(yy) - np.log(pred)) ** 2).sum(-1)
     return logA, -slope, sse
+
+
+def _solve(A, alpha, E, y):
+    """x with E + A·x^-alpha = y, elementwise; inf where no x > 0 reaches y."""
+    A, alpha, E, y = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (A, alpha, E, y)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x = (A / (y - E)) ** (1 / alpha)
+    return np.where((y > E) & (alpha > 0) & (A > 0), x, np.inf)
+
+
+# --------------------------------------------------------------------------------------------------
+# CORE curve
+
+
+@dataclass(frozen=True)
+class CoreCurve:
+    """nanochat's CORE curve, CORE = 1 - a·C^-b: `law` is the power law of 1 - CORE in FLOPs (A = a, alpha = b)."""
+
+    law: PowerLaw
+
+    @property
+    def a(self) -> float:
+        return self.law.A
+
+    @property
+    def b(self) -> float:
+        return self.law.alpha
+
+    def predict(self, flops):
+        return 1 - self.law.predict(flops)
+
+    def band(self, flops, level: str = "ci95") -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.law.band(flops, level)
+        return 1 - hi, 1 - lo
+
+    def solve(self, core: float) -> float:
+        """FLOPs at which the curve reaches `core` (inf if it never does: core >= 1, or a curve that falls)."""
+        return self.law.solve(1 - core)
+
+    def solve_draws(self, core: float) -> np.ndarray:
+        return self.law.solve_draws(1 - core)
+
+    def __str__(self):
+        (alo, ahi), (blo, bhi) = self.law.ci95["A"], self.law.ci95["alpha"]
+        return (f"CORE = 1 - {self.a:.4g} * C^-{self.b:.4g} (a 95% CI {alo:.3g}-{ahi:.3g}, "
+                f"b 95% CI {blo:.3g}-{bhi:.3g})")
+
+
+def fit_core_curve(flops, core, *, n_boot=1000, seed=0) -> CoreCurve:
+    """Fit CORE = 1 - a·C^-b (nanochat's form) as ln(1 - CORE) = ln a - b·ln C, least squares with the power
+    law's bootstrap. C is the FLOPs the caller measures (nanoray: the trial's FLOPs, flops_per_token x tokens;
+    for a published table giving only N and D, 6·N·D). CORE values must be < 1; needs >= 2 distinct C."""
+    core = np.asarray(core, dtype=float)
+    if core.ndim != 1 or not np.all(np.isfinite(core)) or np.any(core >= 1):
+        raise ValueError(f"core must be 1-D, finite and < 1, got {core.tolist()}")
+    return CoreCurve(fit_power_law(flops, 1 - core, n_boot=n_boot, seed=seed))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,6 +373,26 @@ def fit_optimal_allocation(minima, n_boot=1000, seed=0) -> Allocation:
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def run_noise(residuals, n_params: int, n_draws: int, seed: int) -> np.ndarray:
+    """`n_draws` log-space residuals drawn with replacement, scaled by sqrt(n / (n - p)) (a fit of p parameters
+    leaves residuals smaller than the noise): one run's scatter per resample. Zeros when n <= p."""
+    n = len(residuals)
+    if n <= n_params or n_draws == 0:
+        return np.zeros(n_draws)
+    scaled = np.asarray(residuals, dtype=float) * math.sqrt(n / (n - n_params))
+    return np.random.default_rng([seed, 1]).choice(scaled, size=n_draws)
+
+
+def _band(draws: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {list(_LEVELS)}, got {level!r}")
+    if not len(draws):
+        nan = np.full(draws.shape[1:], math.nan)
+        return nan, nan
+    lo, hi = np.percentile(draws, _LEVELS[level], axis=0)
+    return lo, hi
 
 
 def _intervals(samples):
