@@ -136,10 +136,11 @@ class Tracking(BaseModel):
 
             loggers.append(_at_training_steps(TBXLoggerCallback)())
         if "wandb" in self.trackers:
-            from ray.air.integrations.wandb import WandbLoggerCallback
+            from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
             os.environ.setdefault("WANDB_MODE", self.wandb_mode)  # Ray's callback asks for an API key unless offline
-            wandb = type("WandbLoggerCallback", (_WandbTrialEnd, WandbLoggerCallback), {})
+            actor = type("WandbLoggingActor", (_WandbFlushed, _WandbLoggingActor), {})
+            wandb = type("WandbLoggerCallback", (_WandbTrialEnd, WandbLoggerCallback), {"_logger_actor_cls": actor})
             loggers.append(_at_training_steps(wandb)(project=self.wandb_project, group=self.name, mode=self.wandb_mode))
         return loggers
 
@@ -293,6 +294,16 @@ class _AtTrainingSteps:
         from ray.tune import Callback
 
         return Callback, ()
+
+
+class _WandbFlushed:
+    """Ray's W&B logging actor, returning only once W&B's own service process has written the run out. Its
+    `wandb.finish()` can return while that process (a child of the actor) still holds the run's records; Ray
+    kills the actor next, and the run's .wandb file was left a 7-byte header (seen in CI, on a loaded box)."""
+
+    def run(self):
+        super().run()
+        self._wandb.teardown()  # waits for the service process to flush and exit
 
 
 class _WandbTrialEnd:
