@@ -233,8 +233,10 @@ def _predict(P, N, D):
 def _optimal(P, C, k):
     _, A, B, alpha, beta = P
     G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
-    n = G * (np.asarray(C, dtype=float) / k) ** (beta / (alpha + beta))
-    return n, np.asarray(C, dtype=float) / k / n
+    C = np.asarray(C, dtype=float)
+    n = G * (C / k) ** (beta / (alpha + beta))
+    with np.errstate(invalid="ignore"):  # C = inf (a target at or below the floor E): D* = inf/inf, inf too
+        return n, np.where(np.isinf(C), np.inf, C / k / n)
 
 
 def _solve(P, loss, k):
