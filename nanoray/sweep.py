@@ -12,6 +12,7 @@ checkpoint and never re-trains a finished one. What a family's results become (r
 report) is nanoray.family's.
 """
 
+import os
 from typing import Literal
 
 import ray
@@ -245,6 +246,9 @@ def run_sweep(sweep: SweepConfig, callbacks: list | None = None):
     tracking = sweep.tracking()
     callbacks = [ProgressLines(), *(tracking.tune_callbacks() if tracking else []), *(callbacks or [])]
     trainable = ray.tune.with_resources(run_trial, driver_resources())
+    # Tune's newer output engine prints a configuration box and two paths even at verbose 0; the older one is
+    # silent at 0 (ProgressLines prints the progress either way). Set RAY_AIR_NEW_OUTPUT=1 to have them back.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     path = sweep.store.sweep_dir(sweep.name)
     if ray.tune.Tuner.can_restore(path):
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)

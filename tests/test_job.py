@@ -104,6 +104,7 @@ def test_ray_job_submit_runs_and_resumes_the_miniseries(head, tmp_path):
     # plan, one line per report, the summary; the workers' own output stays in their logs.
     logs = client.get_job_logs("second")
     assert "Trial status" not in logs and "core_worker.cc" not in logs and " ERROR " not in logs, logs[-3000:]
+    assert "Configuration for experiment" not in logs and "View detailed results" not in logs, logs[-3000:]
     assert "d2 step" in logs and "report:" in logs and len(logs.splitlines()) < 120, logs[-3000:]
     assert "warning: no CORE for this sweep (core-lite)" in logs and "NANORAY_BIGBENCH_DIR" in logs, logs[-3000:]
     assert "warning: this report has no CORE" in logs.split("d2 step")[-1], logs[-3000:]
