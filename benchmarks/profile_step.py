@@ -1,6 +1,7 @@
 """Where one training step's GPU time goes: torch.profiler over one optimizer step after warm-up.
 
     python benchmarks/profile_step.py --depth 12
+    python benchmarks/profile_step.py --depth 20 --fp8 --window-pattern SSSL
 
 Prints the top kernels by GPU time, then one JSON line with the step's GPU time split into
 matmul / attention / optimizer / other.
@@ -18,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from nanoray.data import SyntheticTokens, WorkerBatches  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
-from nanoray.hardware import prefer_cudnn_attention  # noqa: E402
+from nanoray.fp8 import enable_fp8  # noqa: E402
+from nanoray.hardware import gpu_memory_gib, prefer_cudnn_attention  # noqa: E402
 from nanoray.model import build_model  # noqa: E402
 from nanoray.optim import apply_schedule, build_optimizers  # noqa: E402
 
@@ -29,12 +31,17 @@ def main() -> None:
     p.add_argument("--device-batch-size", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=40, help="kernels listed")
+    p.add_argument("--fp8", action="store_true", help="block matrices in fp8 (torchao)")
+    p.add_argument("--window-pattern", default=None, help="attention windows per layer (default: L)")
     args = p.parse_args()
-    run = plan(args.depth, "gpt2", device_batch_size=args.device_batch_size)
+    run = plan(args.depth, "gpt2", device_batch_size=args.device_batch_size, fp8=args.fp8,
+               window_pattern=args.window_pattern, gpu_memory_gib=gpu_memory_gib())
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     prefer_cudnn_attention()
     model = build_model(run.model, device=device)
+    if run.fp8:
+        enable_fp8(model)
     optimizers = build_optimizers(model, run, compile=True)
     forward = torch.compile(model, dynamic=False)
     batches = WorkerBatches(SyntheticTokens(run.model.vocab_size, run.model.seq_len), run.device_batch_size, 0, 1, device)
@@ -70,7 +77,8 @@ def main() -> None:
             groups["other"] += e.self_device_time_total
     for e in events[:args.top]:
         print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:120]}")
-    print(json.dumps(dict(depth=args.depth, step_gpu_ms=round(total / 1e3, 1),
+    print(json.dumps(dict(depth=args.depth, fp8=run.fp8, window_pattern=run.model.window_pattern,
+                          device_batch_size=run.device_batch_size, step_gpu_ms=round(total / 1e3, 1),
                           **{k + "_ms": round(v / 1e3, 1) for k, v in groups.items()})))
 
 

@@ -10,6 +10,10 @@ and warm-up) is excluded; the figure is tokens / time over the remaining windows
     python benchmarks/train_throughput.py --depth 20 --steps 12 --log-every 3 --bare
     python benchmarks/train_throughput.py --depth 12 --data stdlib --tokenizer-actors 6   # real tokens
     python benchmarks/train_throughput.py --depth 12 --workers 8 --baseline-tok-per-s 548088   # scaling
+    python benchmarks/train_throughput.py --depth 20 --fp8 --window-pattern SSSL   # fp8, sliding windows
+
+The device batch is the dial's for this GPU's memory (--device-batch-size overrides it). MFU is against the
+bf16 peak also for --fp8 runs (as nanochat's bf16_mfu).
 
 Last line: one JSON object with depth, workers, tok_per_s (all workers), tok_per_s_per_gpu, mfu (per GPU),
 step_s, peak_mem_gb, gpu, torch; with --baseline-tok-per-s (a 1-worker tok/s) also scaling_efficiency.
@@ -20,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +33,7 @@ import torch  # noqa: E402
 
 from nanoray.data import DataSpec  # noqa: E402
 from nanoray.dial import plan  # noqa: E402
-from nanoray.hardware import device_name  # noqa: E402
+from nanoray.hardware import device_name, gpu_memory_gib  # noqa: E402
 from nanoray.storage import RunStore  # noqa: E402
 from nanoray.stream import prepare_corpus  # noqa: E402
 from nanoray.session import LocalSession
@@ -59,6 +64,8 @@ def main() -> None:
     p.add_argument("--baseline-tok-per-s", type=float, default=None,
                    help="a 1-worker tok/s: adds scaling_efficiency = tok_per_s / (workers x baseline)")
     p.add_argument("--data", default="random", help="random, or a corpus source (stdlib, parquet:..., hf:...)")
+    p.add_argument("--fp8", action="store_true", help="block matrices in fp8 (torchao, tensorwise)")
+    p.add_argument("--window-pattern", default=None, help="attention windows per layer (default: the preset's, L)")
     p.add_argument("--tokenizer-actors", type=int, default=4, help="Ray Data tokenizer actors (corpus data)")
     args = p.parse_args()
     if args.steps <= args.log_every * args.skip_windows:
@@ -66,7 +73,9 @@ def main() -> None:
     if args.workers < 1 or (args.bare and args.workers != 1):
         p.error(f"--workers: >= 1, and 1 with --bare (one process); got {args.workers}")
 
-    run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size, num_workers=args.workers)
+    run = plan(args.depth, args.preset, device_batch_size=args.device_batch_size, num_workers=args.workers,
+               fp8=args.fp8, window_pattern=args.window_pattern,
+               gpu_memory_gib=gpu_memory_gib() if torch.cuda.is_available() else None)
     data = DataSpec(kind="random") if args.data == "random" else DataSpec(kind="corpus", source=args.data,
                                                                           actors=args.tokenizer_actors)
     config = TrainConfig(plan=run, data=data, max_steps=args.steps, log_every=args.log_every,
@@ -93,10 +102,11 @@ def main() -> None:
         dict(scaling_efficiency=round(per_gpu / args.baseline_tok_per_s, 4))
     result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", data=args.data, workers=args.workers,
                   **measured, tok_per_s_per_gpu=round(per_gpu), **scaling,
-                  device_batch_size=run.device_batch_size, grad_accum=run.grad_accum,
+                  fp8=run.fp8, window_pattern=run.model.window_pattern,
+                  device_batch_size=run.device_batch_size, grad_accum=run.grad_accum, memory_estimate_gb=round(run.memory_gib, 1),
                   total_batch_tokens=run.total_batch_tokens, flops_per_token=run.flops_per_token,
                   gpu=device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu",
-                  torch=torch.__version__)
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(result))
 
 

@@ -12,6 +12,7 @@ import ray
 
 from nanoray.data import DataSpec
 from nanoray.dial import defaults, get_preset
+from nanoray.hardware import cluster_gpu_memory_gib
 from nanoray.family import FamilyCore, family_results, prepare_family, write_family_report
 from nanoray.storage import RunStore, StorageError, check_writable
 from nanoray.sweep import CHECKPOINT_MINUTES, ResumeMismatch, SweepConfig, Trial, check_resume, run_sweep, trials
@@ -25,7 +26,8 @@ FLAGS = {"name": "--name", "preset": "--preset", "depths": "--depths", "grid": "
          "budgets": "--budgets", "workers": "--workers", "gpus_per_worker": "--gpus-per-worker",
          "use_gpu": "--gpu/--no-gpu", "data.source": "--source", "storage_path": "--storage",
          "checkpoint_every": "--checkpoint-every", "core_max_per_task": "--core-max-per-task",
-         "max_concurrent": "--max-concurrent", "tracker": "--tracker"}
+         "max_concurrent": "--max-concurrent", "tracker": "--tracker", "fp8": "--fp8",
+         "window_pattern": "--window-pattern", "gpu_memory_gib": "--gpu-memory-gib"}
 
 
 def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
@@ -55,6 +57,13 @@ def add_arguments(p: argparse.ArgumentParser, grid: str) -> None:
     p.add_argument("--tokenizer-actors", type=int, default=None, help="Ray Data tokenizer actors per trial")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="train on GPUs (default: if the cluster has any now)")
+    p.add_argument("--fp8", action="store_true", help="train the block matrices in fp8 (tensorwise dynamic scaling, "
+                   "torchao: pip install 'nanoray[fp8]'); GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell). "
+                   "Evaluation, CORE and serving stay bf16")
+    p.add_argument("--window-pattern", default=None, help="attention windows per layer, tiled, e.g. SSSL (S: a "
+                   "quarter of the context, L: all of it; the last layer is always L). Default: the preset's (L)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="memory of the GPUs that train, which sizes "
+                   "the device batch (default: this machine's GPU, else the cluster's GPU type, else 80)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between a trial's checkpoints "
                    f"(default: about every {CHECKPOINT_MINUTES} min of estimated training; 0: only at the end)")
@@ -117,9 +126,17 @@ def sweep_from_args(args, job: str) -> SweepConfig:
         raise ValueError(f"--checkpoint-every: must be >= 0 (0: only at the end), got {args.checkpoint_every}")
     if args.core_max_per_task is not None and args.core_max_per_task < 1:
         raise ValueError(f"--core-max-per-task: must be >= 1, got {args.core_max_per_task}")
+    if args.window_pattern is not None and (not args.window_pattern or set(args.window_pattern) - {"S", "L"}):
+        raise ValueError(f"--window-pattern: letters S and L only (e.g. SSSL, L), got {args.window_pattern!r}")
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        raise ValueError(f"--gpu-memory-gib: must be > 0, got {args.gpu_memory_gib}")
     trackers = check_trackers(args.tracker, args.storage or DEFAULT_STORAGE, args.name or job)
     init_ray()
     gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if args.fp8 and not gpu:
+        raise ValueError("--fp8: fp8 training needs GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+                         "Blackwell), and this run trains on CPUs (the cluster has no GPU now, or --no-gpu)")
+    memory = args.gpu_memory_gib or (cluster_gpu_memory_gib(ray.cluster_resources())[0] if gpu else None)
     machine = defaults(gpu)
     budgets = budgets or machine.cpu_budgets
     if args.grid == "isoflop" and not budgets:
@@ -132,7 +149,8 @@ def sweep_from_args(args, job: str) -> SweepConfig:
         data=DataSpec(kind="corpus", source=args.source, actors=args.tokenizer_actors or machine.tokenizer_actors,
                       cpus_per_actor=machine.cpus_per_actor),
         storage_path=args.storage or DEFAULT_STORAGE, max_concurrent=args.max_concurrent,
-        checkpoint_every=args.checkpoint_every, eval_tokens=machine.eval_tokens, tracker=trackers)
+        checkpoint_every=args.checkpoint_every, eval_tokens=machine.eval_tokens, tracker=trackers, fp8=args.fp8,
+        window_pattern=args.window_pattern, gpu_memory_gib=memory)
 
 
 def check_trackers(text: str | None, storage: str, name: str) -> list[str]:
@@ -176,15 +194,20 @@ def out_dir(args, sweep: SweepConfig) -> str:
 
 def plan_table(grid: list[Trial]) -> str:
     """One line per trial, with what the family costs in total."""
-    lines = [f"{'trial':<12}{'params':>10}{'tokens':>10}{'FLOPs':>11}{'steps':>8}{'batch':>9}"
-             f"{'GPU-h':>8}{'cost $':>9}"]
+    lines = [f"{'trial':<12}{'params':>10}{'tokens':>10}{'FLOPs':>11}{'steps':>8}{'batch':>9}{'rows':>6}"
+             f"{'mem GiB':>9}{'GPU-h':>8}{'cost $':>9}"]
     for t in grid:
         p = t.plan
         lines.append(f"{t.name:<12}{p.scaling_params / 1e6:>9.2f}M{p.tokens / 1e6:>9.1f}M{p.total_flops:>11.2e}"
-                     f"{p.iterations:>8}{p.total_batch_tokens:>9}{p.gpu_hours:>8.2f}{p.cost_usd:>9.2f}")
+                     f"{p.iterations:>8}{p.total_batch_tokens:>9}{p.device_batch_size:>6}{p.memory_gib:>9.1f}"
+                     f"{p.gpu_hours:>8.2f}{p.cost_usd:>9.2f}")
     total_flops = sum(t.plan.total_flops for t in grid)
-    lines.append(f"{'total':<12}{'':>20}{total_flops:>11.2e}{'':>17}{sum(t.plan.gpu_hours for t in grid):>8.2f}"
+    lines.append(f"{'total':<12}{'':>20}{total_flops:>11.2e}{'':>32}{sum(t.plan.gpu_hours for t in grid):>8.2f}"
                  f"{sum(t.plan.cost_usd for t in grid):>9.2f}")
+    first = grid[0].plan
+    sized = f"{first.gpu_memory_gib:g} GiB GPUs" if first.gpu_memory_gib else "no memory limit"
+    lines.append(f"matmuls {'fp8 (block matrices) + bf16' if first.fp8 else 'bf16'}, windows "
+                 f"{first.model.window_pattern}, rows per micro-step sized for {sized} (mem: estimated peak)")
     return "\n".join(lines)
 
 

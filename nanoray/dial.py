@@ -50,7 +50,8 @@ class Preset(BaseModel):
     aspect_ratio: int = Field(description="width = aspect_ratio x depth, rounded up to head_dim")
     head_dim: int = Field(description="channels per attention head")
     device_batch_size: int = Field(description="largest rows per worker per micro-step")
-    gpu_memory_gib: float | None = Field(description="GPU memory a micro-step must fit (None: no memory rule)")
+    gpu_memory_gib: float | None = Field(description="GPU memory a micro-step must fit where the GPU is not known "
+                                         "(None: no memory rule)")
     window_pattern: str = Field(description="per-layer attention window, tiled: L = full context, S = quarter")
     ref_depth: int = Field(description="depth at which the total batch is ref_batch_tokens")
     ref_batch_tokens: int = Field(description="total batch (tokens) at ref_depth; LRs scale by sqrt(B / this)")
@@ -60,10 +61,10 @@ class Preset(BaseModel):
 
 
 PRESETS = {
-    # nanochat's constants. Window pattern L (not nanochat's SSSL): PyTorch's fused SDPA kernels have
-    # no sliding window, so S layers would need an explicit mask and lose the flash path (DESIGN.md).
+    # nanochat's constants. Window pattern L (not nanochat's SSSL): DESIGN.md, Decisions (windows). Up to 128
+    # rows a micro-step where the GPU's memory holds them (an H200 at d12); 80 GB (an H100) when unknown.
     "gpt2": Preset(name="gpt2", vocab_size=32768, seq_len=2048, aspect_ratio=64, head_dim=128,
-                   device_batch_size=64, gpu_memory_gib=80, window_pattern="L", ref_depth=12, ref_batch_tokens=2**19,
+                   device_batch_size=128, gpu_memory_gib=80, window_pattern="L", ref_depth=12, ref_batch_tokens=2**19,
                    warmup_steps=40),
     # A laptop-sized family: d2-d6 train in minutes on CPU cores.
     "tiny": Preset(name="tiny", vocab_size=4096, seq_len=256, aspect_ratio=32, head_dim=32,
@@ -118,6 +119,9 @@ class RunPlan(BaseModel):
     num_workers: int
     device_batch_size: int
     grad_accum: int
+    gpu_memory_gib: float | None = Field(None, description="GPU memory the device batch was sized for")
+    memory_gib: float = Field(0.0, description="estimated peak training memory per GPU at the device batch")
+    fp8: bool = Field(False, description="block matrices train in fp8 (tensorwise dynamic scaling, torchao)")
     # optimization
     batch_lr_scale: float
     width_lr_scale: float
@@ -141,12 +145,15 @@ class RunPlan(BaseModel):
             ("depth / preset", f"d{self.depth} / {self.preset}"),
             ("width, heads, head dim", f"{m.n_embd}, {m.n_head}, {m.head_dim}"),
             ("vocab, seq len, windows", f"{m.vocab_size}, {m.seq_len}, {m.window_pattern}"),
+            ("matmul precision", "fp8 (block matrices, tensorwise) + bf16" if self.fp8 else "bf16"),
             ("params total / scaling", f"{self.total_params / 1e6:,.1f}M / {self.scaling_params / 1e6:,.1f}M"),
             ("FLOPs per token", f"{self.flops_per_token:.3e}"),
             ("horizon", f"{self.horizon_mode}: {self.tokens / 1e9:.3f}B tokens ({self.tokens_per_param:.1f} per param)"),
             ("total batch (tokens)", f"{self.total_batch_tokens:,} = 2^{math.log2(self.total_batch_tokens):g}"),
             ("iterations", f"{self.iterations:,}"),
             ("workers x device batch x accum", f"{self.num_workers} x {self.device_batch_size} x {self.grad_accum}"),
+            ("GPU memory (est. / sized for)", f"{self.memory_gib:,.1f} GiB / "
+             + (f"{self.gpu_memory_gib:,.0f} GiB" if self.gpu_memory_gib else "no limit")),
             ("LR matrix / emb / unemb / scalar",
              f"{self.matrix_lr:.4g} / {self.embedding_lr:.4g} / {self.unembedding_lr:.4g} / {self.scalar_lr:.4g}"),
             ("Muon weight decay", f"{self.weight_decay:.4f}"),
@@ -252,13 +259,13 @@ def _check_inputs(depth, horizon: Horizon, num_workers: int, cost: CostModel) ->
 
 
 def default_device_batch(preset: Preset, depth: int, n_embd: int, total_params: int, num_workers: int,
-                         total_batch_tokens: int) -> int:
-    """The preset's largest device batch, halved until a micro-step fits in GPU memory and one micro-step
+                         total_batch_tokens: int, gpu_memory_gib: float | None) -> int:
+    """The preset's largest device batch, halved until a micro-step fits in `gpu_memory_gib` and one micro-step
     across all workers fits in the total batch (bigger micro-steps run faster: +3% at d12, 64 vs 32 rows)."""
     rows = preset.device_batch_size
     while rows > 1 and (rows * preset.seq_len * num_workers > total_batch_tokens
                         or training_memory_gib(rows, depth, n_embd, total_params, preset)
-                        > MEMORY_HEADROOM * (preset.gpu_memory_gib or float("inf"))):
+                        > MEMORY_HEADROOM * (gpu_memory_gib or float("inf"))):
         rows //= 2
     return rows
 
@@ -271,17 +278,25 @@ def plan(
     device_batch_size: int | None = None,
     total_batch_tokens: int | None = None,
     cost: CostModel | None = None,
+    window_pattern: str | None = None,
+    fp8: bool = False,
+    gpu_memory_gib: float | None = None,
 ) -> RunPlan:
-    """Derive the whole run from `depth`. Raises PlanError naming the offending field."""
+    """Derive the whole run from `depth`. `window_pattern` overrides the preset's; `gpu_memory_gib` is the memory
+    of the GPUs that will train (None: the preset's assumption) and sets the device batch. Raises PlanError
+    naming the offending field."""
     horizon = horizon or Horizon()
     cost = cost or CostModel()
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     _check_inputs(depth, horizon, num_workers, cost)
+    if gpu_memory_gib is not None and not gpu_memory_gib > 0:
+        raise PlanError(f"gpu_memory_gib: must be > 0, got {gpu_memory_gib}")
+    gpu_memory_gib = gpu_memory_gib or preset.gpu_memory_gib
     n_embd, n_head = shape(depth, preset)
     try:
         model = ModelConfig(vocab_size=preset.vocab_size, seq_len=preset.seq_len, n_layer=depth, n_embd=n_embd,
                             n_head=n_head, n_kv_head=n_head, head_dim=preset.head_dim,
-                            window_pattern=preset.window_pattern)
+                            window_pattern=window_pattern or preset.window_pattern)
     except ValidationError as e:  # ModelConfig's own message names the field ("window_pattern: ...")
         raise PlanError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
     counts = param_counts(depth, n_embd, n_head, preset.vocab_size)
@@ -312,7 +327,7 @@ def plan(
 
     if device_batch_size is None:
         device_batch_size = default_device_batch(preset, depth, n_embd, counts["total"], num_workers,
-                                                 total_batch_tokens)
+                                                 total_batch_tokens, gpu_memory_gib)
     elif device_batch_size < 1:
         raise PlanError(f"device_batch_size: must be >= 1, got {device_batch_size}")
     micro_tokens = device_batch_size * preset.seq_len * num_workers
@@ -332,7 +347,9 @@ def plan(
         flops_per_token=flops_per_token, horizon_mode=horizon.mode, target_tokens=target,
         total_batch_tokens=total_batch_tokens, iterations=iterations, tokens=tokens, total_flops=total_flops,
         tokens_per_param=tokens / n_scaling, num_workers=num_workers, device_batch_size=device_batch_size,
-        grad_accum=total_batch_tokens // micro_tokens, batch_lr_scale=batch_scale, width_lr_scale=width_scale,
+        grad_accum=total_batch_tokens // micro_tokens, gpu_memory_gib=gpu_memory_gib,
+        memory_gib=training_memory_gib(device_batch_size, depth, n_embd, counts["total"], preset), fp8=fp8,
+        batch_lr_scale=batch_scale, width_lr_scale=width_scale,
         matrix_lr=BASE_LR["matrix"] * batch_scale,
         embedding_lr=BASE_LR["embedding"] * batch_scale * width_scale,
         unembedding_lr=BASE_LR["unembedding"] * batch_scale * width_scale,

@@ -21,6 +21,12 @@ PEAK_BF16_FLOPS = {
 }
 
 
+# Memory of the GPUs Ray names by accelerator type (the `accelerator_type:<name>` resource of a GPU node), in
+# GiB as CUDA reports it: the device batch is sized from it where the driver has no GPU of its own.
+ACCELERATOR_MEMORY_GIB = {"H200": 139.8, "H100": 79.1, "A100-80G": 79.1, "A100-40G": 39.4, "B200": 178.4,
+                          "GB200": 184.0, "L40S": 44.4, "L4": 22.0, "A10G": 22.0}
+
+
 def peak_flops(name: str) -> float:
     """Peak bf16 FLOP/s of the device called `name`; inf when unknown (so MFU reads 0, never a guess)."""
     for key, value in PEAK_BF16_FLOPS.items():
@@ -46,3 +52,21 @@ def prefer_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(True)
     torch.backends.cuda.enable_flash_sdp(False)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
+
+
+def gpu_memory_gib(device: torch.device | int | None = None) -> float:
+    """Total memory of a local CUDA GPU, in GiB."""
+    return torch.cuda.get_device_properties(device if device is not None else 0).total_memory / 2**30
+
+
+def cluster_gpu_memory_gib(resources: dict[str, float]) -> tuple[float | None, str]:
+    """(memory in GiB, what it is) of the GPUs that will train: this machine's GPU when it has one, else the
+    smallest accelerator type of the Ray cluster's resources (`ray.cluster_resources()`) that the table knows;
+    (None, why) when neither is known (the preset's assumption then holds)."""
+    if torch.cuda.is_available():
+        return round(gpu_memory_gib(), 1), torch.cuda.get_device_name(0)
+    known = [(ACCELERATOR_MEMORY_GIB[name], name) for key in resources if key.startswith("accelerator_type:")
+             for name in [key.split(":", 1)[1]] if name in ACCELERATOR_MEMORY_GIB]
+    if known:
+        return min(known)
+    return None, "no GPU of a known type in the cluster yet"

@@ -4,6 +4,8 @@
   torch.library custom op, so torch.compile treats it as one opaque kernel; ~1.5x cuDNN's SDPA on an H100 at
   our shapes (benchmarks/attention_backends.py). Used only when that package imports; set NANORAY_FA4=0 to
   turn it off. It also runs sliding windows natively (SDPA needs a dense mask for those).
+- `window_attention`: sliding windows without FA4: PyTorch's FlexAttention with a block mask, which skips the
+  blocks outside the window (SDPA's dense mask computes them all). NANORAY_FLEX=0 turns it off.
 - `linear_softcap_cross_entropy`: lm_head GEMM, softcap and mean cross-entropy, where one Triton pass over
   each row of logits computes the row's loss *and* its gradient, written over the logits in place (no fp32
   logits, no second pass in the backward); the 1/count and upstream scales are applied to the small GEMM
@@ -70,7 +72,7 @@ def resolve() -> dict:
     if not _FAST:
         fa4 = _load_fa4()
         fused = triton is not None and os.environ.get("NANORAY_FUSED", "1") != "0"
-        _FAST.update(fa4=fa4, flash=fa4 is not None, fused_ce=fused, mix_norm=fused)
+        _FAST.update(fa4=fa4, flash=fa4 is not None, fused_ce=fused, mix_norm=fused, flex=_compiled_flex())
     return _FAST
 
 
@@ -130,6 +132,35 @@ _flash_attn_fwd.register_autograd(_flash_backward, setup_context=_flash_setup)
 def flash_attention(q_BTHC: Tensor, k_BTKC: Tensor, v_BTKC: Tensor, window: int) -> Tensor:
     """Causal attention in (B, T, heads, C) layout, softmax scale 1/sqrt(C); window < 0: no window."""
     return _flash_attn_fwd(q_BTHC.contiguous(), k_BTKC.contiguous(), v_BTKC.contiguous(), window)[0]
+
+
+# ------------------------------------------------------------------------- sliding-window attention
+
+def _compiled_flex():
+    """PyTorch's FlexAttention, compiled (eager FlexAttention is a slow reference), on GPUs; else None."""
+    if os.environ.get("NANORAY_FLEX", "1") == "0" or not torch.cuda.is_available():
+        return None
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)  # compiles at its first call; inlined in compiled models
+
+
+def flex_window_available(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _FAST.get("flex") is not None
+
+
+def window_attention(q_BHTC: Tensor, k_BKTC: Tensor, v_BKTC: Tensor, window: int) -> Tensor:
+    """Causal attention where a query at position p sees keys [p - window, p] (window_mask's rule), through
+    FlexAttention with a block mask: blocks wholly outside the window are skipped, not masked, so an S layer
+    (window T/4) does under half of an L layer's attention work. (B, heads, T, C) layout."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def in_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+
+    T = q_BHTC.size(-2)
+    block_mask = create_block_mask(in_window, None, None, T, T, device=q_BHTC.device)
+    return _FAST["flex"](q_BHTC, k_BKTC, v_BKTC, block_mask=block_mask,
+                         enable_gqa=q_BHTC.size(1) != k_BKTC.size(1))
 
 
 # ---------------------------------------------------------------------------- softcap cross-entropy

@@ -4,7 +4,7 @@ Token embedding -> RMSNorm -> smear (bigram gate) -> L blocks with learned resid
 -> backout -> RMSNorm -> untied lm_head -> softcap 15 -> cross-entropy. Blocks are pre-norm,
 bias-free and norm-parameter-free: attention with rotary (base 100k), QK-norm (x1.2), value
 embeddings on every other layer, and a ReLU² MLP. Attention runs through FlashAttention-4 when
-installed, else PyTorch's fused SDPA.
+installed, else PyTorch's fused SDPA (full-context layers) and FlexAttention (sliding-window layers).
 
 On a GPU, nanoray/kernels.py supplies fused paths (Triton): each layer's residual/x0 mix with its
 RMSNorm, and lm_head + softcap + cross-entropy computing loss and gradient in one pass; the plain
@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nanoray.hardware import compute_dtype
 from nanoray import kernels
-from nanoray.kernels import (flash_attention, flash_attention_available, fused_cross_entropy_available,
-                             fused_mix_norm_available, linear_softcap_cross_entropy, mix_norm, relu_square)
+from nanoray.kernels import (flash_attention, flash_attention_available, flex_window_available,
+                             fused_cross_entropy_available, fused_mix_norm_available, linear_softcap_cross_entropy,
+                             mix_norm, relu_square, window_attention)
 
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the normed embedding
 VE_GATE_CHANNELS = 12  # value-embedding gates read the first 12 channels of the block input
@@ -164,12 +165,15 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD, ve_BTKC, cos, sin, cache: KVCache | None):
         B, T, _ = x_BTD.shape
-        # One GEMM for q, k and v (wider N, one dgrad instead of three plus two adds); the weights stay
-        # separate parameters, so Muon orthogonalizes each matrix on its own as nanochat does.
-        w_qkv = self.w_qkv if self.w_qkv is not None else \
-            torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x_BTD.dtype)
-        q, k, v = F.linear(x_BTD, w_qkv).split([self.c_q.out_features, self.c_k.out_features,
-                                                self.c_v.out_features], dim=-1)
+        if type(self.c_q) is Linear:
+            # One GEMM for q, k and v (wider N, one dgrad instead of three plus two adds); the weights stay
+            # separate parameters, so Muon orthogonalizes each matrix on its own as nanochat does.
+            w_qkv = self.w_qkv if self.w_qkv is not None else \
+                torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x_BTD.dtype)
+            q, k, v = F.linear(x_BTD, w_qkv).split([self.c_q.out_features, self.c_k.out_features,
+                                                    self.c_v.out_features], dim=-1)
+        else:  # fp8 modules (nanoray.fp8), each with its own scale
+            q, k, v = self.c_q(x_BTD), self.c_k(x_BTD), self.c_v(x_BTD)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -186,6 +190,8 @@ class Attention(nn.Module):
         if cache is None:
             if self.window >= T - 1:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            elif flex_window_available(q):  # an S layer on a GPU without FA4: skips the blocks outside the window
+                y = window_attention(q, k, v, self.window)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, 0, self.window, q.device),
                                                    enable_gqa=gqa)

@@ -61,6 +61,10 @@ class SweepConfig(BaseModel):
     core_max_per_task: int | None = Field(None, ge=1, description="CORE examples per task (None: all)")
     tracker: Trackers = Field(default_factory=list, description="experiment trackers (mlflow, tensorboard, wandb): a "
                               "run per trial and the report at the end (nanoray.trackers)")
+    fp8: bool = Field(False, description="block matrices train in fp8 (nanoray.fp8; GPUs of compute capability 8.9+)")
+    window_pattern: str | None = Field(None, description="per-layer attention windows, e.g. SSSL (None: the preset's)")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory of the GPUs that train, which sizes the "
+                                         "device batch (None: the preset's assumption)")
 
     @field_validator("name")
     @classmethod
@@ -122,7 +126,9 @@ def trials(sweep: SweepConfig) -> list[Trial]:
         horizon = Horizon(flops=budget) if budget else Horizon(ratio=sweep.ratio)
         try:
             out.append(Trial(name=name, depth=depth, flops_budget=budget,
-                             plan=plan(depth, sweep.preset, horizon, num_workers=sweep.workers)))
+                             plan=plan(depth, sweep.preset, horizon, num_workers=sweep.workers,
+                                       window_pattern=sweep.window_pattern, fp8=sweep.fp8,
+                                       gpu_memory_gib=sweep.gpu_memory_gib)))
         except PlanError as e:
             raise PlanError(f"trial {name}: {e}") from e
     return out
@@ -203,7 +209,7 @@ class ProgressLines(Callback):
 
 # What a re-run must repeat to resume a sweep: Tune restores trials with the config they started with.
 RESUME_FIELDS = ("preset", "depths", "grid", "ratio", "budgets", "workers", "gpus_per_worker", "use_gpu",
-                 "data.source", "eval_tokens")
+                 "data.source", "eval_tokens", "fp8", "window_pattern")
 
 
 class ResumeMismatch(ValueError):
@@ -232,9 +238,12 @@ def check_resume(sweep: SweepConfig) -> None:
         return
     old, new = started[0], sweep.model_dump()
     for field in RESUME_FIELDS:
-        if _field(old, field) != _field(new, field):
+        before = _field(old, field)
+        if before is None and field in SweepConfig.model_fields:  # a sweep started before the field existed
+            before = SweepConfig.model_fields[field].default
+        if before != _field(new, field):
             raise ResumeMismatch(field, f"sweep {sweep.name!r} in {sweep.storage_path} was started with {field} = "
-                                        f"{_field(old, field)!r}, not {_field(new, field)!r}; a re-run resumes it as "
+                                        f"{before!r}, not {_field(new, field)!r}; a re-run resumes it as "
                                         "it was started: give the same settings, or another sweep name")
 
 

@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nanoray.checkpoint import LoopState, restore, save_checkpoint
 from nanoray.data import SYNTHETIC_KINDS, DataSpec, SyntheticData, TrainData
-from nanoray.dial import Horizon, RunPlan, defaults, plan
-from nanoray.hardware import device_name, peak_flops, prefer_cudnn_attention
+from nanoray.dial import Horizon, PlanError, RunPlan, defaults, plan
+from nanoray.fp8 import bf16_linears, check_fp8, enable_fp8
+from nanoray.hardware import device_name, gpu_memory_gib, peak_flops, prefer_cudnn_attention
 from nanoray.model import build_model
 from nanoray.optim import apply_schedule, build_optimizers, lr_multiplier
 from nanoray.session import RaySession, Session
@@ -72,9 +73,13 @@ def train(config: TrainConfig, session: Session, corpus: Corpus | None = None) -
     plan, device = config.plan, session.device
     if session.world_size != plan.num_workers:
         raise ValueError(f"plan.num_workers is {plan.num_workers} but the session has {session.world_size} workers")
+    if plan.fp8:
+        check_fp8(device)  # before anything is built: names --fp8 and why it cannot run here
     use_compile = setup_device(device) if config.compile is None else config.compile
     torch.manual_seed(config.seed)
     model = build_model(plan.model, device=device, seed=config.seed)
+    if plan.fp8:
+        enable_fp8(model)  # before the optimizers and torch.compile; the Parameters stay the same
     optimizers = build_optimizers(model, plan, compile=use_compile)
     state = resume(config, session, model, optimizers, corpus)
     end_step = min(config.max_steps or plan.iterations, plan.iterations)
@@ -99,7 +104,8 @@ def train(config: TrainConfig, session: Session, corpus: Corpus | None = None) -
             if not (last or saving or evaluating or state.step % config.log_every == 0):
                 continue
             if evaluating:
-                (state.val_loss, state.val_bpb), state.val_step = window.exclude(data.validate, model), state.step
+                with bf16_linears(model):  # evaluation in bf16, also for an fp8 run
+                    (state.val_loss, state.val_bpb), state.val_step = window.exclude(data.validate, model), state.step
             metrics = window.close(state) | session.placement()
             state.position = data.position() if saving else None  # every rank takes part in gathering it
             checkpoint = None
@@ -372,7 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--storage", default="runs", help="storage root: Train runs go to <storage>/train/<name>")
     p.add_argument("--tracker", default=None, help="experiment trackers, comma-separated: mlflow, tensorboard, wandb "
                    "(README: Trackers)")
+    p.add_argument("--fp8", action="store_true", help="block matrices in fp8 (torchao; GPUs of compute capability 8.9+)")
+    p.add_argument("--window-pattern", default=None, help="attention windows per layer, e.g. SSSL (default: the "
+                   "preset's)")
     args = p.parse_args(argv)
+    if args.fp8 and not gpu:
+        p.error("--fp8: fp8 training needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+); this "
+                "machine has none")
     name = args.name or f"d{args.depth}-{args.preset}"
     try:
         tracker = parse_trackers(args.tracker)
@@ -381,7 +393,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--tracker {e}")
     except ValueError as e:
         p.error(f"--tracker: {e}")
-    run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers)
+    try:
+        run = plan(args.depth, args.preset, Horizon(ratio=args.ratio), num_workers=args.workers, fp8=args.fp8,
+                   window_pattern=args.window_pattern, gpu_memory_gib=gpu_memory_gib() if gpu else None)
+    except PlanError as e:
+        p.error(str(e).replace("window_pattern:", "--window-pattern:"))
     print(run.table(), flush=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
     data = (DataSpec(kind=args.data) if args.data in SYNTHETIC_KINDS else

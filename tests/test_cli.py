@@ -40,4 +40,10 @@ def test_numbers_name_the_flag():
 def test_plan_table_lists_every_trial_and_the_total():
     table = plan_table(trials(SweepConfig(depths=[1, 2], ratio=1.0))).splitlines()
     assert table[0].split()[:3] == ["trial", "params", "tokens"]
-    assert [line.split()[0] for line in table[1:]] == ["d1", "d2", "total"]
+    assert [line.split()[0] for line in table[1:-1]] == ["d1", "d2", "total"]
+    assert table[-1].startswith("matmuls bf16, windows L, rows per micro-step sized for no memory limit")
+    fp8 = plan_table(trials(SweepConfig(depths=[8], preset="gpt2", fp8=True, window_pattern="SSSL",
+                                        gpu_memory_gib=139.8))).splitlines()
+    assert fp8[1].split()[6:8] == ["128", "50.9"]  # d8: its whole 2^18-token batch in one micro-step
+    assert fp8[-1].startswith("matmuls fp8 (block matrices) + bf16, windows SSSL, rows per micro-step sized for "
+                              "139.8 GiB GPUs")

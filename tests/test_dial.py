@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from nanoray.dial import CostModel, Horizon, PlanError, get_preset, plan, training_memory_gib
+import torch
+
+from nanoray.dial import CostModel, Horizon, PlanError, RunPlan, get_preset, plan, training_memory_gib
+from nanoray.hardware import cluster_gpu_memory_gib
 
 # nanochat-facts §1.8 (SSSL windows, r = 12): depth -> (D, H, total M, scaling M, FLOPs/tok, log2 B, iters, λ)
 NANOCHAT_TABLE = {
@@ -97,6 +100,33 @@ def test_device_batch_fits_gpu_memory():
     assert plan(4, "tiny").device_batch_size == 16  # no memory rule on the CPU preset
 
 
+def test_device_batch_is_sized_to_the_gpu_it_trains_on():
+    h100, h200 = plan(12), plan(12, gpu_memory_gib=139.8)
+    assert (h100.gpu_memory_gib, h100.device_batch_size, h100.grad_accum) == (80, 64, 4)  # the preset's assumption
+    assert (h200.gpu_memory_gib, h200.device_batch_size, h200.grad_accum) == (139.8, 128, 2)
+    assert h200.memory_gib <= 0.85 * 139.8 < plan(12, device_batch_size=256).memory_gib
+    assert plan(20, gpu_memory_gib=139.8).device_batch_size == 64  # ~114 GiB estimated
+    assert plan(20, gpu_memory_gib=120).device_batch_size == 32  # 114 GiB is over its 85% headroom
+    assert plan(12, gpu_memory_gib=24).device_batch_size == 16
+    assert "46.9 GiB / 80 GiB" in h100.table() and "GiB / 140 GiB" in h200.table()
+
+
+def test_cluster_gpu_memory_comes_from_the_accelerator_type(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without a GPU of its own
+    resources = {"CPU": 64, "GPU": 8, "accelerator_type:H200": 1, "accelerator_type:H100": 1}
+    assert cluster_gpu_memory_gib(resources) == (79.1, "H100")  # the smallest of the cluster's GPUs
+    assert cluster_gpu_memory_gib({"CPU": 2})[0] is None
+    assert cluster_gpu_memory_gib({"accelerator_type:TPU-V4": 1})[0] is None
+
+
+def test_window_pattern_and_fp8_are_plan_settings():
+    p = plan(12, window_pattern="SSSL", fp8=True)
+    assert p.model.window_pattern == "SSSL" and p.fp8
+    assert p.flops_per_token == plan(12, NANOCHAT).flops_per_token < plan(12).flops_per_token
+    assert "fp8" in p.table() and "SSSL" in p.table() and "fp8" not in plan(12).table()
+    assert RunPlan.model_validate(p.model_dump()).fp8  # a checkpoint's plan dict keeps it
+
+
 def test_cost_estimate():
     p = plan(12, cost=CostModel(gpu="H100", mfu=0.5, usd_per_gpu_hour=2.0))
     assert p.gpu_hours == pytest.approx(p.total_flops / (0.5 * 989e12) / 3600)
@@ -116,6 +146,8 @@ def test_cost_estimate():
     (dict(depth=12, num_workers=3), "total_batch_tokens"),
     (dict(depth=12, num_workers=0), "num_workers"),
     (dict(depth=12, cost=CostModel(mfu=1.5)), "cost.mfu"),
+    (dict(depth=12, gpu_memory_gib=0), "gpu_memory_gib"),
+    (dict(depth=12, window_pattern="SXL"), "window_pattern"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     with pytest.raises(PlanError, match=f"^{field}:"):

@@ -16,7 +16,7 @@ LAYERS = [
      "nanoray.data", "nanoray.position", "nanoray.checkpoint", "nanoray.fused_decode", "nanoray.report",
      "nanoray.core_data", "nanoray.core_data.bundle", "nanoray.core_data.bigbench", "nanoray.dev",
      "nanoray.dev.procs", "nanoray.dev.cluster", "nanoray.trackers", "nanoray.scaling.predict",
-     "nanoray.scaling.__main__"],
+     "nanoray.scaling.__main__", "nanoray.fp8"],
     # 2: what runs on Ray's workers: the stream, the trainer, the engine, CORE
     ["nanoray.stream", "nanoray.session", "nanoray.train", "nanoray.engine", "nanoray.core_eval"],
     # 3: a family: the Tune sweep and its results

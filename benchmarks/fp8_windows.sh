@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 14's measurements on the lent GPU machine, in stages that fit one device call each (10 min):
+#
+#   bash benchmarks/fp8_windows.sh setup tests speed-l        # call 1
+#   bash benchmarks/fp8_windows.sh speed-more quality-d8       # call 2
+#   bash benchmarks/fp8_windows.sh quality-d12 profile         # call 3
+#
+# carry: .devbundle (Ray, pydantic...) and .whl/ao (the torchao wheel; benchmarks/RESULTS.md says which).
+# Each benchmark's JSON lines and logs go to $OUT (or ./runs/out).
+set -uo pipefail
+OUT=${OUT:-runs/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # kept while the machine stays warm between calls
+tt() { local name=$1; shift; timeout 300 python benchmarks/train_throughput.py "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|Error|error:' | tail -3; }
+q() { local name=$1; shift; timeout 420 python benchmarks/quality.py "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|Error|corpus ready' ; }
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+  setup)
+    bash .devbundle/install.sh >/dev/null
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/ao/*.whl
+    python -c "import torch, torchao, ray; print(torch.__version__, torchao.__version__, ray.__version__, torch.cuda.get_device_name())"
+    ;;
+  tests)
+    timeout 240 python -m pytest -q -x tests/test_gpu.py -k "fp8 or window or compiled_bf16" -p no:cacheprovider 2>&1 | tail -4
+    ;;
+  speed-l)  # the bar's configuration (window L), bf16 against fp8
+    tt d12-bf16 --depth 12 --steps 20 --log-every 5
+    tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8
+    tt d20-fp8 --depth 20 --steps 8 --log-every 2 --fp8
+    ;;
+  speed-more)
+    tt d20-bf16 --depth 20 --steps 8 --log-every 2
+    tt d20-fp8-sssl --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern SSSL
+    tt d12-fp8-sssl --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern SSSL
+    ;;
+  quality-d8)
+    q quality-d8 --depth 8 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --data-dir /tmp/quality-data
+    ;;
+  quality-d12)
+    q quality-d12 --depth 12 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --data-dir /tmp/quality-data
+    ;;
+  profile)
+    timeout 200 python benchmarks/profile_step.py --depth 20 --fp8 --top 25 2>&1 | tee "$OUT/profile-d20-fp8.log" | tail -27
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+echo "=== done $(date +%T)"
