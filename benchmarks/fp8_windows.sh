@@ -5,7 +5,8 @@
 #   bash benchmarks/fp8_windows.sh speed-more quality-d8       # call 2
 #   bash benchmarks/fp8_windows.sh quality-d12 profile         # call 3
 #
-# carry: .devbundle (Ray, pydantic...) and .whl/ao (the torchao wheel; benchmarks/RESULTS.md says which).
+# carry: .devbundle (Ray, pydantic...) and .whl/ao: the torchao wheel, and what tests/conftest.py's serve import
+# needs beyond .devbundle (fastapi-offline, tokenizers, safetensors), each the version installed here (pip download).
 # Each benchmark's JSON lines and logs go to $OUT (or ./runs/out).
 set -uo pipefail
 OUT=${OUT:-runs/out}

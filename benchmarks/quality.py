@@ -63,6 +63,8 @@ def main() -> None:
     except ValueError as e:
         p.error(str(e))
     gpu = torch.cuda.is_available()
+    if not gpu and any(precision == "fp8" for precision, _ in configs):
+        p.error("--configs: fp8 configurations need a GPU with fp8 tensor cores; this machine has none")
     memory = gpu_memory_gib() if gpu else None
 
     def plan_of(precision: str, windows: str):

@@ -158,6 +158,8 @@ def window_attention(q_BHTC: Tensor, k_BKTC: Tensor, v_BKTC: Tensor, window: int
         return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
 
     T = q_BHTC.size(-2)
+    # Built per call (it evaluates the rule over T x T positions and reduces it to 128-token blocks); inside a
+    # compiled model it is traced into the graph. Its share of an SSSL step is not measured yet (fp8_windows.sh).
     block_mask = create_block_mask(in_window, None, None, T, T, device=q_BHTC.device)
     return _FAST["flex"](q_BHTC, k_BKTC, v_BKTC, block_mask=block_mask,
                          enable_gqa=q_BHTC.size(1) != k_BKTC.size(1))

@@ -41,3 +41,6 @@ def test_quality_compares_configurations_on_identical_batches(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/quality.py", "--depth", "2", "--configs", "fp16:L,bf16:L"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--configs: <precision>:<windows>" in bad.stderr
+    no_fp8 = subprocess.run([sys.executable, "benchmarks/quality.py", "--depth", "2", "--configs", "bf16:L,fp8:L"],
+                            capture_output=True, text=True)
+    assert no_fp8.returncode == 2 and "--configs: fp8 configurations need a GPU" in no_fp8.stderr
