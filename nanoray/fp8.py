@@ -2,7 +2,8 @@
 dynamic tensorwise scaling, through torchao's float8 training (`torchao.float8.convert_to_float8_training`:
 e4m3 inputs and weights, e5m2 gradients, one scale per tensor from its current absolute max, torch._scaled_mm).
 It is the recipe nanochat's --fp8 and torchtitan use; torchao is maintained by the PyTorch team and composes
-with torch.compile (its casts fuse into the surrounding kernels), so nanoray does not write the layer itself.
+with torch.compile (the compiled trainer ran it on torch 2.11: benchmarks/RESULTS.md), so nanoray does not write
+the layer itself.
 
 What stays in bf16: the lm_head (nanoray's fused softcap cross-entropy computes it), the embeddings, the tiny
 gates (12 -> heads, 24 -> 1) and everything outside the matmuls. Weights stay fp32 masters, so checkpoints
@@ -52,8 +53,7 @@ def _torchao():
 
 
 def converts(module: nn.Module, fqn: str) -> bool:
-    """Which Linears train in fp8: the blocks' matrices (dims divisible by 16, the smaller >= 128, as nanochat and
-    torchao's tensorwise filter ask), not the lm_head, whose GEMM lives inside the fused cross-entropy."""
+    """Which Linears train in fp8: the blocks' matrices (dims divisible by 16, the smaller >= 128: nanochat's rule), not the lm_head, whose GEMM lives inside the fused cross-entropy."""
     if type(module) is not Linear or not fqn.startswith("blocks."):
         return False
     out_features, in_features = module.weight.shape
