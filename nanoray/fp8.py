@@ -53,7 +53,8 @@ def _torchao():
 
 
 def converts(module: nn.Module, fqn: str) -> bool:
-    """Which Linears train in fp8: the blocks' matrices (dims divisible by 16, the smaller >= 128: nanochat's rule), not the lm_head, whose GEMM lives inside the fused cross-entropy."""
+    """Which Linears train in fp8: the blocks' matrices (dims divisible by 16, the smaller >= 128: nanochat's rule),
+    not the lm_head, whose GEMM lives inside the fused cross-entropy."""
     if type(module) is not Linear or not fqn.startswith("blocks."):
         return False
     out_features, in_features = module.weight.shape
