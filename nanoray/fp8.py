@@ -3,12 +3,14 @@ dynamic tensorwise scaling, through torchao's float8 training (`torchao.float8.c
 e4m3 inputs and weights, e5m2 gradients, one scale per tensor from its current absolute max, torch._scaled_mm).
 It is the recipe nanochat's --fp8 and torchtitan use; torchao is maintained by the PyTorch team and composes
 with torch.compile (the compiled trainer ran it on torch 2.11: benchmarks/RESULTS.md), so nanoray does not write
-the layer itself.
+the layer itself. Attention's q, k and v stay one fused GEMM in fp8 too (the same torchao autograd function on the
+concatenated weight: x is cast once, not three times), and the lm_head's three GEMMs run in fp8 inside nanoray's
+fused softcap cross-entropy, their operands cast by torchao's dynamic cast (where that fused loss runs: GPUs), as
+nanochat converts its lm_head.
 
-What stays in bf16: the lm_head (nanoray's fused softcap cross-entropy computes it), the embeddings, the tiny
-gates (12 -> heads, 24 -> 1) and everything outside the matmuls. Weights stay fp32 masters, so checkpoints
-hold ordinary weights that load without torchao; evaluation runs the same weights through bf16 Linears
-(`bf16_linears`), as do CORE and serving (they never convert).
+What stays in bf16: the embeddings, the tiny gates (12 -> heads, 24 -> 1) and everything outside the matmuls.
+Weights stay fp32 masters, so checkpoints hold ordinary weights that load without torchao; evaluation runs the same
+weights through bf16 Linears (`bf16_linears`), as do CORE and serving (they never convert).
 
     model = build_model(config, "cuda")
     enable_fp8(model)              # before torch.compile and before the optimizers (same Parameters either way)
@@ -24,7 +26,7 @@ import torch.nn as nn
 from nanoray.model import GPT, Linear
 
 MIN_FP8_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores
-_SWAPS = "_fp8_swaps"  # GPT attribute: [(parent, name, bf16 Linear, fp8 Linear)]
+_SWAPS = "_fp8_swaps"  # GPT attribute: [(parent, attribute, bf16 value, fp8 value)]
 
 
 class Fp8Error(ValueError):
@@ -52,27 +54,79 @@ def _torchao():
     return torchao.float8
 
 
+_QKV = ("attn.c_q", "attn.c_k", "attn.c_v")  # one fused GEMM in the model (Attention.qkv_linear), not modules
+
+
 def converts(module: nn.Module, fqn: str) -> bool:
-    """Which Linears train in fp8: the blocks' matrices (dims divisible by 16, the smaller >= 128: nanochat's rule),
-    not the lm_head, whose GEMM lives inside the fused cross-entropy."""
-    if type(module) is not Linear or not fqn.startswith("blocks."):
-        return False
-    out_features, in_features = module.weight.shape
+    """Which Linears become Float8Linears: the blocks' output projections and MLP matrices (nanochat's size rule,
+    `fits`). Attention's q, k and v run as one fused fp8 GEMM instead, and the lm_head's GEMMs in fp8 inside the
+    fused cross-entropy (`enable_fp8`)."""
+    return type(module) is Linear and fqn.startswith("blocks.") and not fqn.endswith(_QKV) and fits(module)
+
+
+def fits(linear: nn.Linear) -> bool:
+    """nanochat's rule for an fp8 matrix: both dims divisible by 16, the smaller >= 128 (the small gates stay bf16)."""
+    out_features, in_features = linear.weight.shape
     return out_features % 16 == 0 and in_features % 16 == 0 and min(out_features, in_features) >= 128
 
 
+def _float8_matmul(config):
+    """(x, w) -> x @ w.T in float8: the autograd function torchao's Float8Linear runs, with a Float8Linear's GEMM
+    settings (taken from a template module). For a weight made in forward, which no module holds: the fused q/k/v
+    matrix, concatenated from three Parameters, cast to fp8 with one scale."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+    mm_config = _mm_config(config)
+
+    def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return matmul_with_hp_or_float8_args.apply(x, w.t(), mm_config, config)
+    return matmul
+
+
+def _mm_config(config):
+    """The GEMM settings (fast accumulation or not, per GEMM) a Float8Linear of `config` runs with."""
+    from torchao.float8.float8_linear import Float8Linear
+    return Float8Linear.from_float(nn.Linear(16, 16, bias=False), config=config).linear_mm_config
+
+
+def _float8_cast(config):
+    """(t, role) -> t cast to float8 with one dynamic scale, as Float8Linear casts its GEMM operands: "input" and
+    "weight" to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs torch._scaled_mm)."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+    mm_config = _mm_config(config)
+    roles = {"input": (config.cast_config_input.target_dtype, GemmInputRole.INPUT),
+             "weight": (config.cast_config_weight.target_dtype, GemmInputRole.WEIGHT),
+             "grad": (config.cast_config_grad_output.target_dtype, GemmInputRole.GRAD_OUTPUT)}
+
+    def cast(t: torch.Tensor, role: str) -> torch.Tensor:
+        dtype, gemm_role = roles[role]
+        return hp_tensor_to_float8_dynamic(t, dtype, mm_config, gemm_input_role=gemm_role,
+                                           round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+    return cast
+
+
 def enable_fp8(model: GPT) -> GPT:
-    """Swap the block matrices of `model` for torchao Float8Linears (tensorwise dynamic scaling), in place. The
-    new modules share the old Parameters, so optimizers and checkpoints see the same tensors and names."""
+    """Swap the block matrices of `model` for torchao Float8Linears (tensorwise dynamic scaling), give each
+    attention an fp8 fused q/k/v GEMM and the fused cross-entropy fp8 lm_head operands, in place. The new
+    modules share the old Parameters, so optimizers and checkpoints see the same tensors and names."""
     float8 = _torchao()
+    config = float8.Float8LinearConfig.from_recipe_name("tensorwise")
     bf16 = {fqn: m for fqn, m in model.named_modules() if converts(m, fqn)}
-    float8.convert_to_float8_training(model, module_filter_fn=converts,
-                                      config=float8.Float8LinearConfig.from_recipe_name("tensorwise"))
+    float8.convert_to_float8_training(model, module_filter_fn=converts, config=config)
     swaps = []
     for fqn, plain in bf16.items():
         parent_name, _, name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name)
         swaps.append((parent, name, plain, getattr(parent, name)))
+    matmul = _float8_matmul(config)
+    for block in model.blocks:
+        attn = block.attn
+        if all(fits(linear) for linear in (attn.c_q, attn.c_k, attn.c_v)):
+            attn.qkv_linear = matmul
+            swaps.append((attn, "qkv_linear", None, matmul))
+    if fits(model.lm_head):
+        model.lm_head_cast = _float8_cast(config)
+        swaps.append((model, "lm_head_cast", None, model.lm_head_cast))
     setattr(model, _SWAPS, swaps)
     return model
 
@@ -83,7 +137,8 @@ def is_fp8(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def bf16_linears(model: nn.Module):
-    """Inside: `model`'s fp8 matrices are its original bf16 Linears again (same weights), for evaluation.
+    """Inside: `model`'s fp8 matrices are its original bf16 Linears (and bf16 fused q/k/v and lm_head GEMMs)
+    again, same weights, for evaluation.
     A no-op for a model without fp8."""
     swaps = getattr(model, _SWAPS, None) or []
     for parent, name, plain, _ in swaps:

@@ -17,6 +17,7 @@ Everything here falls back to plain PyTorch on CPU (fp32, no Triton), where the 
 """
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -229,20 +230,24 @@ def _(logits, targets, vocab, softcap):
 
 class _LinearSoftcapCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND: Tensor, w_VD: Tensor, targets_N: Tensor, vocab: int, softcap: float) -> Tensor:
-        logits_NV = x_ND @ w_VD.t()
+    def forward(ctx, x_ND: Tensor, w_VD: Tensor, targets_N: Tensor, vocab: int, softcap: float,
+                cast: Callable[[Tensor, str], Tensor] | None) -> Tensor:
+        c = cast or (lambda t, role: t)
+        logits_NV = c(x_ND, "input") @ c(w_VD, "weight").t()
         loss_N = torch.ops.nanoray.softcap_ce_(logits_NV, targets_N, vocab, softcap)  # logits now hold grads
         count = (targets_N >= 0).sum()
         ctx.save_for_backward(x_ND, w_VD, logits_NV, count)
+        ctx.cast = c
         return loss_N.sum() / count
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x_ND, w_VD, grad_NV, count = ctx.saved_tensors
-        scale = grad / count
-        dx = ((grad_NV @ w_VD) * scale).to(x_ND.dtype)
-        dw = ((grad_NV.t() @ x_ND) * scale).to(w_VD.dtype)
-        return dx, dw, None, None, None
+        c, scale = ctx.cast, grad / count
+        g_NV = c(grad_NV, "grad")
+        dx = ((g_NV @ c(w_VD, "weight")) * scale).to(x_ND.dtype)
+        dw = ((g_NV.t() @ c(x_ND, "input")) * scale).to(w_VD.dtype)
+        return dx, dw, None, None, None, None
 
 
 def fused_cross_entropy_available(x: Tensor) -> bool:
@@ -250,9 +255,11 @@ def fused_cross_entropy_available(x: Tensor) -> bool:
 
 
 def linear_softcap_cross_entropy(x_ND: Tensor, w_VD: Tensor, targets_N: Tensor, vocab: int,
-                                 softcap: float) -> Tensor:
-    """mean over targets >= 0 of cross_entropy(softcap·tanh((x @ wᵀ)[:, :vocab] / softcap), targets)."""
-    return _LinearSoftcapCE.apply(x_ND, w_VD, targets_N, vocab, softcap)
+                                 softcap: float, cast: Callable[[Tensor, str], Tensor] | None = None) -> Tensor:
+    """mean over targets >= 0 of cross_entropy(softcap·tanh((x @ wᵀ)[:, :vocab] / softcap), targets).
+    `cast(t, role)`, role "input", "weight" or "grad", gives each GEMM operand in another format (fp8 training's:
+    nanoray.fp8); the GEMMs then run in it, dw comes back in w's dtype."""
+    return _LinearSoftcapCE.apply(x_ND, w_VD, targets_N, vocab, softcap, cast)
 
 
 # ------------------------------------------------------------------ residual mix + RMSNorm (per layer)

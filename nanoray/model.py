@@ -162,18 +162,16 @@ class Attention(nn.Module):
         self.c_proj = Linear(config.n_head * config.head_dim, config.n_embd)
         self.ve_gate = Linear(VE_GATE_CHANNELS, config.n_kv_head) if has_value_embedding else None
         self.w_qkv: torch.Tensor | None = None  # set by GPT.prepare_inference
+        self.qkv_linear = None  # (x, w) -> x @ w.T for the fused q/k/v GEMM: set by fp8 training (nanoray.fp8)
 
     def forward(self, x_BTD, ve_BTKC, cos, sin, cache: KVCache | None):
         B, T, _ = x_BTD.shape
-        if type(self.c_q) is Linear:
-            # One GEMM for q, k and v (wider N, one dgrad instead of three plus two adds); the weights stay
-            # separate parameters, so Muon orthogonalizes each matrix on its own as nanochat does.
-            w_qkv = self.w_qkv if self.w_qkv is not None else \
-                torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x_BTD.dtype)
-            q, k, v = F.linear(x_BTD, w_qkv).split([self.c_q.out_features, self.c_k.out_features,
-                                                    self.c_v.out_features], dim=-1)
-        else:  # fp8 modules (nanoray.fp8), each with its own scale
-            q, k, v = self.c_q(x_BTD), self.c_k(x_BTD), self.c_v(x_BTD)
+        # One GEMM for q, k and v (wider N, one dgrad instead of three plus two adds, in fp8 one cast of x); the
+        # weights stay separate parameters, so Muon orthogonalizes each matrix on its own as nanochat does.
+        w_qkv = self.w_qkv if self.w_qkv is not None else \
+            torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        qkv = F.linear(x_BTD, w_qkv.to(x_BTD.dtype)) if self.qkv_linear is None else self.qkv_linear(x_BTD, w_qkv)
+        q, k, v = qkv.split([self.c_q.out_features, self.c_k.out_features, self.c_v.out_features], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -260,6 +258,7 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in self.ve_layers})
         self.blocks = nn.ModuleList(Block(config, i, i in self.ve_layers) for i in range(L))
         self.lm_head = Linear(D, V)
+        self.lm_head_cast = None  # the fused cross-entropy's GEMM operands in fp8: set by fp8 training (nanoray.fp8)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
@@ -382,8 +381,9 @@ class GPT(nn.Module):
 
         if targets_BT is not None and loss_reduction == "mean" and torch.is_grad_enabled() \
                 and fused_cross_entropy_available(x):  # one Triton pass: loss and grad, no fp32 logits
-            return linear_softcap_cross_entropy(x.view(B * T, -1), self.lm_head.weight.to(x.dtype),
-                                                targets_BT.reshape(-1), self.config.vocab_size, SOFTCAP)
+            w = self.lm_head.weight if self.lm_head_cast else self.lm_head.weight.to(dtype)  # fp8 casts the fp32
+            return linear_softcap_cross_entropy(x.view(B * T, -1), w, targets_BT.reshape(-1),
+                                                self.config.vocab_size, SOFTCAP, self.lm_head_cast)
         if at is not None:
             x = x[at]
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
