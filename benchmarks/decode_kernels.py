@@ -1,6 +1,7 @@
 """GPU time of nanoray.fused_decode's kernels at one depth's shapes: each one-row GEMV (the default tiles and
-a few others), the attention at 1 and 128 rows (several split lengths), and the whole decode forward, each timed as 20 launches captured in a CUDA
-graph (so launch gaps count as they do in the engine's graphs).
+a few others), the attention at 1 and 128 rows (several split lengths), and the whole decode forward (without and
+with programmatic dependent launch, where the GPU has it), each timed as 20 launches captured in a CUDA graph (so
+launch gaps count as they do in the engine's graphs).
 
     python benchmarks/decode_kernels.py --depth 12        # GPU only
 
@@ -80,10 +81,13 @@ def main() -> None:
             print(json.dumps(dict(kernel="attention", rows=B, chunk=chunk, us=round(us, 2),
                                   gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
+    pdl = fd.pdl
     for B in (1, 8, rows):
-        state[1] = args.position
-        us = graph_us(lambda: fd.forward(B))
-        print(json.dumps(dict(kernel="forward", rows=B, us=round(us, 2), **base)), flush=True)
+        for flag in sorted({False, pdl}):  # the whole step without and with programmatic dependent launch
+            fd.pdl = flag
+            state[1] = args.position
+            us = graph_us(lambda: fd.forward(B))
+            print(json.dumps(dict(kernel="forward", rows=B, pdl=fd.pdl, us=round(us, 2), **base)), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ the math and bf16 roundings of its per-row cache path, then samples the next tok
              and the next step's inputs (token, position, step) written on the device          (_pick)
 
 So a step of up to NARROW rows is 5 kernels a layer plus 3 (greedy) and needs no host work: the engine captures
-several steps in one CUDA graph. `_linear` is a GEMV for one row (products summed lane-wise, one reduction at
+several steps in one CUDA graph. On Hopper and later the kernels run under programmatic dependent launch (PDL):
+each starts while the previous one finishes and waits for it only before reading its output, so launch and ramp
+overlap, and a GEMV's weights (nobody's output) stream in meanwhile. `_linear` is a GEMV for one row (products summed lane-wise, one reduction at
 the end) and a skinny GEMM (tl.dot) for a few. Wider steps run the GEMMs on cuBLAS, with the norms and mixes
 as kernels of their own (nanoray.kernels' mix_norm), the same attention and sampler.
 GPU only (bf16, Triton); the engine's other decode paths are the plain PyTorch model, which the GPU tests
@@ -33,12 +35,13 @@ from nanoray import kernels
 from nanoray.model import QK_GAIN, SMEAR_CHANNELS, SOFTCAP, VE_GATE_CHANNELS
 
 triton = kernels.triton
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if triton is not None:
     import triton.language as tl
 
     # Triton's CPU interpreter (TRITON_INTERPRET=1, for checking these kernels without a GPU) multiplies bf16
     # tl.dot operands as raw bits: there the skinny GEMM runs in fp32.
-    _DOT_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    _DOT_FP32 = tl.constexpr(_INTERPRET)
 
 MAX_SPLITS = 64  # attention splits per row at most (the shortest split covers seq_len / 64 positions)
 
@@ -62,6 +65,15 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """Under programmatic dependent launch (PDL, Hopper and later): wait until the previous kernel has finished and
+        its writes are visible, then let the next kernel launch, so its start overlaps this one's run (it waits in
+        turn before reading anything). Only what no earlier kernel writes may be read before this."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _hash32(x):
         """nanoray.engine._hash32 on int64 lanes (products stay below 2**63)."""
         x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
@@ -70,7 +82,8 @@ if triton is not None:
 
     @triton.jit
     def _embed_kernel(idx_ptr, wte_ptr, smear_w_ptr, smear_lam_ptr, prev_ptr, x0_ptr, x_ptr, lam_ptr, D, eps,
-                      SMEAR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SM: tl.constexpr):
+                      SMEAR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SM: tl.constexpr, PDL: tl.constexpr):
+        _pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         tok = tl.load(idx_ptr + b)
         d = tl.arange(0, BLOCK_D)
@@ -100,22 +113,30 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _weight_tile(w_ptr, rn, rk, n_mask, K):
+        return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
+
+    @triton.jit
     def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K,
                        res_ptr, x0_ptr, lam_ptr, save_ptr, bo_ptr, bl_ptr, xn_ptr, stats_ptr, eps, softcap,
                        PRO: tl.constexpr, EPI: tl.constexpr, MIX: tl.constexpr, SAVE: tl.constexpr,
                        STORE_XN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """out = epilogue(prologue(x) @ wᵀ) for rows < M, columns < N; w is (N, K) bf16, row-major.
         PRO 0: x as is; 1: RMSNorm of x's rows; 2: RMSNorm of x - λ·backout. EPI 0: bf16; 1: ReLU²;
         2: out = x + y in place (SAVE: a copy to save_ptr; MIX: then the next layer's resid/x0 mix);
         3: softcapped fp32 logits and per-block (max, sum-exp, argmax) for the sampler. STORE_XN: the first
-        column block writes the normed rows."""
+        column block writes the normed rows. PDL: the first weight tile (no kernel's output) loads before the
+        wait for the previous kernel, so a one-tile GEMV reads its weights while that kernel finishes."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_mask = rm < M
         n_mask = rn < N
+        if PDL:
+            w = _weight_tile(w_ptr, rn, tl.arange(0, BLOCK_K), n_mask, K)
+            _pdl_start(PDL)
         if PRO == 1 or PRO == 2:
             sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -137,7 +158,10 @@ if triton is not None:
                 a = (_input_rows(x_ptr, bo_ptr, bl_ptr, rm, rk, a_mask, K, PRO) * rstd[:, None]).to(tl.bfloat16)
                 if STORE_XN:
                     tl.store(xn_ptr + rm[:, None] * K + rk[None, :], a, mask=a_mask & (pid_n == 0))
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if not PDL:
+                w = _weight_tile(w_ptr, rn, rk, n_mask, K)
+            elif k0 > 0:  # the first tile came before the wait
+                w = _weight_tile(w_ptr, rn, rk, n_mask, K)
             if BLOCK_M >= 16 and _DOT_FP32:
                 acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
             elif BLOCK_M >= 16:
@@ -203,7 +227,7 @@ if triton is not None:
                           k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
                           chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
                           C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, PDL: tl.constexpr):
         """Program (b, h, s): query head h of row b over positions [s·chunk, (s+1)·chunk) of its window, with
         rotary + QK-norm of q and of the new k, and the gated value embedding of the new v, done here. The new
         key/value (position pos) come from registers, so no program reads the cache where one writes it; the
@@ -212,6 +236,7 @@ if triton is not None:
 
         QK-norm bounds every score: |q|, |k| <= QK_GAIN·sqrt(C), so q·k·scale <= `bound`, and exp(score - bound)
         needs no running max (no rescaling of the accumulators, which keep one partial sum per lane)."""
+        _pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -299,10 +324,11 @@ if triton is not None:
 
     @triton.jit
     def _pick_kernel(stats_ptr, n_blocks, topv_ptr, topi_ptr, state_ptr, fstate_ptr, out_ptr, lse_ptr,
-                     n_state, max_pos, out_stride, K_MAX: tl.constexpr, BLOCK_NB: tl.constexpr):
+                     n_state, max_pos, out_stride, K_MAX: tl.constexpr, BLOCK_NB: tl.constexpr, PDL: tl.constexpr):
         """Row b's token: the argmax (K_MAX 1) or a Gumbel-max draw among its top-k/top-p candidates (the
         K_MAX best logits, sorted), its log-prob, and the row's next inputs. state rows: token, pos, step,
         hashed seed, top_k, active; fstate rows: temperature, top_p."""
+        _pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         nb = tl.arange(0, BLOCK_NB)
         nbm = nb < n_blocks
@@ -368,6 +394,8 @@ class FusedDecoder:
         if self.H % self.KVH or self.C % 2 or self.C != _pow2(self.C):
             raise ValueError(f"fused decode needs n_head % n_kv_head == 0 and a power-of-two head_dim, got {cfg}")
         self.cache, self.state, self.fstate = cache, state, fstate
+        # Programmatic dependent launch: each kernel starts while the previous one finishes (module docstring)
+        self.pdl = torch.cuda.get_device_capability(state.device) >= (9, 0) and not _INTERPRET
         self.eps = torch.finfo(torch.bfloat16).eps
         # |q|, |k| <= QK_GAIN·sqrt(C) after QK-norm (bf16 rounding: 1% margin), so every score is <= this
         self.bound = QK_GAIN ** 2 * math.sqrt(self.C) * 1.01
@@ -415,7 +443,8 @@ class FusedDecoder:
         grid = (triton.cdiv(N, block_n), triton.cdiv(B, block_m))
         _linear_kernel[grid](x, w, out, B, N, K, out, self.x0, lam, self.backout, self.backout, self.backout_lam,
                              self.xn, self.stats, self.eps, SOFTCAP, PRO=PRO, EPI=EPI, MIX=MIX, SAVE=SAVE,
-                             STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+                             STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=self.pdl,
+                             num_warps=warps, launch_pdl=self.pdl)
         return grid[0]
 
     def chunk(self, B: int) -> int:
@@ -434,7 +463,7 @@ class FusedDecoder:
             self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
             QK_GAIN, 1 / math.sqrt(self.C), self.bound, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
             VE_CH=VE_GATE_CHANNELS, BLOCK_J=64, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
-            BLOCK_VE=_pow2(VE_GATE_CHANNELS), num_warps=4)
+            BLOCK_VE=_pow2(VE_GATE_CHANNELS), PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
@@ -446,7 +475,7 @@ class FusedDecoder:
         Also leaves each lm_head block's (max, sum-exp, argmax) per row in `stats`, for `sample`."""
         _embed_kernel[(B,)](self.state[0], self.wte, self.smear_w, self.smear_lam, self.cache.prev_emb, self.x0,
                             self.x, self.lam[0], self.D, self.eps, SMEAR=SMEAR_CHANNELS, BLOCK_D=_pow2(self.D),
-                            BLOCK_SM=_pow2(SMEAR_CHANNELS), num_warps=4)
+                            BLOCK_SM=_pow2(SMEAR_CHANNELS), PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
         if B <= NARROW:
             self._narrow(B)
         else:
@@ -496,4 +525,4 @@ class FusedDecoder:
             values = ids = self.logits
         _pick_kernel[(B,)](self.stats, n_blocks, values, ids, self.state, self.fstate, out, self.row_lse,
                            self.state.size(1), self.seq_len - 1, out.stride(0), K_MAX=k_max,
-                           BLOCK_NB=_pow2(n_blocks), num_warps=4)
+                           BLOCK_NB=_pow2(n_blocks), PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)

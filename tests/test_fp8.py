@@ -56,7 +56,7 @@ def losses(depth: int, fp8: bool, steps: int = 12) -> list[float]:
 @pytest.mark.parametrize("depth", [4, 6])
 def test_fp8_training_follows_the_high_precision_loss(depth, cpu_fp8_matmul):
     """Same init, same batches: the fp8 losses stay within 0.2% of the fp32 ones at every step, at two depths
-    (measured: 2e-4 at most)."""
+    (measured: 4e-4 at most, q/k/v fused; with CPU _scaled_mm emulated as a dequantized matmul)."""
     exact, fp8 = losses(depth, False), losses(depth, True)
     assert exact[-1] < 0.6 * exact[0]  # it learns
     for step, (a, b) in enumerate(zip(exact, fp8)):

@@ -203,6 +203,47 @@ def test_fused_decode_step_matches_the_model(B, n_kv_head):
                 assert rel_err(getattr(caches[1], name), getattr(caches[0], name)) < 2e-2, name
 
 
+def test_fused_decode_under_pdl_computes_what_it_computes_without():
+    """Programmatic dependent launch changes when the kernels start, never what they compute: 8 greedy steps of 3
+    rows captured in one CUDA graph (as the engine runs them) give bit-identical tokens, log-probs and cache with
+    PDL and without; a kernel reading its input before the previous kernel's write would not."""
+    from nanoray.fused_decode import FusedDecoder
+    from nanoray.model import KVCache
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PDL needs Hopper or later")
+    model = _served_model(n_kv_head=2).prepare_inference(torch.bfloat16)
+    T, B, steps = model.config.seq_len, 3, 8
+    results = []
+    for pdl in (False, True):
+        cache = KVCache(model.config, 4, T, "cuda", torch.bfloat16)
+        with torch.no_grad():
+            for slot, n in enumerate((5, 130, 60)):
+                prompt = torch.randint(512, (1, n), generator=torch.Generator().manual_seed(slot)).cuda()
+                model(prompt, cache=cache.view(slice(slot, slot + 1), T, 0))
+            state = torch.zeros(6, 4, dtype=torch.long, device="cuda")
+            state[0, :B], state[1, :B], state[4], state[5, :B] = torch.tensor([3, 4, 5]).cuda(), \
+                torch.tensor([5, 130, 60]).cuda(), 1, 1
+            fused = FusedDecoder(model, cache, state, torch.ones(2, 4, device="cuda"))
+            fused.pdl = pdl
+            start = [t.clone() for t in (state, cache.k, cache.v, cache.prev_emb)]
+            out = torch.zeros(steps, B, 2, device="cuda")
+            fused.forward(B), fused.sample(B, 1, out[0])  # compiles the kernels (outside the capture)
+            for t, saved in zip((state, cache.k, cache.v, cache.prev_emb), start):
+                t.copy_(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(steps):
+                    fused.forward(B)
+                    fused.sample(B, 1, out[i])
+            graph.replay()
+            torch.cuda.synchronize()
+        results.append((out.clone(), cache.k.clone(), cache.v.clone(), state.clone()))
+    for plain, pdl in zip(*results):
+        assert torch.equal(plain, pdl)
+    assert results[1][3][1, :B].tolist() == [5 + steps, 130 + steps, 60 + steps]  # all 8 steps ran
+
+
 def test_fused_sampler_draws_what_the_pytorch_sampler_draws():
     from nanoray.engine import _hash32, sample
     from nanoray.fused_decode import FusedDecoder
