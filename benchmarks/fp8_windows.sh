@@ -24,7 +24,7 @@ for stage in "$@"; do
     python -c "import torch, torchao, ray; print(torch.__version__, torchao.__version__, ray.__version__, torch.cuda.get_device_name())"
     ;;
   tests)
-    timeout 240 python -m pytest -q -x tests/test_gpu.py -k "fp8 or window or compiled_bf16 or pdl or fused_decode_step" -p no:cacheprovider 2>&1 | tail -4
+    timeout 240 python -m pytest -q --tb=line tests/test_gpu.py -k "fp8 or window or compiled_bf16 or pdl or fused_decode_step" -p no:cacheprovider 2>&1 | grep -vi warn | tail -12
     ;;
   speed-l)  # the bar's configuration (window L), bf16 against fp8
     tt d12-bf16 --depth 12 --steps 20 --log-every 5
