@@ -49,6 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, required=True)
     p.add_argument("--position", type=int, default=640, help="each row's position (context) in the attention")
+    p.add_argument("--forward-only", action="store_true", help="only the whole step (rows 1, 8, 128)")
     args = p.parse_args()
     config = plan(args.depth, "gpt2").model
     model = build_model(config, device="cuda").prepare_inference(torch.bfloat16)
@@ -64,7 +65,7 @@ def main() -> None:
                 date=datetime.date.today().isoformat())
     shapes = dict(qkv=(fd.x, layer["qkv"], fd.qkv, dict(PRO=1)), fc=(fd.x, layer["fc"], fd.h, dict(PRO=1, EPI=1)),
                   proj=(fd.h, layer["proj"], fd.x, dict(EPI=2)), lm_head=(fd.x, fd.lm_head, fd.logits, dict(PRO=2, EPI=3)))
-    for name, (x, w, out, kw) in shapes.items():
+    for name, (x, w, out, kw) in () if args.forward_only else shapes.items():
         N, K = (config.vocab_size if name == "lm_head" else w.shape[0]), w.shape[1]
         default = fd.lm_blocks if name == "lm_head" else _gemv_blocks(N, K)
         configs = {"default": (default, None), "w4": (default, 4), "w8": (default, 8),
@@ -73,7 +74,7 @@ def main() -> None:
             us = graph_us(lambda: fd._linear(x, w, out, 1, blocks=blocks, warps=warps, **kw))
             print(json.dumps(dict(kernel=f"gemv_{name}", config=label, blocks=blocks, warps=warps, us=round(us, 2),
                                   gb_s=round(N * K * 2 / us / 1e3, 1), **base)), flush=True)
-    for B in (1, rows):
+    for B in () if args.forward_only else (1, rows):
         for chunk in sorted({fd.chunk(B), 64, 128, 256, 512}):
             kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
             fd.chunk = lambda _, chunk=chunk: chunk

@@ -4,6 +4,8 @@
 #   bash benchmarks/fp8_windows.sh setup tests speed-l        # call 1
 #   bash benchmarks/fp8_windows.sh speed-more quality-d8       # call 2
 #   bash benchmarks/fp8_windows.sh quality-d12 profile         # call 3
+#   bash benchmarks/fp8_windows.sh decode                      # issue 15's PDL step, with and without
+#   TESTS="pdl" bash benchmarks/fp8_windows.sh tests           # a subset of the GPU tests (pytest -k)
 #
 # carry: .devbundle (Ray, pydantic...) and .whl/ao: the torchao wheel, and what tests/conftest.py's serve import
 # needs beyond .devbundle (fastapi-offline, tokenizers, safetensors), each the version installed here (pip download).
@@ -24,7 +26,7 @@ for stage in "$@"; do
     python -c "import torch, torchao, ray; print(torch.__version__, torchao.__version__, ray.__version__, torch.cuda.get_device_name())"
     ;;
   tests)
-    timeout 240 python -m pytest -q --tb=line tests/test_gpu.py -k "fp8 or window or compiled_bf16 or pdl or fused_decode_step" -p no:cacheprovider 2>&1 | grep -vi warn | tail -12
+    timeout 240 python -m pytest -q --tb=line tests/test_gpu.py -k "${TESTS:-fp8 or window or compiled_bf16 or pdl or fused_decode_step}" -p no:cacheprovider 2>&1 | grep -vi warn | tail -12
     ;;
   speed-l)  # the bar's configuration (window L), bf16 against fp8
     tt d12-bf16 --depth 12 --steps 20 --log-every 5
@@ -41,6 +43,10 @@ for stage in "$@"; do
     ;;
   quality-d12)
     q quality-d12 --depth 12 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --data-dir /tmp/quality-data
+    ;;
+  decode)  # issue 15: the fused decode step with and without programmatic dependent launch
+    timeout 120 python benchmarks/decode_kernels.py --depth 12 --forward-only 2>&1 | tee "$OUT/decode-d12.log" | grep -E '^\{|Error'
+    timeout 120 python benchmarks/decode_kernels.py --depth 20 --forward-only 2>&1 | tee "$OUT/decode-d20.log" | grep -E '^\{|Error'
     ;;
   profile)
     timeout 200 python benchmarks/profile_step.py --depth 20 --fp8 --top 25 2>&1 | tee "$OUT/profile-d20-fp8.log" | tail -27
