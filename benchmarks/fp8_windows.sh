@@ -9,7 +9,8 @@
 #
 # carry: .devbundle (Ray, pydantic...) and .whl/ao: the torchao wheel, and what tests/conftest.py's serve import
 # needs beyond .devbundle (fastapi-offline, tokenizers, safetensors), each the version installed here (pip download).
-# Each benchmark's JSON lines and logs go to $OUT (or ./runs/out).
+# Each benchmark's JSON lines and logs go to $OUT (or ./runs/out). A device call's limit kills the pipe of a
+# trailing `| tail`: send the output to a file under $OUT (`> $OUT/run.log 2>&1`) so the call keeps it.
 set -uo pipefail
 OUT=${OUT:-runs/out}
 mkdir -p "$OUT"
@@ -26,12 +27,16 @@ for stage in "$@"; do
     python -c "import torch, torchao, ray; print(torch.__version__, torchao.__version__, ray.__version__, torch.cuda.get_device_name())"
     ;;
   tests)
-    timeout 240 python -m pytest -q --tb=line tests/test_gpu.py -k "${TESTS:-fp8 or window or compiled_bf16 or pdl or fused_decode_step}" -p no:cacheprovider 2>&1 | grep -vi warn | tail -12
+    timeout 240 python -m pytest -q --tb=line tests/test_gpu.py -k "${TESTS:-fp8 or window or compiled_bf16 or pdl or fused_decode_step}" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -vi warn | tail -12
     ;;
   speed-l)  # the bar's configuration (window L), bf16 against fp8
     tt d12-bf16 --depth 12 --steps 20 --log-every 5
     tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8
     tt d20-fp8 --depth 20 --steps 8 --log-every 2 --fp8
+    ;;
+  speed-d20)  # the bar's d20 pair alone (fp8 first), for a call that has d12 already
+    tt d20-fp8 --depth 20 --steps 8 --log-every 2 --fp8
+    tt d20-bf16 --depth 20 --steps 8 --log-every 2
     ;;
   speed-more)
     tt d20-bf16 --depth 20 --steps 8 --log-every 2
@@ -44,9 +49,10 @@ for stage in "$@"; do
   quality-d12)
     q quality-d12 --depth 12 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --data-dir /tmp/quality-data
     ;;
-  decode)  # issue 15: the fused decode step with and without programmatic dependent launch
-    timeout 120 python benchmarks/decode_kernels.py --depth 12 --forward-only 2>&1 | tee "$OUT/decode-d12.log" | grep -E '^\{|Error'
-    timeout 120 python benchmarks/decode_kernels.py --depth 20 --forward-only 2>&1 | tee "$OUT/decode-d20.log" | grep -E '^\{|Error'
+  decode)  # issue 15: the fused decode step with and without programmatic dependent launch (DEPTHS: "12 20")
+    for d in ${DEPTHS:-12 20}; do
+      timeout 120 python benchmarks/decode_kernels.py --depth $d --forward-only 2>&1 | tee "$OUT/decode-d$d.log" | grep -E '^\{|Error'
+    done
     ;;
   profile)
     timeout 200 python benchmarks/profile_step.py --depth 20 --fp8 --top 25 2>&1 | tee "$OUT/profile-d20-fp8.log" | tail -27
