@@ -119,7 +119,8 @@ def test_fp8_training_on_gpu_follows_bf16():
                           eval_tokens=2**14, checkpoint_at_end=False), session)
         runs[fp8] = session.history
     bf16, fp8 = runs[False], runs[True]
-    assert bf16[0]["train_loss"] > 7 and bf16[-1]["val_loss"] < 3.5
+    # both learn (d4 is at ~5.8 by its first report, step 10, from ln 4096 = 8.3), on the same curve
+    assert bf16[0]["train_loss"] > bf16[-1]["train_loss"] + 1 and bf16[-1]["val_loss"] < 3.5
     for a, b in zip(bf16, fp8):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
     assert fp8[-1]["val_loss"] == pytest.approx(bf16[-1]["val_loss"], rel=1e-2)
