@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--configs", default="bf16:L,fp8:L", help="comma-separated <precision>:<windows>; first = baseline")
     p.add_argument("--source", default="stdlib", help="corpus source (stdlib, debian-docs, files:<glob>, ...)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the corpus allowed (default: the stream's guess)")
     p.add_argument("--data-dir", default="runs/data-quality", help="where the prepared corpus goes (reused)")
     p.add_argument("--preset", default="gpt2")
     p.add_argument("--total-batch-tokens", type=int, default=2**17)
@@ -71,7 +72,7 @@ def main() -> None:
         return plan(args.depth, args.preset, Horizon(iterations=args.steps), total_batch_tokens=args.total_batch_tokens,
                     fp8=precision == "fp8", window_pattern=windows, gpu_memory_gib=memory)
 
-    data = DataSpec(kind="corpus", source=args.source)
+    data = DataSpec(kind="corpus", source=args.source, epochs=args.epochs)
     t0 = time.perf_counter()
     corpus = prepare_corpus(plan_of(*configs[0]), data, args.eval_tokens, args.data_dir)
     print(f"corpus ready in {time.perf_counter() - t0:.0f} s", flush=True)
