@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -48,8 +49,7 @@ from nanoray.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"  # beside a prepared source's train/ and val/: what each split holds
-BYTES_PER_TOKEN_LOW = 2.5  # a low guess of text bytes per token, to size the number of epochs generously
-KEPT_FRACTION_LOW = 0.5  # a low guess of the tokens that survive best-fit cropping
+EPOCH_MARGIN = 2.0  # default epochs: this many times the measured need, plus one (unread epochs cost nothing)
 
 
 class StreamSpec(BaseModel):
@@ -303,19 +303,28 @@ def text_bytes(paths, filesystem=None) -> int:
     return total
 
 
-def epochs_for(spec: str, tokens: int) -> int:
-    """Epochs enough for `tokens` (with generous margins): from a prepared source's manifest, or the local
-    shards' footers; 1 for a remote source without a manifest (thousands of files: one pass is plenty)."""
+def epochs_for(stream: StreamSpec, tokenizer: Tokenizer, tokens: int) -> int:
+    """Epochs of the train split enough for `tokens`: its size (a prepared source's manifest, or the local shards'
+    footers) times the tokens a sample yields per byte, packed as the stream packs it (the first shard's first
+    row group): the yield depends on the documents, the tokenizer and the row length (stdlib sources at vocab
+    4096: 5.1 bytes per kept token in rows of 2048, 25 in rows of 256, which crop most of each), so no fixed guess
+    covers it. With EPOCH_MARGIN. 1 for a remote source without a manifest (thousands of files: one pass is plenty)."""
+    spec = stream.source
     manifest = join(spec.removeprefix("parquet:"), MANIFEST) if spec.startswith("parquet:") else None
+    shards = parquet_shards(spec, "train")
     if manifest and exists(manifest):
         size = json.loads(read_bytes(manifest))["train"]["text_bytes"]
+    elif shards.filesystem is not None:
+        return 1
     else:
-        shards = parquet_shards(spec, "train")
-        if shards.filesystem is not None:
-            return 1
         size = text_bytes(shards.paths)
-    per_epoch = max(1.0, size / BYTES_PER_TOKEN_LOW * KEPT_FRACTION_LOW)
-    return int(tokens / per_epoch) + 2
+    sample = pq.ParquetFile(shards.paths[0], filesystem=shards.filesystem)
+    texts = sample.read_row_group(0, columns=["text"]).column("text").to_pylist()
+    kept = TokenizePack(tokenizer, stream, shards).unit_rows(shards.paths[0], texts, 0).size
+    per_byte = kept / max(sample.metadata.row_group(0).total_byte_size, 1)
+    if per_byte == 0:  # the sample's documents were all of the other split, or empty: assume a poor yield
+        per_byte = 1 / 64
+    return math.ceil(EPOCH_MARGIN * tokens / max(1.0, size * per_byte)) + 1
 
 
 class Corpus(BaseModel):
@@ -346,8 +355,10 @@ def prepare_corpus(plan: RunPlan, data: DataSpec, eval_tokens: int, data_dir: st
         raise ValueError(f"{tokenizer_dir}: tokenizer has {tokenizer.vocab_size} tokens, plan.model.vocab_size is "
                          f"{plan.model.vocab_size}")
     train = StreamSpec(source=spec, split="train", seq_len=plan.model.seq_len, seed=data.seed,
-                       epochs=data.epochs or epochs_for(spec, plan.tokens), split_long_docs=plan.split_long_docs,
+                       epochs=data.epochs or 1, split_long_docs=plan.split_long_docs,
                        actors=data.actors, cpus_per_actor=data.cpus_per_actor)
+    if not data.epochs:
+        train = train.model_copy(update=dict(epochs=epochs_for(train, tokenizer, plan.tokens)))
     val = train.model_copy(update=dict(split="val", epochs=1))
     per_step = plan.device_batch_size * plan.num_workers
     val_rows = max(1, eval_tokens // (per_step * plan.model.seq_len)) * per_step

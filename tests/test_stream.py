@@ -11,7 +11,7 @@ from nanoray.corpus import parquet_shards
 from nanoray.data import DataSpec
 from nanoray.dial import Horizon, plan
 from nanoray.position import StreamPosition
-from nanoray.stream import StreamSpec, TokenizePack, build_dataset, local_rows, slot_file, split_long
+from nanoray.stream import StreamSpec, TokenizePack, build_dataset, epochs_for, local_rows, slot_file, split_long
 from nanoray.tokenizer import Tokenizer
 from nanoray.train import TrainConfig, fit
 
@@ -41,6 +41,18 @@ def test_rows_are_packed_per_unit_and_pure(corpus):
 
 def _path_of(stream, shards, slot):
     return shards.paths[slot_file(slot, len(shards.paths), stream.split, stream.seed)]
+
+
+def test_default_epochs_hold_the_plans_tokens(corpus):
+    """The default epochs hold a run of 20 epochs' worth of tokens, with rows that crop most of each document
+    (256) and rows that keep most (2048): the yield is measured, not guessed."""
+    spec, tokenizer, _ = corpus
+    for seq_len in (256, 2048):
+        one = StreamSpec(source=spec, seq_len=seq_len, epochs=1)
+        per_epoch = sum(b["tokens"].size for b in local_rows(one, tokenizer))
+        tokens = 20 * per_epoch
+        epochs = epochs_for(one, tokenizer, tokens)
+        assert 20 <= epochs <= 80, (seq_len, epochs)  # every epoch yields the same rows (another shard order)
 
 
 def test_split_long_docs_loses_no_token():
