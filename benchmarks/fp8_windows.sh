@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Issue 14's measurements on the lent GPU machine, in stages that fit one device call each (10 min):
+# Issues 14 and 15's measurements on the lent GPU machine, in stages; a device call (10 min at most, ~2 min of
+# it to start a cold machine) runs several. Priority order for a 30-minute session:
 #
-#   bash benchmarks/fp8_windows.sh setup tests speed-l        # call 1
-#   bash benchmarks/fp8_windows.sh speed-more quality-d8       # call 2
-#   bash benchmarks/fp8_windows.sh quality-d12 profile         # call 3
-#   bash benchmarks/fp8_windows.sh decode                      # issue 15's PDL step, with and without
-#   TESTS="pdl" bash benchmarks/fp8_windows.sh tests           # a subset of the GPU tests (pytest -k)
+#   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1        # call 1
+#   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 speed-more > $OUT/run.log 2>&1  # call 2
+#   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup quality-d8 quality-d12 > $OUT/run.log 2>&1  # call 3
+#   TESTS="pdl" bash benchmarks/fp8_windows.sh setup tests     # a subset of the GPU tests (pytest -k)
+#   DEPTHS=12 bash benchmarks/fp8_windows.sh setup decode      # issue 15's PDL A/B of the forward alone
 #
 # carry: .devbundle (Ray, pydantic...) and .whl/ao: the torchao wheel, and what tests/conftest.py's serve import
 # needs beyond .devbundle (fastapi-offline, tokenizers, safetensors), each the version installed here (pip download).
@@ -18,6 +19,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # kept while the machine stays warm between calls
 tt() { local name=$1; shift; timeout 300 python benchmarks/train_throughput.py "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|Error|error:' | tail -3; }
 q() { local name=$1; shift; timeout 420 python benchmarks/quality.py "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|Error|corpus ready' ; }
+# The quality corpus: the Python sources of torch and of the carried bundle (~80 MB: torch 46, Ray 28; the stdlib alone
+# is ~12 MB, 1.7M tokens an epoch: 300 steps of 2^17 tokens would read it 23 times over)
+corpus() { echo "files:$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')/**/*.py,/tmp/site/**/*.py"; }
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -44,14 +48,19 @@ for stage in "$@"; do
     tt d12-fp8-sssl --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern SSSL
     ;;
   quality-d8)
-    q quality-d8 --depth 8 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --data-dir /tmp/quality-data
+    q quality-d8 --depth 8 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --source "$(corpus)" --data-dir /tmp/quality-data
     ;;
   quality-d12)
-    q quality-d12 --depth 12 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --data-dir /tmp/quality-data
+    q quality-d12 --depth 12 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --source "$(corpus)" --data-dir /tmp/quality-data
     ;;
   decode)  # issue 15: the fused decode step with and without programmatic dependent launch (DEPTHS: "12 20")
     for d in ${DEPTHS:-12 20}; do
       timeout 120 python benchmarks/decode_kernels.py --depth $d --forward-only 2>&1 | tee "$OUT/decode-d$d.log" | grep -E '^\{|Error'
+    done
+    ;;
+  serve)  # issue 15's bar: the engine's whole batch-1 step and 128 streams, d12 and d20
+    for d in ${DEPTHS:-12 20}; do
+      timeout 200 python benchmarks/serve_throughput.py --depth $d 2>&1 | tee "$OUT/serve-d$d.log" | grep -E '^\{|Error'
     done
     ;;
   profile)
