@@ -168,7 +168,7 @@ def _served_model(vocab=512, seq_len=256, n_layer=3, n_embd=128, n_head=4, n_kv_
     return model.eval()
 
 
-@pytest.mark.parametrize("B", [1, 3, 40])
+@pytest.mark.parametrize("B", [1, 3, 40, 70])  # GEMV, skinny GEMM, cuBLAS with 256- and 512-position splits
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_fused_decode_step_matches_the_model(B, n_kv_head):
     """nanoray.fused_decode against the model's per-row cache forward (both bf16): logits, the cache it writes,
@@ -179,17 +179,17 @@ def test_fused_decode_step_matches_the_model(B, n_kv_head):
 
     model = _served_model(n_kv_head=n_kv_head).prepare_inference(torch.bfloat16)
     T, gen = model.config.seq_len, torch.Generator().manual_seed(B)
-    caches = [KVCache(model.config, 64, T, "cuda", torch.bfloat16) for _ in range(2)]
+    caches = [KVCache(model.config, 80, T, "cuda", torch.bfloat16) for _ in range(2)]
     lens = torch.randint(1, 200, (B,), generator=gen).tolist()
     with torch.no_grad():
         for cache in caches:
             for slot, n in enumerate(lens):
                 prompt = torch.randint(512, (1, n), generator=torch.Generator().manual_seed(slot)).cuda()
                 model(prompt, cache=cache.view(slice(slot, slot + 1), T, 0))
-        state = torch.zeros(6, 64, dtype=torch.long, device="cuda")
+        state = torch.zeros(6, 80, dtype=torch.long, device="cuda")
         state[0, :B] = torch.randint(512, (B,), generator=gen).cuda()
         state[1, :B], state[4], state[5, :B] = torch.tensor(lens).cuda(), 1, 1
-        fstate = torch.ones(2, 64, device="cuda")
+        fstate = torch.ones(2, 80, device="cuda")
         fused = FusedDecoder(model, caches[1], state, fstate)
         for _ in range(3):
             ref_BV = decode_step(model, caches[0], state[0, :B].clone(), state[1, :B].clone(), T)
