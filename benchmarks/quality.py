@@ -52,7 +52,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--configs", default="bf16:L,fp8:L", help="comma-separated <precision>:<windows>; first = baseline")
     p.add_argument("--source", default="stdlib", help="corpus source (stdlib, debian-docs, files:<glob>, ...)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the corpus allowed (default: the stream's guess)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the corpus allowed (default: enough for the run, from a measured sample)")
     p.add_argument("--data-dir", default="runs/data-quality", help="where the prepared corpus goes (reused)")
     p.add_argument("--preset", default="gpt2")
     p.add_argument("--total-batch-tokens", type=int, default=2**17)
