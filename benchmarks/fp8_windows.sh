@@ -48,10 +48,10 @@ for stage in "$@"; do
     tt d12-fp8-sssl --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern SSSL
     ;;
   quality-d8)
-    q quality-d8 --depth 8 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --source "$(corpus)" --data-dir /tmp/quality-data
+    q quality-d8 --depth 8 --steps 300 --configs "${CONFIGS:-bf16:L,fp8:L,bf16:SSSL}" --source "$(corpus)" --data-dir /tmp/quality-data
     ;;
   quality-d12)
-    q quality-d12 --depth 12 --steps 300 --configs bf16:L,fp8:L,bf16:SSSL --source "$(corpus)" --data-dir /tmp/quality-data
+    q quality-d12 --depth 12 --steps 300 --configs "${CONFIGS:-bf16:L,fp8:L,bf16:SSSL}" --source "$(corpus)" --data-dir /tmp/quality-data
     ;;
   decode)  # issue 15: the fused decode step with and without programmatic dependent launch (DEPTHS: "12 20")
     for d in ${DEPTHS:-12 20}; do

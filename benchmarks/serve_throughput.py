@@ -156,15 +156,20 @@ def forward_tok_s(engine: Engine, rows: int, length: int) -> float:
 
 
 def kernels_per_step(engine: Engine, position: int) -> int:
-    """GPU kernels one greedy batch-1 decode step launches (run eagerly under the profiler)."""
+    """GPU kernels one greedy batch-1 decode step launches (run eagerly under the profiler); on a CPU, the
+    operators it runs (so the CPU smoke test exercises this path too)."""
     state, length = engine._state, min(engine.seq_len, 1 << position.bit_length())
     state[0, 0], state[1, 0], state[5, 0] = 7, position, 1
     out = torch.zeros(1, 1, 2, device=engine.device)
-    engine._decode_steps(1, 1, 1, 0, length, out)  # warm-up (compiles)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    engine._decode_steps(1, 1, 1, 0, length, False, out)  # warm-up (compiles)
+    cuda = engine.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        engine._decode_steps(1, 1, 1, 0, length, out)
-        torch.cuda.synchronize()
+        engine._decode_steps(1, 1, 1, 0, length, False, out)
+        if cuda:
+            torch.cuda.synchronize()
+    if not cuda:
+        return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
 
@@ -210,7 +215,7 @@ def main() -> None:
                 timed = graph_step_ms(engine, rows, mid)
                 result[f"graph_step_ms_b{rows}"] = None if timed is None else round(timed[0], 4)
                 result[f"graph_kernel_ms_b{rows}"] = None if timed is None else timed[1]
-        kernels = kernels_per_step(engine, mid) if engine.device.type == "cuda" else None
+        kernels = kernels_per_step(engine, mid)
         result["forward_tok_s_b32"] = round(forward_tok_s(engine, 32, args.prompt), 1)
         seqs = torch.randint(engine.vocab_size, (32, args.prompt)).tolist()
         engine._score(seqs, 0)  # the engine's scoring function alone, on this thread

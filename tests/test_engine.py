@@ -307,8 +307,9 @@ def test_serve_throughput_benchmark_smoke():
                           "--quick"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"depth", "ttft_ms", "decode_tok_s_b1", "tok_s_b8", "tok_s_b32", "tok_s_b128", "mbu_b1",
-            "weight_bytes", "gpu", "torch"} <= result.keys()
+            "weight_bytes", "kernels_per_step", "gpu", "torch"} <= result.keys()
     assert result["depth"] == 2 and result["decode_tok_s_b1"] > 0 and result["tok_s_b8"] > 0
+    assert result["kernels_per_step"] > 0  # the profiled step ran (its call follows the engine's signature)
 
 
 needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
