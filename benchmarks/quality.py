@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--total-batch-tokens", type=int, default=2**17)
     p.add_argument("--eval-tokens", type=int, default=2**20, help="val tokens of the final evaluation")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=TrainConfig.model_fields["seed"].default,
+                   help="model init and RNG seed, the same for every configuration (a second seed tells a real gap "
+                        "from one trajectory's luck)")
     args = p.parse_args()
     try:
         configs = parse_configs(args.configs)
@@ -82,7 +85,7 @@ def main() -> None:
         run = plan_of(precision, windows)
         session = LocalSession("cuda" if gpu else "cpu", corpus=corpus)
         config = TrainConfig(plan=run, data=data, log_every=args.log_every, eval_every=0,
-                             eval_tokens=args.eval_tokens, checkpoint_at_end=False)
+                             eval_tokens=args.eval_tokens, checkpoint_at_end=False, seed=args.seed)
         t0 = time.perf_counter()
         last = train(config, session, corpus)
         speed = steady_state(session.history, 1)
@@ -90,7 +93,7 @@ def main() -> None:
                       val_loss=round(last["val_loss"], 4), val_bpb=round(last["val_bpb"], 4),
                       train_loss=round(last["train_loss"], 4), flops_per_token=run.flops_per_token,
                       tok_per_s=speed["tok_per_s"], mfu=speed["mfu"], device_batch_size=run.device_batch_size,
-                      total_batch_tokens=run.total_batch_tokens, seconds=round(time.perf_counter() - t0, 1))
+                      total_batch_tokens=run.total_batch_tokens, seed=args.seed, seconds=round(time.perf_counter() - t0, 1))
         if baseline is None:
             baseline = result
         else:

@@ -30,11 +30,11 @@ def test_quality_compares_configurations_on_identical_batches(tmp_path):
     same init, rows and val rows); another window pattern prints its ratio and its FLOPs ratio."""
     out = subprocess.run([sys.executable, "benchmarks/quality.py", "--preset", "tiny", "--depth", "2", "--steps", "6",
                           "--total-batch-tokens", "2048", "--configs", "bf16:L,bf16:L,bf16:SL", "--eval-tokens", "4096",
-                          "--log-every", "2", "--data-dir", str(tmp_path / "data")],
+                          "--log-every", "2", "--seed", "7", "--data-dir", str(tmp_path / "data")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     base, same, windows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert base["config"] == "bf16:L" and "val_loss_ratio" not in base and base["steps"] == 6
+    assert base["config"] == "bf16:L" and "val_loss_ratio" not in base and base["steps"] == 6 and base["seed"] == 7
     assert same["val_loss"] == base["val_loss"] and same["val_loss_ratio"] == 1.0
     assert windows["config"] == "bf16:SL" and windows["flops_ratio"] < 1
     assert windows["val_loss_ratio"] == round(windows["val_loss"] / base["val_loss"], 5)
