@@ -93,7 +93,8 @@ def main() -> None:
                       val_loss=round(last["val_loss"], 4), val_bpb=round(last["val_bpb"], 4),
                       train_loss=round(last["train_loss"], 4), flops_per_token=run.flops_per_token,
                       tok_per_s=speed["tok_per_s"], mfu=speed["mfu"], device_batch_size=run.device_batch_size,
-                      total_batch_tokens=run.total_batch_tokens, seed=args.seed, seconds=round(time.perf_counter() - t0, 1))
+                      total_batch_tokens=run.total_batch_tokens, seed=args.seed,
+                      seconds=round(time.perf_counter() - t0, 1))
         if baseline is None:
             baseline = result
         else:
