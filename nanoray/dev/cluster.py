@@ -41,10 +41,20 @@ WORKER_CPUS = 2  # logical CPUs per worker node: bookkeeping (ray-notes §6), so
 STATE = "cluster.json"
 
 
+_GIVEN: set[int] = set()  # ports free_port has handed out in this process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now and not handed out before by this process: the OS may offer a port again as
+    soon as its probe socket closes (it once gave a node's node-manager and dashboard-agent the same one, and that
+    Ray node refused to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def ray_executable() -> str:
