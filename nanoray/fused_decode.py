@@ -18,8 +18,8 @@ So a step of up to NARROW rows is 5 kernels a layer plus 3 (greedy) and needs no
 several steps in one CUDA graph. On Hopper and later the kernels run under programmatic dependent launch (PDL):
 each starts while the previous one finishes and waits for it only before reading its output, so launch and ramp
 overlap, and a GEMV's weights (nobody's output) stream in meanwhile. `_linear` is a GEMV for one row (products
-summed lane-wise, one reduction at the end) and a skinny GEMM (tl.dot) for a few. Wider steps run the GEMMs on cuBLAS, with the norms and mixes
-as kernels of their own (nanoray.kernels' mix_norm), the same attention and sampler.
+summed lane-wise, one reduction at the end) and a skinny GEMM (tl.dot) for a few. Wider steps run the GEMMs on
+cuBLAS, with the norms and mixes as kernels of their own (nanoray.kernels' mix_norm), the same attention and sampler.
 GPU only (bf16, Triton); the engine's other decode paths are the plain PyTorch model, which the GPU tests
 compare this one against.
 

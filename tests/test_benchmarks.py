@@ -38,6 +38,13 @@ def test_quality_compares_configurations_on_identical_batches(tmp_path):
     assert same["val_loss"] == base["val_loss"] and same["val_loss_ratio"] == 1.0
     assert windows["config"] == "bf16:SL" and windows["flops_ratio"] < 1
     assert windows["val_loss_ratio"] == round(windows["val_loss"] / base["val_loss"], 5)
+    other = subprocess.run([sys.executable, "benchmarks/quality.py", "--preset", "tiny", "--depth", "2", "--steps", "6",
+                            "--total-batch-tokens", "2048", "--configs", "bf16:L,bf16:SL", "--eval-tokens", "4096",
+                            "--log-every", "2", "--data-dir", str(tmp_path / "data")],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    default_seed = json.loads(next(line for line in other.stdout.splitlines() if line.startswith("{")))
+    assert default_seed["seed"] == 42 and default_seed["val_loss"] != base["val_loss"]  # --seed reaches the init
     bad = subprocess.run([sys.executable, "benchmarks/quality.py", "--depth", "2", "--configs", "fp16:L,bf16:L"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--configs: <precision>:<windows>" in bad.stderr
