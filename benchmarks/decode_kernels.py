@@ -20,10 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from nanoray.dial import plan  # noqa: E402
-from nanoray.fused_decode import FusedDecoder, _gemv_blocks  # noqa: E402
+from nanoray.fused_decode import FusedDecoder  # noqa: E402
 from nanoray.model import KVCache, build_model  # noqa: E402
 
 REPS = 20
+GEMV_TILES = [(1, 2048), (1, 4096), (2, 1024), (2, 2048), (2, 4096), (4, 512), (4, 1024), (4, 2048), (4, 4096),
+              (8, 256), (8, 512), (8, 1024), (8, 2048), (16, 256), (16, 512), (16, 1024), (32, 256)]
+DOT_TILES = [(32, 2), (64, 1), (64, 2), (64, 3), (128, 2), (128, 3)]  # the tensor-core attention's (BLOCK_J, stages)
 
 
 def graph_us(fn) -> float:
@@ -50,6 +53,9 @@ def main() -> None:
     p.add_argument("--depth", type=int, required=True)
     p.add_argument("--position", type=int, default=640, help="each row's position (context) in the attention")
     p.add_argument("--forward-only", action="store_true", help="only the whole step (rows 1, 8, 128)")
+    p.add_argument("--gemv-sweep", action="store_true",
+                   help="time every GEMV at %d tilings; the whole step then also runs with each shape's fastest"
+                   % len(GEMV_TILES))
     args = p.parse_args()
     config = plan(args.depth, "gpt2").model
     model = build_model(config, device="cuda").prepare_inference(torch.bfloat16)
@@ -63,32 +69,44 @@ def main() -> None:
     layer = fd.layers[0]
     base = dict(depth=args.depth, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 date=datetime.date.today().isoformat())
-    shapes = dict(qkv=(fd.x, layer["qkv"], fd.qkv, dict(PRO=1)), fc=(fd.x, layer["fc"], fd.h, dict(PRO=1, EPI=1)),
-                  proj=(fd.h, layer["proj"], fd.x, dict(EPI=2)), lm_head=(fd.x, fd.lm_head, fd.logits, dict(PRO=2, EPI=3)))
+    shapes = dict(qkv=(fd.x, layer["qkv"], fd.qkv, dict(PRO=1)), o=(fd.y, layer["o"], fd.x, dict(EPI=2)),
+                  fc=(fd.x, layer["fc"], fd.h, dict(PRO=1, EPI=1)), proj=(fd.h, layer["proj"], fd.x, dict(EPI=2)),
+                  lm_head=(fd.x, fd.lm_head, fd.logits, dict(PRO=2, EPI=3)))
+    picks = {}  # (N, K) -> the fastest (BLOCK_N, BLOCK_K, warps) of the sweep
     for name, (x, w, out, kw) in () if args.forward_only else shapes.items():
         N, K = (config.vocab_size if name == "lm_head" else w.shape[0]), w.shape[1]
-        default = fd.lm_blocks if name == "lm_head" else _gemv_blocks(N, K)
-        configs = {"default": (default, None), "w4": (default, 4), "w8": (default, 8),
-                   "tile16k": (_gemv_blocks(N, K, 16384), 8), "bn_half": ((max(2, default[0] // 2), default[1]), None)}
-        for label, (blocks, warps) in configs.items():
-            us = graph_us(lambda: fd._linear(x, w, out, 1, blocks=blocks, warps=warps, **kw))
-            print(json.dumps(dict(kernel=f"gemv_{name}", config=label, blocks=blocks, warps=warps, us=round(us, 2),
+        default = fd._gemv_tiles(N, K, kw.get("EPI", 0))
+        configs = [default] + [(bn, bk, 8 if bk >= 2048 else 4) for bn, bk in GEMV_TILES if args.gemv_sweep]
+        times = {}
+        for tiles in dict.fromkeys(configs):  # in order, once each
+            us = graph_us(lambda: fd._linear(x, w, out, 1, tiles=tiles, **kw))
+            times[tiles] = us
+            print(json.dumps(dict(kernel=f"gemv_{name}", default=tiles == default, tiles=tiles, us=round(us, 2),
                                   gb_s=round(N * K * 2 / us / 1e3, 1), **base)), flush=True)
+        picks[(N, K)] = min(times, key=times.get)
     for B in () if args.forward_only else (1, rows):
-        for chunk in sorted({fd.chunk(B), 64, 128, 256, 512}):
+        for chunk in (64, 128, 256, 512):
             kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
             fd.chunk = lambda _, chunk=chunk: chunk
-            us = graph_us(lambda: fd._attention(B, 0))
-            print(json.dumps(dict(kernel="attention", rows=B, chunk=chunk, us=round(us, 2),
-                                  gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
+            for kind, tiles in [("lanes", None)] + [("dot", t) for t in DOT_TILES]:
+                fd.attention_kernel, fd.attention_tiles = kind, tiles or fd.attention_tiles
+                us = graph_us(lambda: fd._attention(B, 0))
+                print(json.dumps(dict(kernel="attention", variant=kind, tiles=tiles, rows=B, chunk=chunk,
+                                      us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
-    pdl = fd.pdl
-    for B in (1, 8, rows):
-        for flag in sorted({False, pdl}):  # the whole step without and with programmatic dependent launch
-            fd.pdl = flag
+    default_attention, pdl = (FusedDecoder.attention_kernel, FusedDecoder.attention_tiles), fd.pdl
+    for B in (1, 8, rows):  # the whole step: PDL off and on, each attention kernel, the swept GEMV tiles
+        runs = [dict(pdl=False), dict(pdl=pdl), dict(pdl=pdl, attention="lanes")]
+        runs += [dict(pdl=pdl, gemv="swept")] if picks and B == 1 else []
+        for run in {json.dumps(r): r for r in runs}.values():
+            fd.pdl, fd.gemv_tuned = run["pdl"], picks if run.get("gemv") else {}
+            fd.attention_kernel = run.get("attention", default_attention[0])
+            fd.attention_tiles = default_attention[1]
             state[1] = args.position
             us = graph_us(lambda: fd.forward(B))
-            print(json.dumps(dict(kernel="forward", rows=B, pdl=fd.pdl, us=round(us, 2), **base)), flush=True)
+            print(json.dumps(dict(kernel="forward", rows=B, **run, us=round(us, 2), **base)), flush=True)
+    if picks:
+        print(json.dumps(dict(kernel="gemv_picks", picks={f"{n}x{k}": t for (n, k), t in picks.items()}, **base)))
 
 
 if __name__ == "__main__":

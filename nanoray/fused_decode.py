@@ -324,6 +324,131 @@ if triton is not None:
                     tl.atomic_xchg(count_ptr + b * H + h, 0)  # ready for the next launch
 
     @triton.jit
+    def _dot(a, b, acc):
+        """acc + a @ b with fp32 accumulation (the interpreter's tl.dot gets fp32 operands, _DOT_FP32)."""
+        if _DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _rope_norm_rows(x1, x2, cos, sin, eps, gain, C: tl.constexpr):
+        """_rope_norm of several heads at once: x1, x2 (R, C/2) halves, cos and sin (C/2,)."""
+        r1 = _bf(_bf(x1 * cos[None, :]) + _bf(x2 * sin[None, :]))
+        r2 = _bf(_bf(x2 * cos[None, :]) - _bf(x1 * sin[None, :]))
+        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / C + eps)
+        return _bf(_bf(r1 * rstd[:, None]) * gain), _bf(_bf(r2 * rstd[:, None]) * gain)
+
+    @triton.jit
+    def _attention_dot_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
+                              k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
+                              chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
+                              C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
+                              BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, BLOCK_G: tl.constexpr,
+                              PDL: tl.constexpr):
+        """_attention_kernel on tensor cores. Program (b, g, s): the G query heads of kv group g of row b (rows of
+        a (BLOCK_G >= 16, C) tile, the unused ones zero) over positions [s·chunk, (s+1)·chunk) of their window,
+        so each K/V tile is read once per group and both products are tl.dots (bf16 operands, fp32 sums), which
+        Triton pipelines: the next tiles load while this one multiplies. Scores q·k·scale as the model's SDPA
+        (bf16 q and k, fp32 sums), the probabilities rounded to bf16 for P·V as flash attention does; the rest
+        (the bound instead of a running max, the new key and value from registers, the merge by the last split
+        to finish) as _attention_kernel."""
+        _pdl_start(PDL)
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        s = tl.program_id(2)
+        G: tl.constexpr = H // KVH
+        pos = tl.load(pos_ptr + b)
+        lo = tl.maximum(pos - window, 0)
+        start = tl.maximum(s * chunk, lo)
+        end = tl.minimum(s * chunk + chunk, pos + 1)
+        if start < end:
+            HALF: tl.constexpr = C // 2
+            c = tl.arange(0, HALF)[None, :]
+            r = tl.arange(0, BLOCK_G)
+            heads = g * G + r
+            in_group = (r < G)[:, None]
+            row = qkv_ptr + b * ((H + 2 * KVH) * C)
+            kc = k_cache + b * stride_cb + g * stride_cg
+            vcache = v_cache + b * stride_cb + g * stride_cg
+            stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
+            cos = tl.load(cos_ptr + pos * HALF + tl.arange(0, HALF)).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * HALF + tl.arange(0, HALF)).to(tl.float32)
+            q_at = row + heads[:, None] * C + c
+            q1, q2 = _rope_norm_rows(tl.load(q_at, mask=in_group, other=0.0).to(tl.float32),
+                                     tl.load(q_at + HALF, mask=in_group, other=0.0).to(tl.float32),
+                                     cos, sin, eps, gain, C)
+            q1b, q2b = q1.to(tl.bfloat16), q2.to(tl.bfloat16)  # exact: _rope_norm_rows rounds to bf16
+            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+            o1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+            o2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+            for j0 in range(start, stop, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                live = j < stop
+                at = j[:, None] * C + c
+                k1 = tl.load(kc + at, mask=live[:, None], other=0.0)
+                k2 = tl.load(kc + at + HALF, mask=live[:, None], other=0.0)
+                v1 = tl.load(vcache + at, mask=live[:, None], other=0.0)
+                v2 = tl.load(vcache + at + HALF, mask=live[:, None], other=0.0)
+                qk = _dot(q2b, tl.trans(k2), _dot(q1b, tl.trans(k1), tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)))
+                p = tl.where(live[None, :], tl.exp(qk * scale - bound), 0.0)
+                l_i += tl.sum(p, axis=1)
+                pb = p.to(tl.bfloat16)
+                o1 = _dot(pb, v1, o1)
+                o2 = _dot(pb, v2, o2)
+            if s == pos // chunk:  # the new token: its key and value, then into the cache
+                kn1, kn2 = _rope_norm_rows(tl.load(row + (H + g) * C + c).to(tl.float32),
+                                           tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps,
+                                           gain, C)
+                vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
+                vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
+                if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
+                    vc = tl.arange(0, BLOCK_VE)
+                    vm = vc < VE_CH
+                    xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
+                    wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
+                    gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
+                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
+                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
+                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
+                p_new = tl.exp((tl.sum(kn1 * q1, axis=1) + tl.sum(kn2 * q2, axis=1)) * scale - bound)
+                l_i += p_new
+                o1 += p_new[:, None] * vn1
+                o2 += p_new[:, None] * vn2
+                tl.store(kc + pos * C + c, kn1.to(tl.bfloat16))
+                tl.store(kc + pos * C + HALF + c, kn2.to(tl.bfloat16))
+                tl.store(vcache + pos * C + c, vn1.to(tl.bfloat16))
+                tl.store(vcache + pos * C + HALF + c, vn2.to(tl.bfloat16))
+            y = y_ptr + b * (H * C) + heads[:, None] * C + c
+            first, last = lo // chunk, pos // chunk
+            if first == last:  # one split: it is the output
+                tl.store(y, (o1 / l_i[:, None]).to(tl.bfloat16), mask=in_group)
+                tl.store(y + HALF, (o2 / l_i[:, None]).to(tl.bfloat16), mask=in_group)
+            else:
+                # Partial sums under the shared bound: y = sum of the splits' o / sum of their l.
+                part = (b * H + heads) * n_split
+                at_o = (part + s)[:, None] * C + c
+                tl.store(o_ptr + at_o, o1, mask=in_group)
+                tl.store(o_ptr + at_o + HALF, o2, mask=in_group)
+                tl.store(l_ptr + part + s, l_i, mask=r < G)
+                # acq_rel: the partials above are visible to the program that sees the last count
+                if tl.atomic_add(count_ptr + b * KVH + g, 1) == last - first:
+                    ss = tl.arange(0, BLOCK_S)
+                    valid = (ss >= first) & (ss <= last)
+                    for i in tl.static_range(G):
+                        part_i = (b * H + g * G + i) * n_split
+                        l_all = tl.sum(tl.load(l_ptr + part_i + ss, mask=valid, other=0.0, cache_modifier=".cg"),
+                                       axis=0)
+                        at_s = (part_i + ss)[:, None] * C + c
+                        y1 = tl.sum(tl.load(o_ptr + at_s, mask=valid[:, None], other=0.0, cache_modifier=".cg"),
+                                    axis=0)
+                        y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0,
+                                            cache_modifier=".cg"), axis=0)
+                        y_i = y_ptr + b * (H * C) + (g * G + i) * C + tl.arange(0, HALF)
+                        tl.store(y_i, (y1 / l_all).to(tl.bfloat16))
+                        tl.store(y_i + HALF, (y2 / l_all).to(tl.bfloat16))
+                    tl.atomic_xchg(count_ptr + b * KVH + g, 0)  # ready for the next launch
+
+    @triton.jit
     def _pick_kernel(stats_ptr, n_blocks, topv_ptr, topi_ptr, state_ptr, fstate_ptr, out_ptr, lse_ptr,
                      n_state, max_pos, out_stride, K_MAX: tl.constexpr, BLOCK_NB: tl.constexpr, PDL: tl.constexpr):
         """Row b's token: the argmax (K_MAX 1) or a Gumbel-max draw among its top-k/top-p candidates (the
@@ -386,6 +511,9 @@ NARROW = 16  # up to this many rows a step runs on the Triton GEMV/skinny GEMM; 
 class FusedDecoder:
     """The decode step of a prepared (bf16) GPT on its engine's KV cache and slot state (module docstring)."""
 
+    attention_kernel = "dot"  # or "lanes" (_attention_kernel)
+    attention_tiles = (64, 3)  # the dot kernel's (BLOCK_J, pipeline stages)
+
     def __init__(self, model, cache, state: torch.Tensor, fstate: torch.Tensor):
         """state (6, slots) int64: token, pos, step, hashed seed, top_k, active; fstate (2, slots) fp32:
         temperature, top_p. The step reads its inputs there and writes the next ones."""
@@ -429,15 +557,22 @@ class FusedDecoder:
         self.lm_blocks = (32, 256)  # 1024 programs over a 32k vocabulary
         self.stats = torch.zeros(n, triton.cdiv(self.V, 32), 3, device=dev)
         self.n_blocks = 0  # column blocks of the last lm_head (its stats' row length)
+        self.gemv_tuned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (N, K) -> (BLOCK_N, BLOCK_K, warps)
         self.row_lse = torch.zeros(n, device=dev)
 
+    def _gemv_tiles(self, N: int, K: int, EPI: int) -> tuple[int, int, int]:
+        """(BLOCK_N, BLOCK_K, warps) of the one-row GEMV of an (N, K) weight: measured picks (`gemv_tuned`) first."""
+        if (N, K) in self.gemv_tuned:
+            return self.gemv_tuned[(N, K)]
+        block_n, block_k = self.lm_blocks if EPI == 3 else _gemv_blocks(N, K)
+        return block_n, block_k, 8 if block_k >= 2048 else 4
+
     def _linear(self, x, w, out, B, PRO=0, EPI=0, MIX=False, SAVE=False, STORE_XN=False, layer=None,
-                blocks=None, warps=None) -> int:
+                tiles=None) -> int:
         """One _linear_kernel launch over B rows; returns its number of column blocks."""
         N, K = w.shape[0] if EPI != 3 else self.V, w.shape[1]
         if B == 1:
-            block_m, (block_n, block_k) = 1, blocks or _gemv_blocks(N, K)
-            warps = warps or (8 if block_k >= 2048 else 4)
+            block_m, (block_n, block_k, warps) = 1, tiles or self._gemv_tiles(N, K, EPI)
         else:
             block_m, block_n, block_k, warps = 16, 32, 128, 4
         lam = self.lam[layer + 1] if MIX else self.lam
@@ -460,13 +595,20 @@ class FusedDecoder:
         layer, chunk = self.layers[i], self.chunk(B)
         has_ve = layer["ve"] is not None
         k, v = self.cache.k[i], self.cache.v[i]
-        _attention_kernel[(B, self.H, triton.cdiv(self.seq_len, chunk))](
-            self.qkv, self.cos, self.sin, self.state[1], self.state[0], self.xn,
-            layer["gate"] if has_ve else self.xn, layer["ve"] if has_ve else self.xn, k, v, self.o, self.l,
-            self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
-            QK_GAIN, 1 / math.sqrt(self.C), self.bound, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
-            VE_CH=VE_GATE_CHANNELS, BLOCK_J=64, BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)),
-            BLOCK_VE=_pow2(VE_GATE_CHANNELS), PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+        args = (self.qkv, self.cos, self.sin, self.state[1], self.state[0], self.xn,
+                layer["gate"] if has_ve else self.xn, layer["ve"] if has_ve else self.xn, k, v, self.o, self.l,
+                self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
+                QK_GAIN, 1 / math.sqrt(self.C), self.bound)
+        meta = dict(H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
+                    BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)), BLOCK_VE=_pow2(VE_GATE_CHANNELS), PDL=self.pdl,
+                    num_warps=4, launch_pdl=self.pdl)
+        n_split = triton.cdiv(self.seq_len, chunk)
+        if self.attention_kernel == "dot":
+            block_j, stages = self.attention_tiles
+            _attention_dot_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages,
+                                                         BLOCK_G=max(16, _pow2(self.H // self.KVH)), **meta)
+        else:
+            _attention_kernel[(B, self.H, n_split)](*args, BLOCK_J=64, **meta)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
@@ -494,8 +636,7 @@ class FusedDecoder:
             self._linear(self.y, layer["o"], self.x, B, EPI=2)
             self._linear(self.x, layer["fc"], self.h, B, PRO=1, EPI=1)
             self._linear(self.h, layer["proj"], self.x, B, EPI=2, MIX=i + 1 < L, SAVE=i == L // 2, layer=i)
-        self.n_blocks = self._linear(self.x, self.lm_head, self.logits, B, PRO=2, EPI=3,
-                                     blocks=self.lm_blocks if B == 1 else None)
+        self.n_blocks = self._linear(self.x, self.lm_head, self.logits, B, PRO=2, EPI=3)
 
     def _wide(self, B: int) -> None:
         """Many rows: cuBLAS GEMMs (their rounding: one per output, the residual added inside), with the norms,
