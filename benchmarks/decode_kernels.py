@@ -24,7 +24,7 @@ from nanoray.fused_decode import FusedDecoder  # noqa: E402
 from nanoray.model import KVCache, build_model  # noqa: E402
 
 REPS = 20
-GEMV_TILES = [(1, 2048), (1, 4096), (2, 1024), (2, 2048), (2, 4096), (4, 512), (4, 1024), (4, 2048), (4, 4096),
+GEMV_TILES = [(1, 2048), (1, 4096), (1, 8192), (2, 1024), (2, 2048), (2, 4096), (2, 8192), (4, 512), (4, 1024), (4, 2048), (4, 4096),
               (8, 256), (8, 512), (8, 1024), (8, 2048), (16, 256), (16, 512), (16, 1024), (32, 256)]
 DOT_TILES = [(32, 2), (64, 1), (64, 2), (64, 3), (128, 2), (128, 3)]  # the tensor-core attention's (BLOCK_J, stages)
 
