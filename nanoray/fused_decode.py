@@ -339,20 +339,42 @@ if triton is not None:
         return _bf(_bf(r1 * rstd[:, None]) * gain), _bf(_bf(r2 * rstd[:, None]) * gain)
 
     @triton.jit
+    def _kv_tile(kc, vcache, j, live, C: tl.constexpr):
+        """Positions j of one kv head's cache (zero where not live), each of K and V as its two halves (J, C/2)."""
+        at = j[:, None] * C + tl.arange(0, C // 2)[None, :]
+        k1 = tl.load(kc + at, mask=live[:, None], other=0.0)
+        k2 = tl.load(kc + at + C // 2, mask=live[:, None], other=0.0)
+        v1 = tl.load(vcache + at, mask=live[:, None], other=0.0)
+        v2 = tl.load(vcache + at + C // 2, mask=live[:, None], other=0.0)
+        return k1, k2, v1, v2
+
+    @triton.jit
+    def _attend(q1, q2, k1, k2, v1, v2, live, scale, bound, l_i, o1, o2):
+        """One tile of keys and values into the running (sum of p, sum of p·v) of the query rows q1|q2 (bf16)."""
+        qk = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), tl.zeros([q1.shape[0], k1.shape[0]], dtype=tl.float32)))
+        p = tl.where(live[None, :], tl.exp(qk * scale - bound), 0.0)
+        pb = p.to(tl.bfloat16)
+        return l_i + tl.sum(p, axis=1), _dot(pb, v1, o1), _dot(pb, v2, o2)
+
+    @triton.jit
     def _attention_dot_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
                               k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
                               chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
                               C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
                               BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, BLOCK_G: tl.constexpr,
-                              PDL: tl.constexpr):
+                              ONE_TILE: tl.constexpr, PDL: tl.constexpr):
         """_attention_kernel on tensor cores. Program (b, g, s): the G query heads of kv group g of row b (rows of
         a (BLOCK_G >= 16, C) tile, the unused ones zero) over positions [s·chunk, (s+1)·chunk) of their window,
         so each K/V tile is read once per group and both products are tl.dots (bf16 operands, fp32 sums), which
         Triton pipelines: the next tiles load while this one multiplies. Scores q·k·scale as the model's SDPA
         (bf16 q and k, fp32 sums), the probabilities rounded to bf16 for P·V as flash attention does; the rest
         (the bound instead of a running max, the new key and value from registers, the merge by the last split
-        to finish) as _attention_kernel."""
-        _pdl_start(PDL)
+        to finish) as _attention_kernel.
+
+        ONE_TILE (BLOCK_J >= chunk: few rows, short splits): the split's keys and values load before the PDL wait.
+        They, and the row's position, were written by earlier steps, whose kernels have all finished by then: each
+        kernel waits for its predecessor before it lets the next one launch. Only q (the previous kernel's output)
+        and the new token wait."""
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
@@ -361,6 +383,14 @@ if triton is not None:
         lo = tl.maximum(pos - window, 0)
         start = tl.maximum(s * chunk, lo)
         end = tl.minimum(s * chunk + chunk, pos + 1)
+        stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
+        kc = k_cache + b * stride_cb + g * stride_cg
+        vcache = v_cache + b * stride_cb + g * stride_cg
+        if ONE_TILE:
+            j = s * chunk + tl.arange(0, BLOCK_J)
+            live = (j >= start) & (j < stop)
+            k1, k2, v1, v2 = _kv_tile(kc, vcache, j, live, C)
+        _pdl_start(PDL)
         if start < end:
             HALF: tl.constexpr = C // 2
             c = tl.arange(0, HALF)[None, :]
@@ -368,9 +398,6 @@ if triton is not None:
             heads = g * G + r
             in_group = (r < G)[:, None]
             row = qkv_ptr + b * ((H + 2 * KVH) * C)
-            kc = k_cache + b * stride_cb + g * stride_cg
-            vcache = v_cache + b * stride_cb + g * stride_cg
-            stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
             cos = tl.load(cos_ptr + pos * HALF + tl.arange(0, HALF)).to(tl.float32)
             sin = tl.load(sin_ptr + pos * HALF + tl.arange(0, HALF)).to(tl.float32)
             q_at = row + heads[:, None] * C + c
@@ -381,20 +408,14 @@ if triton is not None:
             l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
             o1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
             o2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
-            for j0 in range(start, stop, BLOCK_J):
-                j = j0 + tl.arange(0, BLOCK_J)
-                live = j < stop
-                at = j[:, None] * C + c
-                k1 = tl.load(kc + at, mask=live[:, None], other=0.0)
-                k2 = tl.load(kc + at + HALF, mask=live[:, None], other=0.0)
-                v1 = tl.load(vcache + at, mask=live[:, None], other=0.0)
-                v2 = tl.load(vcache + at + HALF, mask=live[:, None], other=0.0)
-                qk = _dot(q2b, tl.trans(k2), _dot(q1b, tl.trans(k1), tl.zeros([BLOCK_G, BLOCK_J], dtype=tl.float32)))
-                p = tl.where(live[None, :], tl.exp(qk * scale - bound), 0.0)
-                l_i += tl.sum(p, axis=1)
-                pb = p.to(tl.bfloat16)
-                o1 = _dot(pb, v1, o1)
-                o2 = _dot(pb, v2, o2)
+            if ONE_TILE:
+                l_i, o1, o2 = _attend(q1b, q2b, k1, k2, v1, v2, live, scale, bound, l_i, o1, o2)
+            else:
+                for j0 in range(start, stop, BLOCK_J):
+                    j = j0 + tl.arange(0, BLOCK_J)
+                    live = j < stop
+                    k1, k2, v1, v2 = _kv_tile(kc, vcache, j, live, C)
+                    l_i, o1, o2 = _attend(q1b, q2b, k1, k2, v1, v2, live, scale, bound, l_i, o1, o2)
             if s == pos // chunk:  # the new token: its key and value, then into the cache
                 kn1, kn2 = _rope_norm_rows(tl.load(row + (H + g) * C + c).to(tl.float32),
                                            tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps,
@@ -606,7 +627,8 @@ class FusedDecoder:
         if self.attention_kernel == "dot":
             block_j, stages = self.attention_tiles
             _attention_dot_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages,
-                                                         BLOCK_G=max(16, _pow2(self.H // self.KVH)), **meta)
+                                                         BLOCK_G=max(16, _pow2(self.H // self.KVH)),
+                                                         ONE_TILE=block_j >= chunk, **meta)
         else:
             _attention_kernel[(B, self.H, n_split)](*args, BLOCK_J=64, **meta)
 
