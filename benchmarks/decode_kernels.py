@@ -26,6 +26,8 @@ from nanoray.model import KVCache, build_model  # noqa: E402
 REPS = 20
 GEMV_TILES = [(1, 2048), (1, 4096), (1, 8192), (2, 1024), (2, 2048), (2, 4096), (2, 8192), (4, 512), (4, 1024),
               (4, 2048), (4, 4096), (8, 256), (8, 512), (8, 1024), (8, 2048), (16, 256), (16, 512), (16, 1024), (32, 256)]
+# _linear_kernel at many rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+GEMM_TILES = [(16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3)]
 DOT_TILES = [(32, 2), (64, 1), (64, 2), (64, 3), (128, 2), (128, 3)]  # the tensor-core attention's (BLOCK_J, stages)
 
 
@@ -95,11 +97,15 @@ def main() -> None:
                                       us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
     default_attention, pdl = (FusedDecoder.attention_kernel, FusedDecoder.attention_tiles), fd.pdl
-    for B in (1, 8, rows):  # the whole step: PDL off and on, each attention kernel, the swept GEMV tiles
+    for B in (1, 8, rows):  # the whole step: PDL off and on, each attention kernel, the swept GEMV tiles, and wide
+        # steps through _linear_kernel (the narrow path) at several GEMM tilings
         runs = [dict(pdl=False), dict(pdl=pdl), dict(pdl=pdl, attention="lanes")]
         runs += [dict(pdl=pdl, gemv="swept")] if picks and B == 1 else []
+        runs += [dict(pdl=pdl, path="narrow", gemm=t) for t in GEMM_TILES] if B > FusedDecoder.narrow_rows else []
         for run in {json.dumps(r): r for r in runs}.values():
             fd.pdl, fd.gemv_tuned = run["pdl"], picks if run.get("gemv") else {}
+            fd.narrow_rows = B if run.get("path") == "narrow" else FusedDecoder.narrow_rows
+            fd.gemm_tiles = run.get("gemm", FusedDecoder.gemm_tiles)
             fd.attention_kernel = run.get("attention", default_attention[0])
             fd.attention_tiles = default_attention[1]
             state[1] = args.position

@@ -534,6 +534,8 @@ class FusedDecoder:
 
     attention_kernel = "dot"  # or "lanes" (_attention_kernel)
     attention_tiles = (64, 3)  # the dot kernel's (BLOCK_J, pipeline stages)
+    narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
+    gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row
 
     def __init__(self, model, cache, state: torch.Tensor, fstate: torch.Tensor):
         """state (6, slots) int64: token, pos, step, hashed seed, top_k, active; fstate (2, slots) fp32:
@@ -593,15 +595,15 @@ class FusedDecoder:
         """One _linear_kernel launch over B rows; returns its number of column blocks."""
         N, K = w.shape[0] if EPI != 3 else self.V, w.shape[1]
         if B == 1:
-            block_m, (block_n, block_k, warps) = 1, tiles or self._gemv_tiles(N, K, EPI)
+            (block_n, block_k, warps), block_m, stages = tiles or self._gemv_tiles(N, K, EPI), 1, 3
         else:
-            block_m, block_n, block_k, warps = 16, 32, 128, 4
+            block_m, block_n, block_k, warps, stages = tiles or self.gemm_tiles
         lam = self.lam[layer + 1] if MIX else self.lam
         grid = (triton.cdiv(N, block_n), triton.cdiv(B, block_m))
         _linear_kernel[grid](x, w, out, B, N, K, out, self.x0, lam, self.backout, self.backout, self.backout_lam,
                              self.xn, self.stats, self.eps, SOFTCAP, PRO=PRO, EPI=EPI, MIX=MIX, SAVE=SAVE,
                              STORE_XN=STORE_XN, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PDL=self.pdl,
-                             num_warps=warps, launch_pdl=self.pdl)
+                             num_warps=warps, num_stages=stages, launch_pdl=self.pdl)
         return grid[0]
 
     def chunk(self, B: int) -> int:
@@ -643,7 +645,7 @@ class FusedDecoder:
         _embed_kernel[(B,)](self.state[0], self.wte, self.smear_w, self.smear_lam, self.cache.prev_emb, self.x0,
                             self.x, self.lam[0], self.D, self.eps, SMEAR=SMEAR_CHANNELS, BLOCK_D=_pow2(self.D),
                             BLOCK_SM=_pow2(SMEAR_CHANNELS), PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
-        if B <= NARROW:
+        if B <= self.narrow_rows:
             self._narrow(B)
         else:
             self._wide(B)
