@@ -59,8 +59,8 @@ for stage in "$@"; do
     done
     ;;
   decode-sweep)  # issue 15: GEMV tilings (d20), the lane against the tensor-core attention, the whole step (d20, d12)
-    timeout 240 python benchmarks/decode_kernels.py --depth 20 --gemv-sweep 2>&1 | tee "$OUT/sweep-d20.log" | grep -E '^\{|Error'
     timeout 150 python benchmarks/decode_kernels.py --depth 12 2>&1 | tee "$OUT/sweep-d12.log" | grep -E '^\{|Error'
+    timeout 270 python benchmarks/decode_kernels.py --depth 20 --gemv-sweep 2>&1 | tee "$OUT/sweep-d20.log" | grep -E '^\{|Error'
     ;;
   serve)  # issue 15's bar: the engine's whole batch-1 step and 128 streams, d12 and d20
     for d in ${DEPTHS:-12 20}; do
