@@ -3,6 +3,8 @@
 # it to start a cold machine) runs several. Priority order for a 30-minute session (ask for an H200: the bars are
 # H200 figures; session 11's calls all got H100s, whose figures are in RESULTS.md):
 #
+#   TESTS="fused_decode or pdl or fused_sampler or fast_decode" OUT=$OUT timeout 580 \
+#     bash benchmarks/fp8_windows.sh setup tests decode-sweep serve > $OUT/run.log 2>&1            # issue 15
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1      # call 1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 > $OUT/run.log 2>&1          # call 2
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-sssl > $OUT/run.log 2>&1         # call 3
