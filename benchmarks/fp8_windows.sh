@@ -3,8 +3,9 @@
 # it to start a cold machine) runs several. Priority order for a 30-minute session (ask for an H200: the bars are
 # H200 figures; session 11's calls all got H100s, whose figures are in RESULTS.md):
 #
-#   TESTS="fused_decode or pdl or fused_sampler or fast_decode" OUT=$OUT timeout 580 \
-#     bash benchmarks/fp8_windows.sh setup tests decode-sweep serve > $OUT/run.log 2>&1            # issue 15
+#   export OUT TESTS="fused_decode or pdl or fused_sampler or fast_decode"; (bash benchmarks/fp8_windows.sh setup tests
+#     && DEPTHS=12 bash benchmarks/fp8_windows.sh decode-sweep serve && DEPTHS=20 bash benchmarks/fp8_windows.sh
+#     decode-sweep serve) > $OUT/run.log 2>&1                                                         # issue 15
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1      # call 1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 > $OUT/run.log 2>&1          # call 2
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-sssl > $OUT/run.log 2>&1         # call 3
@@ -60,9 +61,11 @@ for stage in "$@"; do
       timeout 120 python benchmarks/decode_kernels.py --depth $d --forward-only 2>&1 | tee "$OUT/decode-d$d.log" | grep -E '^\{|Error'
     done
     ;;
-  decode-sweep)  # issue 15: GEMV tilings (d20), the lane against the tensor-core attention, the whole step (d20, d12)
-    timeout 150 python benchmarks/decode_kernels.py --depth 12 2>&1 | tee "$OUT/sweep-d12.log" | grep -E '^\{|Error'
-    timeout 270 python benchmarks/decode_kernels.py --depth 20 --gemv-sweep 2>&1 | tee "$OUT/sweep-d20.log" | grep -E '^\{|Error'
+  decode-sweep)  # issue 15: lane against tensor-core attention, wide steps through _linear_kernel, GEMV tilings (d20)
+    for d in ${DEPTHS:-12 20}; do
+      sweep=$([ "$d" = 20 ] && echo --gemv-sweep)
+      timeout 270 python benchmarks/decode_kernels.py --depth $d $sweep 2>&1 | tee "$OUT/sweep-d$d.log" | grep -E '^\{|Error'
+    done
     ;;
   serve)  # issue 15's bar: the engine's whole batch-1 step and 128 streams, d12 and d20
     for d in ${DEPTHS:-12 20}; do
