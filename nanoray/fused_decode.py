@@ -532,7 +532,7 @@ NARROW = 16  # up to this many rows a step runs on the Triton GEMV/skinny GEMM; 
 class FusedDecoder:
     """The decode step of a prepared (bf16) GPT on its engine's KV cache and slot state (module docstring)."""
 
-    attention_kernel = "dot"  # or "lanes" (_attention_kernel)
+    attention_kernel = "lanes"  # or "dot" (_attention_dot_kernel: not yet measured on a GPU)
     attention_tiles = (64, 3)  # the dot kernel's (BLOCK_J, pipeline stages)
     narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
     gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row

@@ -168,11 +168,14 @@ def _served_model(vocab=512, seq_len=256, n_layer=3, n_embd=128, n_head=4, n_kv_
     return model.eval()
 
 
-@pytest.mark.parametrize("B", [1, 3, 40, 70])  # GEMV, skinny GEMM, cuBLAS with 256- and 512-position splits
+# rows: GEMV, skinny GEMM, cuBLAS with 256- and 512-position splits (or, dot-narrow, _linear_kernel GEMMs)
+@pytest.mark.parametrize("B,variant", [(B, v) for v in ("lanes", "dot") for B in (1, 3, 40, 70)]
+                         + [(40, "dot-narrow"), (70, "dot-narrow")])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_fused_decode_step_matches_the_model(B, n_kv_head):
+def test_fused_decode_step_matches_the_model(B, n_kv_head, variant):
     """nanoray.fused_decode against the model's per-row cache forward (both bf16): logits, the cache it writes,
-    and the greedy pick; rows at different positions, some past the 128-token short window (pattern SL)."""
+    and the greedy pick; rows at different positions, some past the 128-token short window (pattern SL). Each
+    attention kernel (lanes, tensor-core dot); dot-narrow runs every row count through _linear_kernel."""
     from nanoray.engine import decode_step
     from nanoray.fused_decode import FusedDecoder
     from nanoray.model import KVCache
@@ -191,6 +194,8 @@ def test_fused_decode_step_matches_the_model(B, n_kv_head):
         state[1, :B], state[4], state[5, :B] = torch.tensor(lens).cuda(), 1, 1
         fstate = torch.ones(2, 80, device="cuda")
         fused = FusedDecoder(model, caches[1], state, fstate)
+        fused.attention_kernel = "lanes" if variant == "lanes" else "dot"
+        fused.narrow_rows = B if variant == "dot-narrow" else fused.narrow_rows
         for _ in range(3):
             ref_BV = decode_step(model, caches[0], state[0, :B].clone(), state[1, :B].clone(), T)
             got_BV = fused.forward(B).clone()
