@@ -209,10 +209,12 @@ def test_fused_decode_step_matches_the_model(B, n_kv_head, variant):
                 assert rel_err(getattr(caches[1], name), getattr(caches[0], name)) < 2e-2, name
 
 
-def test_fused_decode_under_pdl_computes_what_it_computes_without():
+@pytest.mark.parametrize("attention", ["lanes", "dot"])
+def test_fused_decode_under_pdl_computes_what_it_computes_without(attention):
     """Programmatic dependent launch changes when the kernels start, never what they compute: 8 greedy steps of 3
     rows captured in one CUDA graph (as the engine runs them) give bit-identical tokens, log-probs and cache with
-    PDL and without; a kernel reading its input before the previous kernel's write would not."""
+    PDL and without; a kernel reading its input before the previous kernel's write would not (the dot attention
+    reads its keys and values before the wait)."""
     from nanoray.fused_decode import FusedDecoder
     from nanoray.model import KVCache
 
@@ -231,7 +233,7 @@ def test_fused_decode_under_pdl_computes_what_it_computes_without():
             state[0, :B], state[1, :B], state[4], state[5, :B] = torch.tensor([3, 4, 5]).cuda(), \
                 torch.tensor([5, 130, 60]).cuda(), 1, 1
             fused = FusedDecoder(model, cache, state, torch.ones(2, 4, device="cuda"))
-            fused.pdl = pdl
+            fused.pdl, fused.attention_kernel = pdl, attention
             start = [t.clone() for t in (state, cache.k, cache.v, cache.prev_emb)]
             out = torch.zeros(steps, B, 2, device="cuda")
             fused.forward(B), fused.sample(B, 1, out[0])  # compiles the kernels (outside the capture)
