@@ -106,18 +106,19 @@ def main() -> None:
                 print(json.dumps(dict(kernel="attention", variant=kind, tiles=tiles, rows=B, chunk=chunk,
                                       us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
-    default_attention, pdl = (FusedDecoder.attention_kernel, FusedDecoder.attention_tiles), fd.pdl
+    pdl = fd.pdl
     for B in (1, 8, rows):  # the whole step: PDL off and on, each attention kernel, the swept GEMV tiles, and wide
         # steps through _linear_kernel (the narrow path) at several GEMM tilings
-        runs = [dict(pdl=False), dict(pdl=pdl), dict(pdl=pdl, attention="lanes")]
-        runs += [dict(pdl=pdl, gemv="swept")] if picks and B == 1 else []
-        runs += [dict(pdl=pdl, path="narrow", gemm=t) for t in GEMM_TILES] if B > FusedDecoder.narrow_rows else []
+        runs = [dict(pdl=False, attention="lanes"), dict(pdl=pdl, attention="lanes"), dict(pdl=pdl, attention="dot")]
+        runs += [dict(pdl=pdl, attention="dot", gemv="swept")] if picks and B == 1 else []
+        runs += [dict(pdl=pdl, attention="dot", path="narrow", gemm=t) for t in GEMM_TILES] \
+            if B > FusedDecoder.narrow_rows else []
         for run in {json.dumps(r): r for r in runs}.values():
-            fd.pdl, fd.gemv_tuned = run["pdl"], picks if run.get("gemv") else {}
+            fd.pdl, fd.attention_kernel = run["pdl"], run["attention"]
+            fd.gemv_tuned = picks if run.get("gemv") else {}
             fd.narrow_rows = B if run.get("path") == "narrow" else FusedDecoder.narrow_rows
             fd.gemm_tiles = run.get("gemm", FusedDecoder.gemm_tiles)
-            fd.attention_kernel = run.get("attention", default_attention[0])
-            fd.attention_tiles = default_attention[1]
+            fd.attention_tiles = FusedDecoder.attention_tiles
             state[1] = args.position
             us = graph_us(lambda: fd.forward(B))
             print(json.dumps(dict(kernel="forward", rows=B, **run, us=round(us, 2), **base)), flush=True)

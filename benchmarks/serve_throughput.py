@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from nanoray.dial import plan  # noqa: E402
 from nanoray.engine import Engine, SamplingParams  # noqa: E402
+from nanoray.fused_decode import FusedDecoder  # noqa: E402
 from nanoray.hardware import device_name, peak_flops  # noqa: E402
 from nanoray.model import Linear, build_model  # noqa: E402
 from nanoray.tokenizer import Tokenizer  # noqa: E402
@@ -187,7 +188,12 @@ def main() -> None:
     p.add_argument("--steps-per-launch", type=int, default=None, help="Engine steps_per_launch (default: by batch)")
     p.add_argument("--score-batch", type=int, default=64, help="concurrent score calls of the batched measurement")
     p.add_argument("--quick", action="store_true", help="a smoke run: 16-token prompts, 8 tokens per stream")
+    p.add_argument("--attention", choices=("lanes", "dot"), default=FusedDecoder.attention_kernel,
+                   help="the fused path's attention kernel (nanoray.fused_decode)")
+    p.add_argument("--narrow-rows", type=int, default=FusedDecoder.narrow_rows,
+                   help="the fused path's widest step with every GEMM in _linear_kernel (wider: cuBLAS)")
     args = p.parse_args()
+    FusedDecoder.attention_kernel, FusedDecoder.narrow_rows = args.attention, args.narrow_rows
     if args.quick:
         args.prompt, args.tokens, args.score_batch = 16, 8, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,7 +238,8 @@ def main() -> None:
     bandwidth = peak_bandwidth(gpu)
     graph_ms = result.get("graph_step_ms_b1")
     # forward FLOPs per scored token: 2 per matmul weight + QK^T and AV over the causal past (T/2 keys on average)
-    flops = 2 * engine.model.num_matmul_params() + 4 * config.n_layer * config.n_head * config.head_dim * args.prompt / 2
+    flops = (2 * engine.model.num_matmul_params()
+             + 4 * config.n_layer * config.n_head * config.head_dim * args.prompt / 2)
     print(json.dumps(dict(
         depth=args.depth, **result, mbu_b1=round(bytes_per_step / step_s / bandwidth, 4),
         step_ms_b1=round(1e3 * step_s, 3),
@@ -241,7 +248,8 @@ def main() -> None:
         weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token,
         peak_bandwidth=None if bandwidth == float("inf") else bandwidth,
         prompt_tokens=args.prompt, decode_tokens=args.tokens, max_batch=max_batch, cuda_graphs=engine.cuda_graphs,
-        decode_path=engine.decode_path, steps_per_launch=args.steps_per_launch, checkpoint=args.checkpoint, gpu=gpu,
+        decode_path=engine.decode_path, attention=args.attention, narrow_rows=args.narrow_rows,
+        steps_per_launch=args.steps_per_launch, checkpoint=args.checkpoint, gpu=gpu,
         torch=torch.__version__, date=datetime.date.today().isoformat())))
 
 
