@@ -69,7 +69,7 @@ for stage in "$@"; do
     ;;
   serve)  # issue 15's bar: the engine's whole batch-1 step and 128 streams, d12 and d20
     for d in ${DEPTHS:-12 20}; do
-      timeout 200 python benchmarks/serve_throughput.py --depth $d 2>&1 | tee "$OUT/serve-d$d.log" | grep -E '^\{|Error'
+      timeout 200 python benchmarks/serve_throughput.py --depth $d ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/serve-d$d.log" | grep -E '^\{|Error'
     done
     ;;
   profile)
