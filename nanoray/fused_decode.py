@@ -224,6 +224,20 @@ if triton is not None:
         return _bf(_bf(r1 * rstd) * gain), _bf(_bf(r2 * rstd) * gain)
 
     @triton.jit
+    def _value_embed(vn1, vn2, xn_ptr, gate_w_ptr, ve_ptr, idx_ptr, b, g, c, D, KVH: tl.constexpr, C: tl.constexpr,
+                     VE_CH: tl.constexpr, BLOCK_VE: tl.constexpr):
+        """The new value's halves (at offsets c) plus row b's ResFormer value embedding, gated per kv head g:
+        3·sigmoid(norm(x)[:12] · w_g)."""
+        vc = tl.arange(0, BLOCK_VE)
+        vm = vc < VE_CH
+        xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
+        wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
+        gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
+        ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
+        return (_bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32))),
+                _bf(vn2 + _bf(gate * tl.load(ve + C // 2 + c).to(tl.float32))))
+
+    @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
                           k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
                           chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
@@ -282,15 +296,9 @@ if triton is not None:
                                     tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
                 vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
                 vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-                if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
-                    vc = tl.arange(0, BLOCK_VE)
-                    vm = vc < VE_CH
-                    xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
-                    wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
-                    gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
-                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
-                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
+                if HAS_VE:
+                    vn1, vn2 = _value_embed(vn1, vn2, xn_ptr, gate_w_ptr, ve_ptr, idx_ptr, b, g, c, D, KVH, C, VE_CH,
+                                            BLOCK_VE)
                 p_new = tl.exp(tl.sum(kn1 * q1, axis=0) + tl.sum(kn2 * q2, axis=0) - bound)
                 l_i += p_new
                 o1 += p_new * vn1
@@ -422,15 +430,9 @@ if triton is not None:
                                            gain, C)
                 vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
                 vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-                if HAS_VE:  # ResFormer value embedding, gated per kv head: 3·sigmoid(norm(x)[:12] · w_g)
-                    vc = tl.arange(0, BLOCK_VE)
-                    vm = vc < VE_CH
-                    xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
-                    wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
-                    gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
-                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
-                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
+                if HAS_VE:
+                    vn1, vn2 = _value_embed(vn1, vn2, xn_ptr, gate_w_ptr, ve_ptr, idx_ptr, b, g, c, D, KVH, C, VE_CH,
+                                            BLOCK_VE)
                 p_new = tl.exp((tl.sum(kn1 * q1, axis=1) + tl.sum(kn2 * q2, axis=1)) * scale - bound)
                 l_i += p_new
                 o1 += p_new[:, None] * vn1
