@@ -326,7 +326,8 @@ if triton is not None:
                     l_all = tl.sum(tl.load(l_ptr + part + ss, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
                     at_s = (part + ss)[:, None] * C + c[None, :]
                     y1 = tl.sum(tl.load(o_ptr + at_s, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
-                    y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
+                    y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0, cache_modifier=".cg"),
+                                axis=0)
                     tl.store(y + c, (y1 / l_all).to(tl.bfloat16))
                     tl.store(y + HALF + c, (y2 / l_all).to(tl.bfloat16))
                     tl.atomic_xchg(count_ptr + b * H + h, 0)  # ready for the next launch
