@@ -3,9 +3,10 @@
 # it to start a cold machine) runs several. Priority order for a 30-minute session (ask for an H200: the bars are
 # H200 figures; session 11's calls all got H100s, whose figures are in RESULTS.md):
 #
-#   export OUT TESTS="fused_decode or pdl or fused_sampler or fast_decode"; (bash benchmarks/fp8_windows.sh setup tests
-#     && DEPTHS=12 bash benchmarks/fp8_windows.sh decode-sweep serve && DEPTHS=20 bash benchmarks/fp8_windows.sh
-#     decode-sweep serve) > $OUT/run.log 2>&1                                                         # issue 15
+#   export OUT TESTS="dot or pdl"; timeout 560 bash -c 'bash benchmarks/fp8_windows.sh setup tests;                # issue 15
+#     DEPTHS=12 bash benchmarks/fp8_windows.sh decode-sweep; DEPTHS=12 SERVE_ARGS="--attention dot" bash
+#     benchmarks/fp8_windows.sh serve; DEPTHS=12 SERVE_ARGS="--attention dot --narrow-rows 128" bash
+#     benchmarks/fp8_windows.sh serve; DEPTHS=20 bash benchmarks/fp8_windows.sh decode-sweep' > $OUT/run.log 2>&1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1      # call 1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 > $OUT/run.log 2>&1          # call 2
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-sssl > $OUT/run.log 2>&1         # call 3
