@@ -14,12 +14,15 @@ the math and bf16 roundings of its per-row cache path, then samples the next tok
     sample   Gumbel-max over top-k/top-p (nanoray.engine.sample's math, hashed noise), log-prob of the pick,
              and the next step's inputs (token, position, step) written on the device          (_pick)
 
-So a step of up to NARROW rows is 5 kernels a layer plus 3 (greedy) and needs no host work: the engine captures
-several steps in one CUDA graph. On Hopper and later the kernels run under programmatic dependent launch (PDL):
-each starts while the previous one finishes and waits for it only before reading its output, so launch and ramp
-overlap, and a GEMV's weights (nobody's output) stream in meanwhile. `_linear` is a GEMV for one row (products
-summed lane-wise, one reduction at the end) and a skinny GEMM (tl.dot) for a few. Wider steps run the GEMMs on
-cuBLAS, with the norms and mixes as kernels of their own (nanoray.kernels' mix_norm), the same attention and sampler.
+So a step of up to `narrow_rows` rows is 5 kernels a layer plus 3 (greedy) and needs no host work: the engine
+captures several steps in one CUDA graph. On Hopper and later the kernels run under programmatic dependent launch
+(PDL): each starts while the previous one finishes and waits for it only before reading its output, so launch and
+ramp overlap, and a GEMV's weights (nobody's output) stream in meanwhile. `_linear` is a GEMV for one row (products
+summed lane-wise, one reduction at the end) and a GEMM (tl.dot, `gemm_tiles`) for more. Wider steps run the GEMMs
+on cuBLAS, with the norms and mixes as kernels of their own (nanoray.kernels' mix_norm), the same attention and
+sampler. The attention is one of two kernels (`attention_kernel`): "lanes" (_attention_kernel, per-lane fp32
+sums, one program per query head) or "dot" (_attention_dot_kernel, tl.dot on tensor cores, one program per kv
+group); dev/check_fused_decode.py compares them under Triton's interpreter.
 GPU only (bf16, Triton); the engine's other decode paths are the plain PyTorch model, which the GPU tests
 compare this one against.
 
