@@ -28,7 +28,8 @@ GEMV_TILES = [(1, 2048), (1, 8192), (2, 2048), (2, 4096), (4, 1024), (4, 2048), 
               (32, 256)]
 # _linear_kernel at many rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 GEMM_TILES = [(16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3)]
-DOT_TILES = [(32, 2), (64, 2), (64, 3), (128, 2)]  # the tensor-core attention's (BLOCK_J, stages)
+# the dot attention's (BLOCK_J, stages, warps)
+DOT_TILES = [(32, 2, 4), (64, 3, 4), (64, 3, 8), (64, 2, 8), (128, 2, 8)]
 
 
 def graph_us(fn) -> float:

@@ -58,7 +58,7 @@ def check_attention() -> None:
         for chunk in (64, 128):
             for window, has_ve in ((256, False), (100, True)):
                 lanes = attention("lanes", None, H, KVH, window, chunk, has_ve)
-                for tiles in ((32, 1), (64, 1), (128, 1)):
+                for tiles in ((32, 1, 4), (64, 1, 4), (128, 1, 8)):
                     y, k, v = attention("dot", tiles, H, KVH, window, chunk, has_ve)
                     assert torch.equal(k, lanes[1]) and torch.equal(v, lanes[2]), (H, KVH, chunk, window, tiles)
                     worst = max(worst, rel(y, lanes[0]))

@@ -227,18 +227,13 @@ if triton is not None:
         return _bf(_bf(r1 * rstd) * gain), _bf(_bf(r2 * rstd) * gain)
 
     @triton.jit
-    def _value_embed(vn1, vn2, xn_ptr, gate_w_ptr, ve_ptr, idx_ptr, b, g, c, D, KVH: tl.constexpr, C: tl.constexpr,
-                     VE_CH: tl.constexpr, BLOCK_VE: tl.constexpr):
-        """The new value's halves (at offsets c) plus row b's ResFormer value embedding, gated per kv head g:
-        3·sigmoid(norm(x)[:12] · w_g)."""
+    def _ve_gate(xn_ptr, gate_w_ptr, b, g, D, VE_CH: tl.constexpr, BLOCK_VE: tl.constexpr):
+        """The gate of row b's ResFormer value embedding at kv head g: 3·sigmoid(norm(x)[:12] · w_g), in bf16."""
         vc = tl.arange(0, BLOCK_VE)
         vm = vc < VE_CH
         xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
         wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
-        gate = _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
-        ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-        return (_bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32))),
-                _bf(vn2 + _bf(gate * tl.load(ve + C // 2 + c).to(tl.float32))))
+        return _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
 
     @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
@@ -299,9 +294,11 @@ if triton is not None:
                                     tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
                 vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
                 vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-                if HAS_VE:
-                    vn1, vn2 = _value_embed(vn1, vn2, xn_ptr, gate_w_ptr, ve_ptr, idx_ptr, b, g, c, D, KVH, C, VE_CH,
-                                            BLOCK_VE)
+                if HAS_VE:  # ResFormer value embedding, gated per kv head
+                    gate = _ve_gate(xn_ptr, gate_w_ptr, b, g, D, VE_CH, BLOCK_VE)
+                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
+                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
+                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
                 p_new = tl.exp(tl.sum(kn1 * q1, axis=0) + tl.sum(kn2 * q2, axis=0) - bound)
                 l_i += p_new
                 o1 += p_new * vn1
@@ -343,30 +340,25 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _rope_norm_rows(x1, x2, cos, sin, eps, gain, C: tl.constexpr):
-        """_rope_norm of several heads at once: x1, x2 (R, C/2) halves, cos and sin (C/2,)."""
-        r1 = _bf(_bf(x1 * cos[None, :]) + _bf(x2 * sin[None, :]))
-        r2 = _bf(_bf(x2 * cos[None, :]) - _bf(x1 * sin[None, :]))
-        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / C + eps)
-        return _bf(_bf(r1 * rstd[:, None]) * gain), _bf(_bf(r2 * rstd[:, None]) * gain)
+    def _rope_norm_heads(x, x_swap, cos, sin, eps, gain, C: tl.constexpr):
+        """_rope_norm of whole heads x (R, C) at once: x_swap is x with each head's halves swapped, cos = [cos, cos]
+        and sin = [sin, -sin] (C,), so bf(bf(x·cos) + bf(x_swap·sin)) is the model's rotary, rounding for rounding."""
+        r = _bf(_bf(x * cos[None, :]) + _bf(x_swap * sin[None, :]))
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=1) / C + eps)
+        return _bf(_bf(r * rstd[:, None]) * gain)
 
     @triton.jit
     def _kv_tile(kc, vcache, j, live, C: tl.constexpr):
-        """Positions j of one kv head's cache (zero where not live), each of K and V as its two halves (J, C/2)."""
-        at = j[:, None] * C + tl.arange(0, C // 2)[None, :]
-        k1 = tl.load(kc + at, mask=live[:, None], other=0.0)
-        k2 = tl.load(kc + at + C // 2, mask=live[:, None], other=0.0)
-        v1 = tl.load(vcache + at, mask=live[:, None], other=0.0)
-        v2 = tl.load(vcache + at + C // 2, mask=live[:, None], other=0.0)
-        return k1, k2, v1, v2
+        """Positions j of one kv head's cache, keys and values (J, C), zero where not live."""
+        at = j[:, None] * C + tl.arange(0, C)[None, :]
+        return tl.load(kc + at, mask=live[:, None], other=0.0), tl.load(vcache + at, mask=live[:, None], other=0.0)
 
     @triton.jit
-    def _attend(q1, q2, k1, k2, v1, v2, live, scale, bound, l_i, o1, o2):
-        """One tile of keys and values into the running (sum of p, sum of p·v) of the query rows q1|q2 (bf16)."""
-        qk = _dot(q2, tl.trans(k2), _dot(q1, tl.trans(k1), tl.zeros([q1.shape[0], k1.shape[0]], dtype=tl.float32)))
+    def _attend(q, k, v, live, scale, bound, l_i, o):
+        """One tile of keys and values into the running (sum of p, sum of p·v) of the query rows q (bf16)."""
+        qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32))
         p = tl.where(live[None, :], tl.exp(qk * scale - bound), 0.0)
-        pb = p.to(tl.bfloat16)
-        return l_i + tl.sum(p, axis=1), _dot(pb, v1, o1), _dot(pb, v2, o2)
+        return l_i + tl.sum(p, axis=1), _dot(p.to(tl.bfloat16), v, o)
 
     @triton.jit
     def _attention_dot_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
@@ -381,7 +373,7 @@ if triton is not None:
         Triton pipelines: the next tiles load while this one multiplies. Scores q·k·scale as the model's SDPA
         (bf16 q and k, fp32 sums), the probabilities rounded to bf16 for P·V as flash attention does; the rest
         (the bound instead of a running max, the new key and value from registers, the merge by the last split
-        to finish) as _attention_kernel.
+        to finish) as _attention_kernel. Whole heads (C wide), not halves: two products a tile, not four.
 
         ONE_TILE (BLOCK_J >= chunk: few rows, short splits): the split's keys and values load before the PDL wait.
         They, and the row's position, were written by earlier steps, whose kernels have all finished by then: each
@@ -391,6 +383,7 @@ if triton is not None:
         g = tl.program_id(1)
         s = tl.program_id(2)
         G: tl.constexpr = H // KVH
+        HALF: tl.constexpr = C // 2
         pos = tl.load(pos_ptr + b)
         lo = tl.maximum(pos - window, 0)
         start = tl.maximum(s * chunk, lo)
@@ -401,61 +394,53 @@ if triton is not None:
         if ONE_TILE:
             j = s * chunk + tl.arange(0, BLOCK_J)
             live = (j >= start) & (j < stop)
-            k1, k2, v1, v2 = _kv_tile(kc, vcache, j, live, C)
+            k, v = _kv_tile(kc, vcache, j, live, C)
         _pdl_start(PDL)
         if start < end:
-            HALF: tl.constexpr = C // 2
-            c = tl.arange(0, HALF)[None, :]
+            cc = tl.arange(0, C)
+            c, swap = cc[None, :], ((cc + HALF) % C)[None, :]
             r = tl.arange(0, BLOCK_G)
             heads = g * G + r
             in_group = (r < G)[:, None]
             row = qkv_ptr + b * ((H + 2 * KVH) * C)
-            cos = tl.load(cos_ptr + pos * HALF + tl.arange(0, HALF)).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * HALF + tl.arange(0, HALF)).to(tl.float32)
-            q_at = row + heads[:, None] * C + c
-            q1, q2 = _rope_norm_rows(tl.load(q_at, mask=in_group, other=0.0).to(tl.float32),
-                                     tl.load(q_at + HALF, mask=in_group, other=0.0).to(tl.float32),
-                                     cos, sin, eps, gain, C)
-            q1b, q2b = q1.to(tl.bfloat16), q2.to(tl.bfloat16)  # exact: _rope_norm_rows rounds to bf16
+            cos = tl.load(cos_ptr + pos * HALF + cc % HALF).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * HALF + cc % HALF).to(tl.float32) * tl.where(cc < HALF, 1.0, -1.0)
+            q_at = row + heads[:, None] * C
+            q = _rope_norm_heads(tl.load(q_at + c, mask=in_group, other=0.0).to(tl.float32),
+                                 tl.load(q_at + swap, mask=in_group, other=0.0).to(tl.float32), cos, sin, eps, gain, C)
+            qb = q.to(tl.bfloat16)  # exact: _rope_norm_heads rounds to bf16
             l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-            o1 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
-            o2 = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+            o = tl.zeros([BLOCK_G, C], dtype=tl.float32)
             if ONE_TILE:
-                l_i, o1, o2 = _attend(q1b, q2b, k1, k2, v1, v2, live, scale, bound, l_i, o1, o2)
+                l_i, o = _attend(qb, k, v, live, scale, bound, l_i, o)
             else:
                 for j0 in range(start, stop, BLOCK_J):
                     j = j0 + tl.arange(0, BLOCK_J)
                     live = j < stop
-                    k1, k2, v1, v2 = _kv_tile(kc, vcache, j, live, C)
-                    l_i, o1, o2 = _attend(q1b, q2b, k1, k2, v1, v2, live, scale, bound, l_i, o1, o2)
+                    k, v = _kv_tile(kc, vcache, j, live, C)
+                    l_i, o = _attend(qb, k, v, live, scale, bound, l_i, o)
             if s == pos // chunk:  # the new token: its key and value, then into the cache
-                kn1, kn2 = _rope_norm_rows(tl.load(row + (H + g) * C + c).to(tl.float32),
-                                           tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps,
-                                           gain, C)
-                vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
-                vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-                if HAS_VE:
-                    vn1, vn2 = _value_embed(vn1, vn2, xn_ptr, gate_w_ptr, ve_ptr, idx_ptr, b, g, c, D, KVH, C, VE_CH,
-                                            BLOCK_VE)
-                p_new = tl.exp((tl.sum(kn1 * q1, axis=1) + tl.sum(kn2 * q2, axis=1)) * scale - bound)
+                k_at = row + (H + g) * C
+                kn = _rope_norm_heads(tl.load(k_at + c).to(tl.float32), tl.load(k_at + swap).to(tl.float32), cos, sin,
+                                      eps, gain, C)
+                vn = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
+                if HAS_VE:  # ResFormer value embedding, gated per kv head
+                    gate = _ve_gate(xn_ptr, gate_w_ptr, b, g, D, VE_CH, BLOCK_VE)
+                    ve = tl.load(ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C + c).to(tl.float32)
+                    vn = _bf(vn + _bf(gate * ve))
+                p_new = tl.exp(tl.sum(kn * q, axis=1) * scale - bound)
                 l_i += p_new
-                o1 += p_new[:, None] * vn1
-                o2 += p_new[:, None] * vn2
-                tl.store(kc + pos * C + c, kn1.to(tl.bfloat16))
-                tl.store(kc + pos * C + HALF + c, kn2.to(tl.bfloat16))
-                tl.store(vcache + pos * C + c, vn1.to(tl.bfloat16))
-                tl.store(vcache + pos * C + HALF + c, vn2.to(tl.bfloat16))
+                o += p_new[:, None] * vn
+                tl.store(kc + pos * C + c, kn.to(tl.bfloat16))
+                tl.store(vcache + pos * C + c, vn.to(tl.bfloat16))
             y = y_ptr + b * (H * C) + heads[:, None] * C + c
             first, last = lo // chunk, pos // chunk
             if first == last:  # one split: it is the output
-                tl.store(y, (o1 / l_i[:, None]).to(tl.bfloat16), mask=in_group)
-                tl.store(y + HALF, (o2 / l_i[:, None]).to(tl.bfloat16), mask=in_group)
+                tl.store(y, (o / l_i[:, None]).to(tl.bfloat16), mask=in_group)
             else:
                 # Partial sums under the shared bound: y = sum of the splits' o / sum of their l.
                 part = (b * H + heads) * n_split
-                at_o = (part + s)[:, None] * C + c
-                tl.store(o_ptr + at_o, o1, mask=in_group)
-                tl.store(o_ptr + at_o + HALF, o2, mask=in_group)
+                tl.store(o_ptr + (part + s)[:, None] * C + c, o, mask=in_group)
                 tl.store(l_ptr + part + s, l_i, mask=r < G)
                 # acq_rel: the partials above are visible to the program that sees the last count
                 if tl.atomic_add(count_ptr + b * KVH + g, 1) == last - first:
@@ -465,14 +450,10 @@ if triton is not None:
                         part_i = (b * H + g * G + i) * n_split
                         l_all = tl.sum(tl.load(l_ptr + part_i + ss, mask=valid, other=0.0, cache_modifier=".cg"),
                                        axis=0)
-                        at_s = (part_i + ss)[:, None] * C + c
-                        y1 = tl.sum(tl.load(o_ptr + at_s, mask=valid[:, None], other=0.0, cache_modifier=".cg"),
-                                    axis=0)
-                        y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0,
-                                            cache_modifier=".cg"), axis=0)
-                        y_i = y_ptr + b * (H * C) + (g * G + i) * C + tl.arange(0, HALF)
-                        tl.store(y_i, (y1 / l_all).to(tl.bfloat16))
-                        tl.store(y_i + HALF, (y2 / l_all).to(tl.bfloat16))
+                        o_all = tl.load(o_ptr + (part_i + ss)[:, None] * C + c, mask=valid[:, None], other=0.0,
+                                        cache_modifier=".cg")
+                        y_i = y_ptr + b * (H * C) + (g * G + i) * C + cc
+                        tl.store(y_i, (tl.sum(o_all, axis=0) / l_all).to(tl.bfloat16))
                     tl.atomic_xchg(count_ptr + b * KVH + g, 0)  # ready for the next launch
 
     @triton.jit
@@ -539,7 +520,7 @@ class FusedDecoder:
     """The decode step of a prepared (bf16) GPT on its engine's KV cache and slot state (module docstring)."""
 
     attention_kernel = "lanes"  # or "dot" (_attention_dot_kernel: not yet measured on a GPU)
-    attention_tiles = (64, 3)  # the dot kernel's (BLOCK_J, pipeline stages)
+    attention_tiles = (64, 3, 8)  # the dot kernel's (BLOCK_J, pipeline stages, warps): 128-200 registers on sm90
     narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
     gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row
 
@@ -630,15 +611,15 @@ class FusedDecoder:
                 QK_GAIN, 1 / math.sqrt(self.C), self.bound)
         meta = dict(H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
                     BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)), BLOCK_VE=_pow2(VE_GATE_CHANNELS), PDL=self.pdl,
-                    num_warps=4, launch_pdl=self.pdl)
+                    launch_pdl=self.pdl)
         n_split = triton.cdiv(self.seq_len, chunk)
         if self.attention_kernel == "dot":
-            block_j, stages = self.attention_tiles
-            _attention_dot_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages,
+            block_j, stages, warps = self.attention_tiles
+            _attention_dot_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages, num_warps=warps,
                                                          BLOCK_G=max(16, _pow2(self.H // self.KVH)),
                                                          ONE_TILE=block_j >= chunk, **meta)
         else:
-            _attention_kernel[(B, self.H, n_split)](*args, BLOCK_J=64, **meta)
+            _attention_kernel[(B, self.H, n_split)](*args, BLOCK_J=64, num_warps=4, **meta)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
