@@ -561,7 +561,8 @@ class FusedDecoder:
         self.h = torch.zeros(n, 4 * D, device=dev, dtype=bf)
         self.o = torch.zeros(n, self.H, MAX_SPLITS, self.C, device=dev)
         self.l = torch.zeros(n, self.H, MAX_SPLITS, device=dev)
-        # splits done per (row, head) (lanes kernel) or per (row, kv group) at b·KVH + g (dot kernel); each resets its own
+        # splits done per (row, head) (lanes kernel), or per (row, kv group) at b·KVH + g (dot kernel); each resets
+        # its own
         self.count = torch.zeros(n, self.H, dtype=torch.int32, device=dev)
         self.logits = torch.zeros(n, self.V, device=dev)
         self.logits_bf = torch.zeros(n, self.V, device=dev, dtype=bf)
