@@ -6,7 +6,7 @@ with torch.compile (the compiled trainer ran it on torch 2.11: benchmarks/RESULT
 the layer itself. Attention's q, k and v stay one fused GEMM in fp8 too (the same torchao autograd function on the
 concatenated weight: x is cast once, not three times), and the lm_head's three GEMMs run in fp8 inside nanoray's
 fused softcap cross-entropy, their operands cast by torchao's dynamic cast (where that fused loss runs: GPUs), as
-nanochat converts its lm_head.
+nanochat converts its lm_head; that loss writes its gradient in e5m2 itself (|grad| <= 1: a fixed scale).
 
 What stays in bf16: the embeddings, the tiny gates (12 -> heads, 24 -> 1) and everything outside the matmuls.
 Weights stay fp32 masters, so checkpoints hold ordinary weights that load without torchao; evaluation runs the same
@@ -88,21 +88,32 @@ def _mm_config(config):
     return Float8Linear.from_float(nn.Linear(16, 16, bias=False), config=config).linear_mm_config
 
 
-def _float8_cast(config):
+class _Float8Operands:
     """(t, role) -> t cast to float8 with one dynamic scale, as Float8Linear casts its GEMM operands: "input" and
-    "weight" to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs torch._scaled_mm)."""
-    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-    from torchao.float8.float8_training_tensor import GemmInputRole
-    mm_config = _mm_config(config)
-    roles = {"input": (config.cast_config_input.target_dtype, GemmInputRole.INPUT),
-             "weight": (config.cast_config_weight.target_dtype, GemmInputRole.WEIGHT),
-             "grad": (config.cast_config_grad_output.target_dtype, GemmInputRole.GRAD_OUTPUT)}
+    "weight" to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs torch._scaled_mm).
+    `scaled_grad` wraps a gradient that is already e5m2 at a known scale (the fused cross-entropy writes it so)."""
 
-    def cast(t: torch.Tensor, role: str) -> torch.Tensor:
-        dtype, gemm_role = roles[role]
-        return hp_tensor_to_float8_dynamic(t, dtype, mm_config, gemm_input_role=gemm_role,
-                                           round_scales_to_power_of_2=config.round_scales_to_power_of_2)
-    return cast
+    def __init__(self, config):
+        from torchao.float8.float8_training_tensor import GemmInputRole
+        self.mm_config = _mm_config(config)
+        self.config = config
+        self.roles = {"input": (config.cast_config_input.target_dtype, GemmInputRole.INPUT),
+                      "weight": (config.cast_config_weight.target_dtype, GemmInputRole.WEIGHT),
+                      "grad": (config.cast_config_grad_output.target_dtype, GemmInputRole.GRAD_OUTPUT)}
+
+    def __call__(self, t: torch.Tensor, role: str) -> torch.Tensor:
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+        dtype, gemm_role = self.roles[role]
+        return hp_tensor_to_float8_dynamic(t, dtype, self.mm_config, gemm_input_role=gemm_role,
+                                           round_scales_to_power_of_2=self.config.round_scales_to_power_of_2)
+
+    def scaled_grad(self, data: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """The gradient whose float8 values are `data` = gradient * `scale` (results of its GEMMs in `dtype`)."""
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor
+        fp8_dtype, gemm_role = self.roles["grad"]
+        assert data.dtype == fp8_dtype, (data.dtype, fp8_dtype)
+        return Float8TrainingTensor(data, torch.full((), scale, device=data.device), dtype, self.mm_config,
+                                    gemm_role)
 
 
 def enable_fp8(model: GPT) -> GPT:
@@ -125,7 +136,7 @@ def enable_fp8(model: GPT) -> GPT:
             attn.qkv_linear = matmul
             swaps.append((attn, "qkv_linear", None, matmul))
     if fits(model.lm_head):
-        model.lm_head_cast = _float8_cast(config)
+        model.lm_head_cast = _Float8Operands(config)
         swaps.append((model, "lm_head_cast", None, model.lm_head_cast))
     setattr(model, _SWAPS, swaps)
     return model

@@ -9,7 +9,9 @@
 - `linear_softcap_cross_entropy`: lm_head GEMM, softcap and mean cross-entropy, where one Triton pass over
   each row of logits computes the row's loss *and* its gradient, written over the logits in place (no fp32
   logits, no second pass in the backward); the 1/count and upstream scales are applied to the small GEMM
-  outputs of the backward instead of the (tokens x vocab) gradient.
+  outputs of the backward instead of the (tokens x vocab) gradient. In fp8 training the pass writes the
+  gradient as float8 e5m2 at a fixed scale instead (half the bytes kept for the backward, and no amax pass
+  and cast over it there).
 - `relu_square`: ReLU² whose backward reads its output, 2·sqrt(relu(h)²) = 2·relu(h), so the pre-activation
   need not be kept for the backward (4 x width bf16 per token per layer less activation memory).
 
@@ -170,15 +172,16 @@ def window_attention(q_BHTC: Tensor, k_BKTC: Tensor, v_BKTC: Tensor, window: int
 
 if triton is not None:
     @triton.jit
-    def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, stride, vocab, padded, softcap,
-                           BLOCK: tl.constexpr):
+    def _softcap_ce_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, stride, grad_stride, vocab, padded, softcap,
+                           grad_scale, BLOCK: tl.constexpr):
         """One row: loss = logsumexp(z) - z[target] with z = softcap·tanh(l / softcap), and the row's
-        gradient d loss / d l = (softmax(z) - onehot) · (1 - tanh²) written over l (0 for an ignored target
-        and for padded columns). With r = 1 - tanh = 2 / (exp(2l / softcap) + 1): z = softcap - softcap·r
-        and 1 - tanh² = r·(2 - r); |z| <= softcap, so exp(z - softcap) needs no running max. The first
-        pass keeps the row in L2 for the second."""
+        gradient d loss / d l = (softmax(z) - onehot) · (1 - tanh²), times grad_scale, written to grad's row in
+        grad's dtype (0 for an ignored target and for padded columns; grad may be the logits themselves). With
+        r = 1 - tanh = 2 / (exp(2l / softcap) + 1): z = softcap - softcap·r and 1 - tanh² = r·(2 - r); |z| <=
+        softcap, so exp(z - softcap) needs no running max. The first pass keeps the row in L2 for the second."""
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * stride
+        out = grad_ptr + row * grad_stride
         target = tl.load(targets_ptr + row)
         k2 = 2 * 1.4426950408889634 / softcap  # exp(2l / softcap) = exp2(l * k2)
         kz = softcap * 1.4426950408889634
@@ -200,18 +203,24 @@ if triton is not None:
             r = tl.fdiv(2.0, tl.exp2(x * k2) + 1)
             p = tl.exp2(base - kz * r) - tl.where(cols == target, 1.0, 0.0)
             g = tl.where((cols < vocab) & valid, p * r * (2 - r), 0.0)
-            tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < padded)
+            tl.store(out + cols, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=cols < padded)
 
-@torch.library.custom_op("nanoray::softcap_ce_", mutates_args=("logits",))
-def _softcap_ce_(logits: Tensor, targets: Tensor, vocab: int, softcap: float) -> Tensor:
-    """Per-row losses (fp32); the logits (rows x padded vocab) are overwritten with the per-row gradients."""
-    rows, padded = logits.shape
-    if logits.is_cuda and triton is not None:
-        loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        _softcap_ce_kernel[(rows,)](logits, targets, loss, logits.stride(0), vocab, padded, softcap,
-                                    BLOCK=4096, num_warps=16)
-        return loss
-    # The same computation in PyTorch (the CPU path, and the kernel's reference).
+
+def _softcap_ce_launch(logits: Tensor, targets: Tensor, grad: Tensor, vocab: int, softcap: float,
+                       grad_scale: float) -> Tensor | None:
+    """The Triton kernel where it runs (CUDA): per-row losses, the scaled gradient written to `grad`; else None."""
+    if not (logits.is_cuda and triton is not None):
+        return None
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _softcap_ce_kernel[(logits.shape[0],)](logits, targets, loss, grad, logits.stride(0), grad.stride(0), vocab,
+                                           logits.shape[1], softcap, grad_scale, BLOCK=4096, num_warps=16)
+    return loss
+
+
+def _softcap_ce_reference(logits: Tensor, targets: Tensor, vocab: int, softcap: float) -> tuple[Tensor, Tensor]:
+    """The kernel's computation in PyTorch (the CPU path, and the kernel's reference): fp32 per-row losses and
+    gradients."""
+    padded = logits.shape[1]
     t = torch.tanh(logits.float() / softcap)
     z = (softcap * t).masked_fill(torch.arange(padded, device=logits.device) >= vocab, float("-inf"))
     lse = z.logsumexp(dim=-1)
@@ -219,7 +228,16 @@ def _softcap_ce_(logits: Tensor, targets: Tensor, vocab: int, softcap: float) ->
     safe = targets.clamp(min=0)[:, None]
     loss = torch.where(valid, lse - z.gather(1, safe)[:, 0], 0.0)
     p = (z - lse[:, None]).exp().scatter_add(1, safe, -valid[:, None].float())
-    logits.copy_(torch.where(valid[:, None], p * (1 - t * t), 0.0))
+    return loss, torch.where(valid[:, None], p * (1 - t * t), 0.0)
+
+
+@torch.library.custom_op("nanoray::softcap_ce_", mutates_args=("logits",))
+def _softcap_ce_(logits: Tensor, targets: Tensor, vocab: int, softcap: float) -> Tensor:
+    """Per-row losses (fp32); the logits (rows x padded vocab) are overwritten with the per-row gradients."""
+    loss = _softcap_ce_launch(logits, targets, logits, vocab, softcap, 1.0)
+    if loss is None:
+        loss, grad = _softcap_ce_reference(logits, targets, vocab, softcap)
+        logits.copy_(grad)
     return loss
 
 
@@ -228,23 +246,62 @@ def _(logits, targets, vocab, softcap):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
+# |d loss / d logit| <= 1 (a probability difference times 1 - tanh²), so a fixed power-of-two scale takes the
+# gradient to float8 e5m2 without the amax pass a dynamic cast needs: 2^15 maps 1 below e5m2's largest finite
+# 57344, as a dynamic scale does for an amax near 1 (the usual one: some target always has p ~ 0), and scaling by
+# a power of two adds no rounding of its own.
+E5M2_GRAD_SCALE = 2.0 ** 15
+
+
+@torch.library.custom_op("nanoray::softcap_ce_e5m2", mutates_args=())
+def _softcap_ce_e5m2(logits: Tensor, targets: Tensor, vocab: int, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row losses (fp32) and the per-row gradients times E5M2_GRAD_SCALE in float8 e5m2: half the bytes of
+    the bf16 logits they replace (which the caller frees), and the lm_head's backward GEMMs take them as they are."""
+    grad = torch.empty(logits.shape, dtype=torch.float8_e5m2, device=logits.device)
+    loss = _softcap_ce_launch(logits, targets, grad, vocab, softcap, E5M2_GRAD_SCALE)
+    if loss is None:
+        loss, g = _softcap_ce_reference(logits, targets, vocab, softcap)
+        grad.copy_(g * E5M2_GRAD_SCALE)
+    return loss, grad
+
+
+@_softcap_ce_e5m2.register_fake
+def _(logits, targets, vocab, softcap):
+    return (logits.new_empty(logits.shape[0], dtype=torch.float32),
+            logits.new_empty(logits.shape, dtype=torch.float8_e5m2))
+
+
+def _same(t: Tensor, role: str) -> Tensor:
+    return t
+
+
 class _LinearSoftcapCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND: Tensor, w_VD: Tensor, targets_N: Tensor, vocab: int, softcap: float,
                 cast: Callable[[Tensor, str], Tensor] | None) -> Tensor:
-        c = cast or (lambda t, role: t)
+        c = cast or _same
         logits_NV = c(x_ND, "input") @ c(w_VD, "weight").t()
-        loss_N = torch.ops.nanoray.softcap_ce_(logits_NV, targets_N, vocab, softcap)  # logits now hold grads
+        scaled_grad = getattr(cast, "scaled_grad", None)
+        if scaled_grad is not None:  # fp8: the kernel writes the gradient in e5m2, no cast in the backward
+            loss_N, grad_NV = torch.ops.nanoray.softcap_ce_e5m2(logits_NV, targets_N, vocab, softcap)
+            ctx.grad_dtype = logits_NV.dtype  # the dtype the backward GEMMs return
+        else:
+            loss_N = torch.ops.nanoray.softcap_ce_(logits_NV, targets_N, vocab, softcap)  # logits now hold grads
+            grad_NV = logits_NV
         count = (targets_N >= 0).sum()
-        ctx.save_for_backward(x_ND, w_VD, logits_NV, count)
+        ctx.save_for_backward(x_ND, w_VD, grad_NV, count)
         ctx.cast = c
+        ctx.scaled_grad = scaled_grad
         return loss_N.sum() / count
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x_ND, w_VD, grad_NV, count = ctx.saved_tensors
         c, scale = ctx.cast, grad / count
-        g_NV = c(grad_NV, "grad")
+        if ctx.scaled_grad is not None:
+            g_NV = ctx.scaled_grad(grad_NV, E5M2_GRAD_SCALE, ctx.grad_dtype)
+        else:
+            g_NV = c(grad_NV, "grad")
         dx = ((g_NV @ c(w_VD, "weight")) * scale).to(x_ND.dtype)
         dw = ((g_NV.t() @ c(x_ND, "input")) * scale).to(w_VD.dtype)
         return dx, dw, None, None, None, None
@@ -258,7 +315,8 @@ def linear_softcap_cross_entropy(x_ND: Tensor, w_VD: Tensor, targets_N: Tensor, 
                                  softcap: float, cast: Callable[[Tensor, str], Tensor] | None = None) -> Tensor:
     """mean over targets >= 0 of cross_entropy(softcap·tanh((x @ wᵀ)[:, :vocab] / softcap), targets).
     `cast(t, role)`, role "input", "weight" or "grad", gives each GEMM operand in another format (fp8 training's:
-    nanoray.fp8); the GEMMs then run in it, dw comes back in w's dtype."""
+    nanoray.fp8); the GEMMs then run in it, dw comes back in w's dtype. A cast with a `scaled_grad(data, scale,
+    dtype)` method takes the gradient as float8 e5m2 data times `scale` (which the loss kernel writes directly)."""
     return _LinearSoftcapCE.apply(x_ND, w_VD, targets_N, vocab, softcap, cast)
 
 

@@ -8,8 +8,8 @@ from nanoray.data import DataSpec, SyntheticTokens
 from nanoray.dial import Horizon, plan
 from nanoray.hardware import compute_dtype, prefer_cudnn_attention
 from nanoray.fp8 import check_fp8
-from nanoray.kernels import (_fa4_interface, flash_attention, linear_softcap_cross_entropy, mix_norm, resolve,
-                             window_attention)
+from nanoray.kernels import (E5M2_GRAD_SCALE, _fa4_interface, _softcap_ce_reference, flash_attention,
+                             linear_softcap_cross_entropy, mix_norm, resolve, window_attention)
 from nanoray.model import build_model, window_mask
 from nanoray.session import LocalSession
 from nanoray.train import TrainConfig, train
@@ -64,6 +64,25 @@ def test_softcap_cross_entropy_kernel_matches_plain():
     assert fused[0].item() == pytest.approx(ref.item(), rel=1e-3)
     assert rel_err(fused[1], xr.grad) < 1e-2 and rel_err(fused[2], wr.grad) < 1e-2
     assert torch.isfinite(fused[1]).all() and torch.isfinite(fused[2]).all()
+
+
+def test_softcap_cross_entropy_writes_e5m2_gradients_as_a_cast_would():
+    """fp8 training's loss kernel: the gradient times E5M2_GRAD_SCALE, rounded to e5m2 on the GPU, is the
+    PyTorch reference's fp32 gradient cast so, but for rounding-boundary flips of one e5m2 step (the kernel's
+    exp2 and the reference's exp differ in the last bits)."""
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    N, padded, vocab = 600, 5056, 5000
+    logits = (8 * torch.randn(N, padded, device="cuda", generator=gen)).bfloat16()
+    targets = torch.randint(vocab, (N,), device="cuda", generator=gen)
+    targets[::7] = -1
+    loss, g8 = torch.ops.nanoray.softcap_ce_e5m2(logits, targets, vocab, 15.0)
+    ref_loss, ref = _softcap_ce_reference(logits, targets, vocab, 15.0)
+    assert g8.dtype == torch.float8_e5m2 and torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    got, want = g8.float(), (ref * E5M2_GRAD_SCALE).to(torch.float8_e5m2).float()
+    differ = got != want
+    assert differ.float().mean() < 1e-3 and got.abs().max() <= E5M2_GRAD_SCALE
+    assert ((got - want).abs() <= 0.25 * want.abs() + 2**-16)[differ].all()  # one step of 2 mantissa bits
+    assert not g8[targets < 0].float().any() and not g8[:, vocab:].float().any()
 
 
 @pytest.mark.skipif(_fa4_interface() is None, reason="flash_attn.cute (FlashAttention-4) not installed")
