@@ -73,8 +73,11 @@ for stage in "$@"; do
       timeout 200 python benchmarks/serve_throughput.py --depth $d ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/serve-d$d.log" | grep -E '^\{|Error'
     done
     ;;
-  profile)
-    timeout 200 python benchmarks/profile_step.py --depth 20 --fp8 --top 25 2>&1 | tee "$OUT/profile-d20-fp8.log" | tail -27
+  profile)  # one step's GPU time by kernel (DEPTHS: "20"; PROFILE_ARGS: "--fp8")
+    for d in ${DEPTHS:-20}; do
+      timeout 200 python benchmarks/profile_step.py --depth $d ${PROFILE_ARGS---fp8} --top 25 2>&1 \
+        | tee "$OUT/profile-d$d.log" | tail -27
+    done
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
