@@ -43,6 +43,11 @@ for stage in "$@"; do
     tt d12-bf16 --depth 12 --steps 20 --log-every 5 --window-pattern L
     tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
     ;;
+  speed-d12)  # the bar's d12 pair and SSSL beside it, one machine
+    tt d12-bf16 --depth 12 --steps 20 --log-every 5 --window-pattern L
+    tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
+    tt d12-bf16-sssl --depth 12 --steps 20 --log-every 5 --window-pattern SSSL
+    ;;
   speed-d20)  # the bar's d20 pair (fp8 first)
     tt d20-fp8 --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
     tt d20-bf16 --depth 20 --steps 8 --log-every 2 --window-pattern L
