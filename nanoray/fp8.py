@@ -116,9 +116,18 @@ class _Float8Operands:
                                     gemm_role)
 
 
+def _relu_square(h: torch.Tensor) -> torch.Tensor:
+    """ReLU² as plain ops for an fp8 c_proj: its output feeds only the fp8 cast (amax, then the e4m3 values,
+    which torch.compile computes from h without writing ReLU²(h) in bf16), and autograd keeps h, the GEMM output
+    that exists anyway. nanoray.kernels.relu_square would write and keep ReLU²(h) besides: one more bf16 pass of
+    4 x width per token per layer."""
+    return torch.relu(h).square()
+
+
 def enable_fp8(model: GPT) -> GPT:
     """Swap the block matrices of `model` for torchao Float8Linears (tensorwise dynamic scaling), give each
-    attention an fp8 fused q/k/v GEMM and the fused cross-entropy fp8 lm_head operands, in place. The new
+    attention an fp8 fused q/k/v GEMM, each fp8 c_proj a plain ReLU² before it (`_relu_square`) and the fused
+    cross-entropy fp8 lm_head operands, in place. The new
     modules share the old Parameters, so optimizers and checkpoints see the same tensors and names."""
     float8 = _torchao()
     config = float8.Float8LinearConfig.from_recipe_name("tensorwise")
@@ -130,7 +139,10 @@ def enable_fp8(model: GPT) -> GPT:
         parent = model.get_submodule(parent_name)
         swaps.append((parent, name, plain, getattr(parent, name)))
     matmul = _float8_matmul(config)
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
+        if f"blocks.{i}.mlp.c_proj" in bf16:  # its input is cast to fp8
+            swaps.append((block.mlp, "activation", block.mlp.activation, _relu_square))
+            block.mlp.activation = _relu_square
         attn = block.attn
         if all(fits(linear) for linear in (attn.c_q, attn.c_k, attn.c_v)):
             attn.qkv_linear = matmul

@@ -230,9 +230,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        # ReLU² saving its output (bf16 c_proj reads that output anyway); fp8 training sets a plain ReLU² instead,
+        # whose output only the fp8 cast reads, so the compiler fuses the two (nanoray.fp8)
+        self.activation = relu_square
 
     def forward(self, x):
-        return self.c_proj(relu_square(self.c_fc(x)))
+        return self.c_proj(self.activation(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from nanoray.data import DataSpec, SyntheticTokens
 from nanoray.dial import Horizon, plan
 from nanoray.fp8 import Fp8Error, bf16_linears, check_fp8, converts, enable_fp8, is_fp8
-from nanoray.kernels import linear_softcap_cross_entropy
+from nanoray.kernels import linear_softcap_cross_entropy, relu_square
 from nanoray.model import Linear, build_model
 from nanoray.optim import apply_schedule, build_optimizers
 from nanoray.session import LocalSession
@@ -74,11 +74,12 @@ def test_only_the_block_matrices_convert_and_names_stay():
     fp8 = {n for n, m in model.named_modules() if isinstance(m, float8.Float8Linear)}
     assert fp8 == {f"blocks.{i}.{m}" for i in range(4) for m in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert all(block.attn.qkv_linear is not None for block in model.blocks)  # q, k, v: one fused fp8 GEMM
+    assert all(block.mlp.activation is not relu_square for block in model.blocks)  # a ReLU² fused into the cast
     assert type(model.lm_head) is Linear and type(model.smear_gate) is Linear
     assert model.lm_head_cast is not None  # the fused cross-entropy's GEMMs in fp8
     small = enable_fp8(build_model(plan(2, "tiny").model, "cpu"))  # 64 wide: nothing fits nanochat's rule
     assert not converts(small.blocks[0].mlp.c_fc, "blocks.0.mlp.c_fc") and small.blocks[0].attn.qkv_linear is None
-    assert small.lm_head_cast is None
+    assert small.lm_head_cast is None and small.blocks[0].mlp.activation is relu_square
 
 
 def test_evaluation_swaps_in_bf16_linears_and_back(cpu_fp8_matmul):
@@ -90,7 +91,7 @@ def test_evaluation_swaps_in_bf16_linears_and_back(cpu_fp8_matmul):
         fp8_loss = model(x, y).item()
         with bf16_linears(model):
             assert type(model.blocks[0].mlp.c_fc) is Linear and model.blocks[0].attn.qkv_linear is None
-            assert model.lm_head_cast is None
+            assert model.lm_head_cast is None and model.blocks[0].mlp.activation is relu_square
             assert model(x, y).item() == plain(x, y).item()  # exactly the model without fp8
         assert isinstance(model.blocks[0].mlp.c_fc, float8.Float8Linear) and model.blocks[0].attn.qkv_linear
         assert model(x, y).item() == fp8_loss
