@@ -28,8 +28,8 @@ GEMV_TILES = [(1, 2048), (1, 8192), (2, 2048), (2, 4096), (4, 1024), (4, 2048), 
               (32, 256)]
 # _linear_kernel at many rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 GEMM_TILES = [(16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3)]
-# the dot attention's (BLOCK_J, stages, warps)
-DOT_TILES = [(32, 2, 4), (64, 3, 4), (64, 3, 8), (64, 2, 8), (128, 2, 8)]
+# the attention's (BLOCK_J, stages, warps)
+ATTENTION_TILES = [(32, 2, 4), (64, 3, 4), (64, 3, 8), (64, 2, 8), (128, 2, 8)]
 
 
 def graph_us(fn) -> float:
@@ -101,21 +101,20 @@ def main() -> None:
         for chunk in (64, 128) if B == 1 else (256, 512):
             kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
             fd.chunk = lambda _, chunk=chunk: chunk
-            for kind, tiles in [("lanes", None)] + [("dot", t) for t in DOT_TILES]:
-                fd.attention_kernel, fd.attention_tiles = kind, tiles or fd.attention_tiles
+            for tiles in [None] + ATTENTION_TILES:
+                fd.attention_tiles = tiles
                 us = graph_us(lambda: fd._attention(B, 0))
-                print(json.dumps(dict(kernel="attention", variant=kind, tiles=tiles, rows=B, chunk=chunk,
+                print(json.dumps(dict(kernel="attention", default=tiles is None, tiles=tiles, rows=B, chunk=chunk,
                                       us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
     pdl = fd.pdl
-    for B in (1, 8, rows):  # the whole step: PDL off and on, each attention kernel, the swept GEMV tiles, and wide
-        # steps through _linear_kernel (the narrow path) at several GEMM tilings
-        runs = [dict(pdl=False, attention="lanes"), dict(pdl=pdl, attention="lanes"), dict(pdl=pdl, attention="dot")]
-        runs += [dict(pdl=pdl, attention="dot", gemv="swept")] if picks and B == 1 else []
-        runs += [dict(pdl=pdl, attention="dot", path="narrow", gemm=t) for t in GEMM_TILES] \
-            if B > FusedDecoder.narrow_rows else []
+    for B in (1, 8, rows):  # the whole step: PDL off and on, the swept GEMV tiles, and wide steps through
+        # _linear_kernel (the narrow path) at several GEMM tilings
+        runs = [dict(pdl=False), dict(pdl=pdl)]
+        runs += [dict(pdl=pdl, gemv="swept")] if picks and B == 1 else []
+        runs += [dict(pdl=pdl, path="narrow", gemm=t) for t in GEMM_TILES] if B > FusedDecoder.narrow_rows else []
         for run in {json.dumps(r): r for r in runs}.values():
-            fd.pdl, fd.attention_kernel = run["pdl"], run["attention"]
+            fd.pdl = run["pdl"]
             fd.gemv_tuned = picks if run.get("gemv") else {}
             fd.narrow_rows = B if run.get("path") == "narrow" else FusedDecoder.narrow_rows
             fd.gemm_tiles = run.get("gemm", FusedDecoder.gemm_tiles)

@@ -3,10 +3,9 @@
 # it to start a cold machine) runs several. Priority order for a 30-minute session (ask for an H200: the bars are
 # H200 figures; session 11's calls all got H100s, whose figures are in RESULTS.md):
 #
-#   export OUT TESTS="dot or pdl"; timeout 560 bash -c 'bash benchmarks/fp8_windows.sh setup tests;                # issue 15
-#     DEPTHS=12 bash benchmarks/fp8_windows.sh decode-sweep; DEPTHS=12 SERVE_ARGS="--attention dot" bash
-#     benchmarks/fp8_windows.sh serve; DEPTHS=12 SERVE_ARGS="--attention dot --narrow-rows 128" bash
-#     benchmarks/fp8_windows.sh serve; DEPTHS=20 bash benchmarks/fp8_windows.sh decode-sweep' > $OUT/run.log 2>&1
+#   export OUT TESTS="fused_decode or pdl or e5m2 or fp8_training"; timeout 570 bash -c 'bash benchmarks/fp8_windows.sh
+#     setup tests; DEPTHS=12 bash benchmarks/fp8_windows.sh serve; bash benchmarks/fp8_windows.sh speed-l' > $OUT/run.log 2>&1
+#   (session 14's first call: ~9 min on a cold H200); then, warm: DEPTHS=12 PROFILE_ARGS=--fp8 ... profile, speed-d20
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1      # call 1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 > $OUT/run.log 2>&1          # call 2
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-sssl > $OUT/run.log 2>&1         # call 3

@@ -45,10 +45,8 @@ def ptxas_info(kernel, constants: dict, **options) -> str:
 
 if __name__ == "__main__":
     for rows, block_s in (("1 row (chunk 64)", 32), ("128 rows (chunk 512)", 4)):
-        print(f"lanes, {rows}: " + ptxas_info(fused_decode._attention_kernel, dict(D12, BLOCK_J=64, BLOCK_S=block_s),
-                                               num_warps=4))
         for block_j, stages, warps in [(64, 3, 4), (64, 3, 8), (128, 2, 8)]:
             one_tile = block_s == 32 and block_j >= 64
             constants = dict(D12, BLOCK_J=block_j, BLOCK_S=block_s, BLOCK_G=16, ONE_TILE=one_tile)
-            print(f"dot {block_j}x{stages}x{warps}, {rows}: "
-                  + ptxas_info(fused_decode._attention_dot_kernel, constants, num_warps=warps, num_stages=stages))
+            print(f"attention {block_j}x{stages}x{warps}, {rows}: "
+                  + ptxas_info(fused_decode._attention_kernel, constants, num_warps=warps, num_stages=stages))

@@ -20,9 +20,8 @@ captures several steps in one CUDA graph. On Hopper and later the kernels run un
 ramp overlap, and a GEMV's weights (nobody's output) stream in meanwhile. `_linear` is a GEMV for one row (products
 summed lane-wise, one reduction at the end) and a GEMM (tl.dot, `gemm_tiles`) for more. Wider steps run the GEMMs
 on cuBLAS, with the norms and mixes as kernels of their own (nanoray.kernels' mix_norm), the same attention and
-sampler. The attention is one of two kernels (`attention_kernel`): "lanes" (_attention_kernel, per-lane fp32
-sums, one program per query head) or "dot" (_attention_dot_kernel, tl.dot on tensor cores, one program per kv
-group); dev/check_fused_decode.py compares them under Triton's interpreter.
+sampler. The attention (_attention_kernel) runs one program per kv group and split, both of its products on tensor
+cores (tl.dot); dev/check_fused_decode.py checks it under Triton's interpreter against the model.
 GPU only (bf16, Triton); the engine's other decode paths are the plain PyTorch model, which the GPU tests
 compare this one against.
 
@@ -219,14 +218,6 @@ if triton is not None:
                        BLOCK_N)
 
     @triton.jit
-    def _rope_norm(x1, x2, cos, sin, eps, gain, C: tl.constexpr):
-        """nanoray.model: norm(apply_rotary(x)) * QK_GAIN in bf16, on the two halves of one head."""
-        r1 = _bf(_bf(x1 * cos) + _bf(x2 * sin))
-        r2 = _bf(_bf(x2 * cos) - _bf(x1 * sin))
-        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=0) + tl.sum(r2 * r2, axis=0)) / C + eps)
-        return _bf(_bf(r1 * rstd) * gain), _bf(_bf(r2 * rstd) * gain)
-
-    @triton.jit
     def _ve_gate(xn_ptr, gate_w_ptr, b, g, D, VE_CH: tl.constexpr, BLOCK_VE: tl.constexpr):
         """The gate of row b's ResFormer value embedding at kv head g: 3·sigmoid(norm(x)[:12] · w_g), in bf16."""
         vc = tl.arange(0, BLOCK_VE)
@@ -234,103 +225,6 @@ if triton is not None:
         xg = tl.load(xn_ptr + b * D + vc, mask=vm, other=0.0).to(tl.float32)
         wg = tl.load(gate_w_ptr + g * VE_CH + vc, mask=vm, other=0.0).to(tl.float32)
         return _bf(3.0 * _bf(_sigmoid(_bf(tl.sum(xg * wg, axis=0)))))
-
-    @triton.jit
-    def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
-                          k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
-                          chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
-                          C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, PDL: tl.constexpr):
-        """Program (b, h, s): query head h of row b over positions [s·chunk, (s+1)·chunk) of its window, with
-        rotary + QK-norm of q and of the new k, and the gated value embedding of the new v, done here. The new
-        key/value (position pos) come from registers, so no program reads the cache where one writes it; the
-        split holding pos, first head of its kv group, writes them. The last split of (b, h) to finish merges
-        the splits (by their log-sum-exps) into y[b, h], its bf16 output.
-
-        QK-norm bounds every score: |q|, |k| <= QK_GAIN·sqrt(C), so q·k·scale <= `bound`, and exp(score - bound)
-        needs no running max (no rescaling of the accumulators, which keep one partial sum per lane)."""
-        _pdl_start(PDL)
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
-        g = h // (H // KVH)
-        pos = tl.load(pos_ptr + b)
-        lo = tl.maximum(pos - window, 0)
-        start = tl.maximum(s * chunk, lo)
-        end = tl.minimum(s * chunk + chunk, pos + 1)
-        if start < end:
-            HALF: tl.constexpr = C // 2
-            c = tl.arange(0, HALF)
-            row = qkv_ptr + b * ((H + 2 * KVH) * C)
-            kc = k_cache + b * stride_cb + g * stride_cg
-            vcache = v_cache + b * stride_cb + g * stride_cg
-            stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
-            cos = tl.load(cos_ptr + pos * HALF + c).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * HALF + c).to(tl.float32)
-            q1, q2 = _rope_norm(tl.load(row + h * C + c).to(tl.float32), tl.load(row + h * C + HALF + c).to(tl.float32),
-                                cos, sin, eps, gain, C)
-            q1, q2 = q1 * scale, q2 * scale
-            l_j = tl.zeros([BLOCK_J], dtype=tl.float32)
-            acc1 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-            for j0 in range(start, stop, BLOCK_J):
-                j = j0 + tl.arange(0, BLOCK_J)
-                live = j < stop
-                at = j[:, None] * C + c[None, :]
-                k1 = tl.load(kc + at, mask=live[:, None], other=0.0).to(tl.float32)
-                k2 = tl.load(kc + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-                v1 = tl.load(vcache + at, mask=live[:, None], other=0.0).to(tl.float32)
-                v2 = tl.load(vcache + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-                p = tl.where(live, tl.exp(tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1) - bound),
-                             0.0)
-                l_j += p
-                acc1 += p[:, None] * v1
-                acc2 += p[:, None] * v2
-            l_i = tl.sum(l_j, axis=0)
-            o1 = tl.sum(acc1, axis=0)
-            o2 = tl.sum(acc2, axis=0)
-            if s == pos // chunk:  # the new token: its key and value, then into the cache
-                kn1, kn2 = _rope_norm(tl.load(row + (H + g) * C + c).to(tl.float32),
-                                    tl.load(row + (H + g) * C + HALF + c).to(tl.float32), cos, sin, eps, gain, C)
-                vn1 = tl.load(row + (H + KVH + g) * C + c).to(tl.float32)
-                vn2 = tl.load(row + (H + KVH + g) * C + HALF + c).to(tl.float32)
-                if HAS_VE:  # ResFormer value embedding, gated per kv head
-                    gate = _ve_gate(xn_ptr, gate_w_ptr, b, g, D, VE_CH, BLOCK_VE)
-                    ve = ve_ptr + tl.load(idx_ptr + b) * (KVH * C) + g * C
-                    vn1 = _bf(vn1 + _bf(gate * tl.load(ve + c).to(tl.float32)))
-                    vn2 = _bf(vn2 + _bf(gate * tl.load(ve + HALF + c).to(tl.float32)))
-                p_new = tl.exp(tl.sum(kn1 * q1, axis=0) + tl.sum(kn2 * q2, axis=0) - bound)
-                l_i += p_new
-                o1 += p_new * vn1
-                o2 += p_new * vn2
-                if h % (H // KVH) == 0:
-                    tl.store(kc + pos * C + c, kn1.to(tl.bfloat16))
-                    tl.store(kc + pos * C + HALF + c, kn2.to(tl.bfloat16))
-                    tl.store(vcache + pos * C + c, vn1.to(tl.bfloat16))
-                    tl.store(vcache + pos * C + HALF + c, vn2.to(tl.bfloat16))
-            y = y_ptr + b * (H * C) + h * C
-            first, last = lo // chunk, pos // chunk
-            if first == last:  # one split: it is the output
-                tl.store(y + c, (o1 / l_i).to(tl.bfloat16))
-                tl.store(y + HALF + c, (o2 / l_i).to(tl.bfloat16))
-            else:
-                # Partial sums under the shared bound: y = sum of the splits' o / sum of their l.
-                part = (b * H + h) * n_split
-                tl.store(o_ptr + (part + s) * C + c, o1)
-                tl.store(o_ptr + (part + s) * C + HALF + c, o2)
-                tl.store(l_ptr + part + s, l_i)
-                # acq_rel: the partials above are visible to the program that sees the last count
-                if tl.atomic_add(count_ptr + b * H + h, 1) == last - first:
-                    ss = tl.arange(0, BLOCK_S)
-                    valid = (ss >= first) & (ss <= last)
-                    l_all = tl.sum(tl.load(l_ptr + part + ss, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
-                    at_s = (part + ss)[:, None] * C + c[None, :]
-                    y1 = tl.sum(tl.load(o_ptr + at_s, mask=valid[:, None], other=0.0, cache_modifier=".cg"), axis=0)
-                    y2 = tl.sum(tl.load(o_ptr + at_s + HALF, mask=valid[:, None], other=0.0, cache_modifier=".cg"),
-                                axis=0)
-                    tl.store(y + c, (y1 / l_all).to(tl.bfloat16))
-                    tl.store(y + HALF + c, (y2 / l_all).to(tl.bfloat16))
-                    tl.atomic_xchg(count_ptr + b * H + h, 0)  # ready for the next launch
 
     @triton.jit
     def _dot(a, b, acc):
@@ -341,8 +235,9 @@ if triton is not None:
 
     @triton.jit
     def _rope_norm_heads(x, x_swap, cos, sin, eps, gain, C: tl.constexpr):
-        """_rope_norm of whole heads x (R, C) at once: x_swap is x with each head's halves swapped, cos = [cos, cos]
-        and sin = [sin, -sin] (C,), so bf(bf(x·cos) + bf(x_swap·sin)) is the model's rotary, rounding for rounding."""
+        """nanoray.model's norm(apply_rotary(x)) * QK_GAIN in bf16, of whole heads x (R, C) at once: x_swap is x with
+        each head's halves swapped, cos = [cos, cos] and sin = [sin, -sin] (C,), so bf(bf(x·cos) + bf(x_swap·sin))
+        is the model's rotary, rounding for rounding."""
         r = _bf(_bf(x * cos[None, :]) + _bf(x_swap * sin[None, :]))
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=1) / C + eps)
         return _bf(_bf(r * rstd[:, None]) * gain)
@@ -361,19 +256,23 @@ if triton is not None:
         return l_i + tl.sum(p, axis=1), _dot(p.to(tl.bfloat16), v, o)
 
     @triton.jit
-    def _attention_dot_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
-                              k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
-                              chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
-                              C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
-                              BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, BLOCK_G: tl.constexpr,
-                              ONE_TILE: tl.constexpr, PDL: tl.constexpr):
-        """_attention_kernel on tensor cores. Program (b, g, s): the G query heads of kv group g of row b (rows of
-        a (BLOCK_G >= 16, C) tile, the unused ones zero) over positions [s·chunk, (s+1)·chunk) of their window,
-        so each K/V tile is read once per group and both products are tl.dots (bf16 operands, fp32 sums), which
-        Triton pipelines: the next tiles load while this one multiplies. Scores q·k·scale as the model's SDPA
-        (bf16 q and k, fp32 sums), the probabilities rounded to bf16 for P·V as flash attention does; the rest
-        (the bound instead of a running max, the new key and value from registers, the merge by the last split
-        to finish) as _attention_kernel. Whole heads (C wide), not halves: two products a tile, not four.
+    def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, idx_ptr, xn_ptr, gate_w_ptr, ve_ptr,
+                          k_cache, v_cache, o_ptr, l_ptr, count_ptr, y_ptr, stride_cb, stride_cg, D, window,
+                          chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
+                          C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, BLOCK_G: tl.constexpr,
+                          ONE_TILE: tl.constexpr, PDL: tl.constexpr):
+        """Program (b, g, s): the G query heads of kv group g of row b (rows of a (BLOCK_G >= 16, C) tile, the
+        unused ones zero) over positions [s·chunk, (s+1)·chunk) of their window, with rotary + QK-norm of q and of
+        the new k, and the gated value embedding of the new v, done here. Each K/V tile is read once per group and
+        both products are tl.dots (bf16 operands, fp32 sums), which Triton pipelines: the next tiles load while
+        this one multiplies. Scores q·k·scale as the model's SDPA (bf16 q and k, fp32 sums), the probabilities
+        rounded to bf16 for P·V as flash attention does. Whole heads (C wide), not halves: two products a tile.
+
+        The new key/value (position pos) come from registers, so no program reads the cache where one writes it;
+        the split holding pos writes them. The last split of (b, g) to finish merges the splits into y[b, heads],
+        its bf16 output. QK-norm bounds every score: |q|, |k| <= QK_GAIN·sqrt(C), so q·k·scale <= `bound`, and
+        exp(score - bound) needs no running max (no rescaling of the accumulators).
 
         ONE_TILE (BLOCK_J >= chunk: few rows, short splits): the split's keys and values load before the PDL wait.
         They, and the row's position, were written by earlier steps, whose kernels have all finished by then: each
@@ -519,8 +418,9 @@ NARROW = 16  # up to this many rows a step runs on the Triton GEMV/skinny GEMM; 
 class FusedDecoder:
     """The decode step of a prepared (bf16) GPT on its engine's KV cache and slot state (module docstring)."""
 
-    attention_kernel = "lanes"  # or "dot" (_attention_dot_kernel: not yet measured on a GPU)
-    attention_tiles = (64, 3, 8)  # the dot kernel's (BLOCK_J, pipeline stages, warps): 128-200 registers on sm90
+    # The attention's (BLOCK_J, pipeline stages, warps); None: the fastest measured (H200, d20, benchmarks/RESULTS.md):
+    # (64, 3, 4) up to NARROW rows (6.3 us a layer at 1 row, 8 warps 6.6), (64, 3, 8) above (114 us at 128 rows)
+    attention_tiles: tuple[int, int, int] | None = None
     narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
     gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row
 
@@ -535,7 +435,7 @@ class FusedDecoder:
         self.cache, self.state, self.fstate = cache, state, fstate
         # Programmatic dependent launch: each kernel starts while the previous one finishes (module docstring)
         self.pdl = torch.cuda.get_device_capability(state.device) >= (9, 0) and not _INTERPRET
-        self.eps = torch.finfo(torch.bfloat16).eps
+        self.eps = kernels.norm_eps(torch.bfloat16)
         # |q|, |k| <= QK_GAIN·sqrt(C) after QK-norm (bf16 rounding: 1% margin), so every score is <= this
         self.bound = QK_GAIN ** 2 * math.sqrt(self.C) * 1.01
         self.layers = []
@@ -561,9 +461,8 @@ class FusedDecoder:
         self.h = torch.zeros(n, 4 * D, device=dev, dtype=bf)
         self.o = torch.zeros(n, self.H, MAX_SPLITS, self.C, device=dev)
         self.l = torch.zeros(n, self.H, MAX_SPLITS, device=dev)
-        # splits done per (row, head) (lanes kernel), or per (row, kv group) at b·KVH + g (dot kernel); each resets
-        # its own
-        self.count = torch.zeros(n, self.H, dtype=torch.int32, device=dev)
+        # splits done per (row, kv group), at b·KVH + g; the last split resets its own
+        self.count = torch.zeros(n, self.KVH, dtype=torch.int32, device=dev)
         self.logits = torch.zeros(n, self.V, device=dev)
         self.logits_bf = torch.zeros(n, self.V, device=dev, dtype=bf)
         self.lm_blocks = (32, 256)  # 1024 programs over a 32k vocabulary
@@ -597,8 +496,8 @@ class FusedDecoder:
 
     def chunk(self, B: int) -> int:
         """Positions per attention split: short splits for few rows (more programs), long ones for many. H200,
-        d12 at position 640 (decode_kernels.py): 1 row 7.0 us at 64 (14.6 at 256); 128 rows 106 us at 512,
-        116-119 at 128-256, 151 at 64."""
+        d20 at position 640 (decode_kernels.py): 1 row 6.3 us at 64 (6.4 at 128); 128 rows 113-114 us at 512,
+        120-127 at 256."""
         target = 64 if B <= NARROW else 256 if B < 64 else 512
         return max(target, triton.cdiv(self.seq_len, MAX_SPLITS))
 
@@ -615,13 +514,10 @@ class FusedDecoder:
                     BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)), BLOCK_VE=_pow2(VE_GATE_CHANNELS), PDL=self.pdl,
                     launch_pdl=self.pdl)
         n_split = triton.cdiv(self.seq_len, chunk)
-        if self.attention_kernel == "dot":
-            block_j, stages, warps = self.attention_tiles
-            _attention_dot_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages, num_warps=warps,
-                                                         BLOCK_G=max(16, _pow2(self.H // self.KVH)),
-                                                         ONE_TILE=block_j >= chunk, **meta)
-        else:
-            _attention_kernel[(B, self.H, n_split)](*args, BLOCK_J=64, num_warps=4, **meta)
+        block_j, stages, warps = self.attention_tiles or ((64, 3, 4) if B <= NARROW else (64, 3, 8))
+        _attention_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages, num_warps=warps,
+                                                  BLOCK_G=max(16, _pow2(self.H // self.KVH)),
+                                                  ONE_TILE=block_j >= chunk, **meta)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""

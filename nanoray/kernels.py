@@ -31,6 +31,12 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
+def norm_eps(dtype: torch.dtype) -> float:
+    """The epsilon of `nanoray.model.norm` (F.rms_norm's default) for inputs of `dtype`: that of the type it computes
+    in, fp32 for bf16 inputs too (not bf16's 2^-7), fp64 for fp64. The fused norms pass it explicitly."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 # ---------------------------------------------------------------------------------------------- ReLU²
 
 class _ReluSquare(torch.autograd.Function):
@@ -433,7 +439,7 @@ def mix_norm(x_prev: Tensor, x0: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """x = lam[0]·x_prev + lam[1]·x0 (fp32 math, one rounding) and rms_norm(x), as one pass forward and
     one pass backward (the rms_norm backward, both input grads and both lambda grads: the per-layer
     resid/x0 lambda reductions ride on the pass that reads those tensors anyway). lam: fp32 (2,)."""
-    return _mix_norm_fwd(x_prev.contiguous(), x0.contiguous(), lam, torch.finfo(x_prev.dtype).eps)
+    return _mix_norm_fwd(x_prev.contiguous(), x0.contiguous(), lam, norm_eps(x_prev.dtype))
 
 
 def fused_mix_norm_available(x: Tensor) -> bool:

@@ -9,7 +9,7 @@ from nanoray.dial import Horizon, plan
 from nanoray.hardware import compute_dtype, prefer_cudnn_attention
 from nanoray.fp8 import check_fp8
 from nanoray.kernels import (E5M2_GRAD_SCALE, _fa4_interface, _softcap_ce_reference, flash_attention,
-                             linear_softcap_cross_entropy, mix_norm, resolve, window_attention)
+                             linear_softcap_cross_entropy, mix_norm, norm_eps, resolve, window_attention)
 from nanoray.model import build_model, window_mask
 from nanoray.session import LocalSession
 from nanoray.train import TrainConfig, train
@@ -164,7 +164,7 @@ def test_mix_norm_kernel_matches_reference():
     got = (x, xn, x_prev.grad, x0.grad, lam.grad)
     a, b, lr = (t.detach().double().requires_grad_() for t in (x_prev, x0, lam))
     xr = lr[0] * a + lr[1] * b
-    xnr = F.rms_norm(xr, (D,), eps=torch.finfo(torch.bfloat16).eps)
+    xnr = F.rms_norm(xr, (D,), eps=norm_eps(torch.bfloat16))  # the model's: F.rms_norm's default for bf16 input
     torch.autograd.backward((xr, xnr), (g_x.double(), g_xn.double()))
     for name, u, v in zip(("x", "xn", "g_prev", "g_x0", "g_lam"), got, (xr, xnr, a.grad, b.grad, lr.grad)):
         assert rel_err(u, v) < 1e-2, name
@@ -187,14 +187,13 @@ def _served_model(vocab=512, seq_len=256, n_layer=3, n_embd=128, n_head=4, n_kv_
     return model.eval()
 
 
-# rows: GEMV, skinny GEMM, cuBLAS with 256- and 512-position splits (or, dot-narrow, _linear_kernel GEMMs)
-@pytest.mark.parametrize("B,variant", [(B, v) for v in ("lanes", "dot") for B in (1, 3, 40, 70)]
-                         + [(40, "dot-narrow"), (70, "dot-narrow")])
+# rows: GEMV, skinny GEMM, cuBLAS with 256- and 512-position splits (or, narrow, _linear_kernel GEMMs)
+@pytest.mark.parametrize("B,variant", [(B, "fused") for B in (1, 3, 40, 70)] + [(40, "narrow"), (70, "narrow")])
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_fused_decode_step_matches_the_model(B, n_kv_head, variant):
     """nanoray.fused_decode against the model's per-row cache forward (both bf16): logits, the cache it writes,
-    and the greedy pick; rows at different positions, some past the 128-token short window (pattern SL). Each
-    attention kernel (lanes, tensor-core dot); dot-narrow runs every row count through _linear_kernel."""
+    and the greedy pick; rows at different positions, some past the 128-token short window (pattern SL).
+    narrow runs every row count through _linear_kernel."""
     from nanoray.engine import decode_step
     from nanoray.fused_decode import FusedDecoder
     from nanoray.model import KVCache
@@ -213,8 +212,7 @@ def test_fused_decode_step_matches_the_model(B, n_kv_head, variant):
         state[1, :B], state[4], state[5, :B] = torch.tensor(lens).cuda(), 1, 1
         fstate = torch.ones(2, 80, device="cuda")
         fused = FusedDecoder(model, caches[1], state, fstate)
-        fused.attention_kernel = "lanes" if variant == "lanes" else "dot"
-        fused.narrow_rows = B if variant == "dot-narrow" else fused.narrow_rows
+        fused.narrow_rows = B if variant == "narrow" else fused.narrow_rows
         for _ in range(3):
             ref_BV = decode_step(model, caches[0], state[0, :B].clone(), state[1, :B].clone(), T)
             got_BV = fused.forward(B).clone()
@@ -228,11 +226,10 @@ def test_fused_decode_step_matches_the_model(B, n_kv_head, variant):
                 assert rel_err(getattr(caches[1], name), getattr(caches[0], name)) < 2e-2, name
 
 
-@pytest.mark.parametrize("attention", ["lanes", "dot"])
-def test_fused_decode_under_pdl_computes_what_it_computes_without(attention):
+def test_fused_decode_under_pdl_computes_what_it_computes_without():
     """Programmatic dependent launch changes when the kernels start, never what they compute: 8 greedy steps of 3
     rows captured in one CUDA graph (as the engine runs them) give bit-identical tokens, log-probs and cache with
-    PDL and without; a kernel reading its input before the previous kernel's write would not (the dot attention
+    PDL and without; a kernel reading its input before the previous kernel's write would not (the attention
     reads its keys and values before the wait)."""
     from nanoray.fused_decode import FusedDecoder
     from nanoray.model import KVCache
@@ -252,7 +249,7 @@ def test_fused_decode_under_pdl_computes_what_it_computes_without(attention):
             state[0, :B], state[1, :B], state[4], state[5, :B] = torch.tensor([3, 4, 5]).cuda(), \
                 torch.tensor([5, 130, 60]).cuda(), 1, 1
             fused = FusedDecoder(model, cache, state, torch.ones(2, 4, device="cuda"))
-            fused.pdl, fused.attention_kernel = pdl, attention
+            fused.pdl = pdl
             start = [t.clone() for t in (state, cache.k, cache.v, cache.prev_emb)]
             out = torch.zeros(steps, B, 2, device="cuda")
             fused.forward(B), fused.sample(B, 1, out[0])  # compiles the kernels (outside the capture)
