@@ -19,12 +19,18 @@ weights through bf16 Linears (`bf16_linears`), as do CORE and serving (they neve
 """
 
 import contextlib
+import dataclasses
+import os
 
 import torch
 import torch.nn as nn
 
 from nanoray.model import GPT, Linear
 
+# Which of the three GEMMs accumulate fast (in lower precision, cuBLAS's CUBLASLT_MATMUL_DESC_FAST_ACCUM): torchao's
+# tensorwise recipe, "output"; an experiment (issue 14) adds "grad_input", whose reduction (over out_features) is as
+# short as the forward's. "grad_weight" reduces over every token of the batch.
+FAST_ACCUM = tuple(os.environ.get("NANORAY_FP8_FAST_ACCUM", "output").split(","))
 MIN_FP8_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores
 _SWAPS = "_fp8_swaps"  # GPT attribute: [(parent, attribute, bf16 value, fp8 value)]
 
@@ -130,7 +136,7 @@ def enable_fp8(model: GPT) -> GPT:
     cross-entropy fp8 lm_head operands, in place. The new
     modules share the old Parameters, so optimizers and checkpoints see the same tensors and names."""
     float8 = _torchao()
-    config = float8.Float8LinearConfig.from_recipe_name("tensorwise")
+    config = _config(float8)
     bf16 = {fqn: m for fqn, m in model.named_modules() if converts(m, fqn)}
     float8.convert_to_float8_training(model, module_filter_fn=converts, config=config)
     swaps = []
@@ -152,6 +158,16 @@ def enable_fp8(model: GPT) -> GPT:
         swaps.append((model, "lm_head_cast", None, model.lm_head_cast))
     setattr(model, _SWAPS, swaps)
     return model
+
+
+def _config(float8):
+    """torchao's tensorwise recipe, fast accumulation in the GEMMs `FAST_ACCUM` names."""
+    gemms = ("output", "grad_input", "grad_weight")
+    if set(FAST_ACCUM) - set(gemms):
+        raise Fp8Error(f"NANORAY_FP8_FAST_ACCUM: {','.join(FAST_ACCUM)!r} names GEMMs outside {gemms}")
+    config = float8.Float8LinearConfig.from_recipe_name("tensorwise")
+    return dataclasses.replace(config, **{f"gemm_config_{gemm}": float8.config.Float8GemmConfig(use_fast_accum=gemm in FAST_ACCUM)
+                                          for gemm in gemms})
 
 
 def is_fp8(model: nn.Module) -> bool:
