@@ -52,6 +52,9 @@ for stage in "$@"; do
   fast-accum)  # fp8 with fast accumulation also in the backward GEMMs (FAST: NANORAY_FP8_FAST_ACCUM; DEPTH)
     NANORAY_FP8_FAST_ACCUM=${FAST:-output,grad_input} tt d${DEPTH:-12}-fp8-fast --depth ${DEPTH:-12} --steps 20 --log-every 5 --fp8 --window-pattern L
     ;;
+  torchao-fn)  # fp8 through torchao's own autograd function (an amax of each input again in backward; DEPTH)
+    NANORAY_FP8_KEEP_INPUT_SCALE=0 tt d${DEPTH:-12}-fp8-torchao --depth ${DEPTH:-12} --steps 20 --log-every 5 --fp8 --window-pattern L
+    ;;
   speed-d20)  # the bar's d20 pair (fp8 first)
     tt d20-fp8 --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
     tt d20-bf16 --depth 20 --steps 8 --log-every 2 --window-pattern L

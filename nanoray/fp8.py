@@ -1,10 +1,11 @@
 """fp8 training: the block matrices run their three GEMMs (forward, input grad, weight grad) in float8 with
-dynamic tensorwise scaling, through torchao's float8 training (`torchao.float8.convert_to_float8_training`:
-e4m3 inputs and weights, e5m2 gradients, one scale per tensor from its current absolute max, torch._scaled_mm).
-It is the recipe nanochat's --fp8 and torchtitan use; torchao is maintained by the PyTorch team and composes
-with torch.compile (the compiled trainer ran it on torch 2.11: benchmarks/RESULTS.md), so nanoray does not write
-the layer itself. Attention's q, k and v stay one fused GEMM in fp8 too (the same torchao autograd function on the
-concatenated weight: x is cast once, not three times), and the lm_head's three GEMMs run in fp8 inside nanoray's
+dynamic tensorwise scaling, on torchao's float8 training parts (its casts: e4m3 inputs and weights, e5m2 gradients,
+one scale per tensor from its current absolute max; its tensor subclass, whose products run torch._scaled_mm; its
+GEMM settings). It is the recipe nanochat's --fp8 and torchtitan use; torchao is maintained by the PyTorch team and
+composes with torch.compile (the compiled trainer ran it on torch 2.11: benchmarks/RESULTS.md). nanoray's own part
+is the autograd function around those parts (`_Float8Matmul`: torchao's, keeping each input's forward scale for
+the weight gradient) and the module swap. Attention's q, k and v stay one fused GEMM in fp8 too (the same autograd
+function on the concatenated weight: x is cast once, not three times), and the lm_head's three GEMMs run in fp8 inside nanoray's
 fused softcap cross-entropy, their operands cast by torchao's dynamic cast (where that fused loss runs: GPUs), as
 nanochat converts its lm_head; that loss writes its gradient in e5m2 itself (|grad| <= 1: a fixed scale).
 
@@ -31,6 +32,8 @@ from nanoray.model import GPT, Linear
 # tensorwise recipe, "output"; an experiment (issue 14) adds "grad_input", whose reduction (over out_features) is as
 # short as the forward's. "grad_weight" reduces over every token of the batch.
 FAST_ACCUM = tuple(os.environ.get("NANORAY_FP8_FAST_ACCUM", "output").split(","))
+# Issue 14's A/B: "0" runs torchao's own autograd function (an amax of each input again in backward)
+KEEP_INPUT_SCALE = os.environ.get("NANORAY_FP8_KEEP_INPUT_SCALE", "1") == "1"
 MIN_FP8_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores
 _SWAPS = "_fp8_swaps"  # GPT attribute: [(parent, attribute, bf16 value, fp8 value)]
 
@@ -76,16 +79,71 @@ def fits(linear: nn.Linear) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0 and min(out_features, in_features) >= 128
 
 
+class _Float8Matmul(torch.autograd.Function):
+    """x @ w.T with its three GEMMs in float8: torchao's Float8Linear autograd function (the same casts, tensor
+    subclass and GEMM settings, so the same numbers), except that the weight gradient's e4m3 cast of x reuses the
+    scale of x's forward cast. torchao's takes a fresh amax of x in backward, and torch.compile keeps that pass
+    (it shares the weights' amaxes between forward and backward, not the inputs': seen in the AOT graphs), a read
+    of every input again, the MLP's 4 x width ReLU² among them. Arguments as torchao's (w transposed: `w_t`)."""
+
+    @staticmethod
+    def forward(ctx, x, w_t, mm_config, config):
+        x8 = _cast(x.reshape(-1, x.size(-1)), "input", mm_config, config)
+        out = torch.mm(x8, _cast(w_t, "weight", mm_config, config))
+        ctx.save_for_backward(x, x8._scale, w_t)
+        ctx.mm_config, ctx.config = mm_config, config
+        return out.reshape(*x.shape[:-1], out.size(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torchao.float8.float8_training_tensor import GemmInputRole, hp_tensor_and_scale_to_float8
+        x, x_scale, w_t = ctx.saved_tensors
+        mm_config, config = ctx.mm_config, ctx.config
+        g8 = _cast(grad.reshape(-1, grad.size(-1)), "grad", mm_config, config)
+        grad_x = torch.mm(g8, _cast(w_t, "weight", mm_config, config).t())
+        x8 = hp_tensor_and_scale_to_float8(x.reshape(-1, x.size(-1)), x_scale, config.cast_config_input.target_dtype,
+                                           mm_config, GemmInputRole.INPUT)
+        grad_w = torch.mm(g8.t(), x8)
+        return grad_x.reshape(x.shape), grad_w.t(), None, None
+
+
+def _cast(t: torch.Tensor, role: str, mm_config, config) -> torch.Tensor:
+    """`t` in float8 with one dynamic scale, as torchao's Float8Linear casts its GEMM operands: "input" and "weight"
+    to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs torch._scaled_mm)."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+    cast_config, gemm_role = {"input": (config.cast_config_input, GemmInputRole.INPUT),
+                              "weight": (config.cast_config_weight, GemmInputRole.WEIGHT),
+                              "grad": (config.cast_config_grad_output, GemmInputRole.GRAD_OUTPUT)}[role]
+    return hp_tensor_to_float8_dynamic(t, cast_config.target_dtype, mm_config, gemm_input_role=gemm_role,
+                                       round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+
+
 def _float8_matmul(config):
-    """(x, w) -> x @ w.T in float8: the autograd function torchao's Float8Linear runs, with a Float8Linear's GEMM
-    settings (taken from a template module). For a weight made in forward, which no module holds: the fused q/k/v
-    matrix, concatenated from three Parameters, cast to fp8 with one scale."""
+    """(x, w) -> x @ w.T in float8 (`_Float8Matmul`) with a torchao Float8Linear's GEMM settings. For the block
+    matrices (`Float8Linear`) and for a weight made in forward, which no module holds: the fused q/k/v matrix,
+    concatenated from three Parameters, cast to fp8 with one scale."""
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
     mm_config = _mm_config(config)
+    function = _Float8Matmul if KEEP_INPUT_SCALE else matmul_with_hp_or_float8_args
 
     def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return matmul_with_hp_or_float8_args.apply(x, w.t(), mm_config, config)
+        return function.apply(x, w.t(), mm_config, config)
     return matmul
+
+
+class Float8Linear(Linear):
+    """A block matrix whose GEMMs run in float8 (`_float8_matmul`): holds the very weight Parameter of the Linear it
+    replaces, so optimizers, checkpoints and parameter names see no change."""
+
+    def __init__(self, linear: Linear, matmul):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, None
+        self.matmul = matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight)
 
 
 def _mm_config(config):
@@ -108,10 +166,7 @@ class _Float8Operands:
                       "grad": (config.cast_config_grad_output.target_dtype, GemmInputRole.GRAD_OUTPUT)}
 
     def __call__(self, t: torch.Tensor, role: str) -> torch.Tensor:
-        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-        dtype, gemm_role = self.roles[role]
-        return hp_tensor_to_float8_dynamic(t, dtype, self.mm_config, gemm_input_role=gemm_role,
-                                           round_scales_to_power_of_2=self.config.round_scales_to_power_of_2)
+        return _cast(t, role, self.mm_config, self.config)
 
     def scaled_grad(self, data: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
         """The gradient whose float8 values are `data` = gradient * `scale` (results of its GEMMs in `dtype`)."""
@@ -131,22 +186,20 @@ def _relu_square(h: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fp8(model: GPT) -> GPT:
-    """Swap the block matrices of `model` for torchao Float8Linears (tensorwise dynamic scaling), give each
+    """Swap the block matrices of `model` for Float8Linears (torchao's tensorwise dynamic scaling), give each
     attention an fp8 fused q/k/v GEMM, each fp8 c_proj a plain ReLU² before it (`_relu_square`) and the fused
-    cross-entropy fp8 lm_head operands, in place. The new
-    modules share the old Parameters, so optimizers and checkpoints see the same tensors and names."""
-    float8 = _torchao()
-    config = _config(float8)
-    bf16 = {fqn: m for fqn, m in model.named_modules() if converts(m, fqn)}
-    float8.convert_to_float8_training(model, module_filter_fn=converts, config=config)
+    cross-entropy fp8 lm_head operands, in place. The new modules hold the old Parameters, so optimizers and
+    checkpoints see the same tensors and names."""
+    config = _config(_torchao())
+    matmul = _float8_matmul(config)
     swaps = []
-    for fqn, plain in bf16.items():
+    for fqn, plain in [(fqn, m) for fqn, m in model.named_modules() if converts(m, fqn)]:
         parent_name, _, name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name)
+        setattr(parent, name, Float8Linear(plain, matmul))
         swaps.append((parent, name, plain, getattr(parent, name)))
-    matmul = _float8_matmul(config)
     for i, block in enumerate(model.blocks):
-        if f"blocks.{i}.mlp.c_proj" in bf16:  # its input is cast to fp8
+        if isinstance(block.mlp.c_proj, Float8Linear):  # its input is cast to fp8
             swaps.append((block.mlp, "activation", block.mlp.activation, _relu_square))
             block.mlp.activation = _relu_square
         attn = block.attn

@@ -7,7 +7,7 @@ import torch
 
 from nanoray.data import DataSpec, SyntheticTokens
 from nanoray.dial import Horizon, plan
-from nanoray.fp8 import Fp8Error, bf16_linears, check_fp8, converts, enable_fp8, is_fp8
+from nanoray.fp8 import Float8Linear, Fp8Error, bf16_linears, check_fp8, converts, enable_fp8, is_fp8
 from nanoray.kernels import linear_softcap_cross_entropy, relu_square
 from nanoray.model import Linear, build_model
 from nanoray.optim import apply_schedule, build_optimizers
@@ -71,7 +71,7 @@ def test_only_the_block_matrices_convert_and_names_stay():
     enable_fp8(model)
     assert is_fp8(model) and list(model.state_dict()) == names  # a checkpoint has the same keys
     assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameters: optimizers see them
-    fp8 = {n for n, m in model.named_modules() if isinstance(m, float8.Float8Linear)}
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert fp8 == {f"blocks.{i}.{m}" for i in range(4) for m in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert all(block.attn.qkv_linear is not None for block in model.blocks)  # q, k, v: one fused fp8 GEMM
     assert all(block.mlp.activation is not relu_square for block in model.blocks)  # a ReLU² fused into the cast
@@ -80,6 +80,51 @@ def test_only_the_block_matrices_convert_and_names_stay():
     small = enable_fp8(build_model(plan(2, "tiny").model, "cpu"))  # 64 wide: nothing fits nanochat's rule
     assert not converts(small.blocks[0].mlp.c_fc, "blocks.0.mlp.c_fc") and small.blocks[0].attn.qkv_linear is None
     assert small.lm_head_cast is None and small.blocks[0].mlp.activation is relu_square
+
+
+def _fp8_mlp_half(function, compile_backend=None):
+    """ReLU² then an fp8 GEMM through `function` (an autograd function with torchao's arguments): output and
+    gradients of a fixed weighted sum."""
+    from nanoray import fp8
+    import torchao.float8
+    config = fp8._config(torchao.float8)
+    mm_config = fp8._mm_config(config)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 64, 512, generator=gen).bfloat16().requires_grad_()
+    w = (0.02 * torch.randn(384, 512, generator=gen)).requires_grad_()
+
+    def forward(h, w):
+        return function.apply(torch.relu(h).square(), w.t(), mm_config, config)
+    if compile_backend is not None:
+        forward = torch.compile(forward, backend=compile_backend)
+    y = forward(h, w)
+    (y.float() * torch.linspace(-1, 1, 384)).sum().backward()
+    return y, h.grad, w.grad
+
+
+def test_fp8_matmul_keeps_the_input_scale_and_torchaos_numbers(cpu_fp8_matmul):
+    """nanoray's fp8 autograd function gives torchao's outputs and gradients bit for bit, and its backward takes
+    no amax of the input (torchao's takes it again): amaxes by the size of what they scan, input 4 x 64 x 512,
+    weight 384 x 512, gradient 4 x 64 x 384."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from nanoray.fp8 import _Float8Matmul
+    graphs = {}
+
+    def backend(name):
+        def keep_backward(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+        return aot_autograd(fw_compiler=lambda gm, example_inputs: make_boxed_func(gm.forward),
+                            bw_compiler=keep_backward)
+
+    torchao_out = _fp8_mlp_half(float8.matmul_with_hp_or_float8_args, backend("torchao"))
+    ours = _fp8_mlp_half(_Float8Matmul, backend("nanoray"))
+    assert all(torch.equal(a, b) for a, b in zip(torchao_out, ours))
+    assert all(torch.equal(a, b) for a, b in zip(_fp8_mlp_half(_Float8Matmul), ours))  # eager too
+    scanned = {name: {node.args[0].meta["val"].numel() for node in gm.graph.nodes
+                      if node.target is torch.ops.aten.max.default} for name, gm in graphs.items()}
+    assert scanned == {"torchao": {4 * 64 * 512, 384 * 512, 4 * 64 * 384}, "nanoray": {384 * 512, 4 * 64 * 384}}
 
 
 def test_evaluation_swaps_in_bf16_linears_and_back(cpu_fp8_matmul):
@@ -93,7 +138,7 @@ def test_evaluation_swaps_in_bf16_linears_and_back(cpu_fp8_matmul):
             assert type(model.blocks[0].mlp.c_fc) is Linear and model.blocks[0].attn.qkv_linear is None
             assert model.lm_head_cast is None and model.blocks[0].mlp.activation is relu_square
             assert model(x, y).item() == plain(x, y).item()  # exactly the model without fp8
-        assert isinstance(model.blocks[0].mlp.c_fc, float8.Float8Linear) and model.blocks[0].attn.qkv_linear
+        assert isinstance(model.blocks[0].mlp.c_fc, Float8Linear) and model.blocks[0].attn.qkv_linear
         assert model(x, y).item() == fp8_loss
         with bf16_linears(plain):  # a no-op without fp8
             assert type(plain.blocks[0].mlp.c_fc) is Linear
