@@ -102,12 +102,18 @@ def main() -> None:
         dict(scaling_efficiency=round(per_gpu / args.baseline_tok_per_s, 4))
     result = dict(depth=args.depth, mode="bare" if args.bare else "ray-train", data=args.data, workers=args.workers,
                   **measured, tok_per_s_per_gpu=round(per_gpu), **scaling,
-                  fp8=run.fp8, **({k: v for k, v in os.environ.items() if k.startswith("NANORAY_FP8_")} if run.fp8 else {}),
+                  fp8=run.fp8, **experiment_knobs(),
                   window_pattern=run.model.window_pattern, device_batch_size=run.device_batch_size, grad_accum=run.grad_accum, memory_estimate_gb=round(run.memory_gib, 1),
                   total_batch_tokens=run.total_batch_tokens, flops_per_token=run.flops_per_token,
                   gpu=device_name(torch.device("cuda")) if torch.cuda.is_available() else "cpu",
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     print(json.dumps(result))
+
+
+def experiment_knobs() -> dict:
+    """The environment variables of an A/B run (nanoray's fp8 knobs, inductor's tuning switches), for its line."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith("NANORAY_FP8_") or (k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR")}
 
 
 if __name__ == "__main__":
