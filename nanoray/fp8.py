@@ -34,6 +34,9 @@ from nanoray.model import GPT, Linear
 FAST_ACCUM = tuple(os.environ.get("NANORAY_FP8_FAST_ACCUM", "output").split(","))
 # Issue 14's A/B: "0" runs torchao's own autograd function (an amax of each input again in backward)
 KEEP_INPUT_SCALE = os.environ.get("NANORAY_FP8_KEEP_INPUT_SCALE", "1") == "1"
+# "fused": each MLP as one autograd function (`_Float8MLP`, its backward's middle one Triton pass); "modules": two
+# Float8Linears with a ReLU² between. Not yet measured on a GPU, so not the default (issue 14).
+MLP = os.environ.get("NANORAY_FP8_MLP", "modules")
 MIN_FP8_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores
 _SWAPS = "_fp8_swaps"  # GPT attribute: [(parent, attribute, bf16 value, fp8 value)]
 
@@ -107,6 +110,50 @@ class _Float8Matmul(torch.autograd.Function):
         return grad_x.reshape(x.shape), grad_w.t(), None, None
 
 
+class _Float8MLP(torch.autograd.Function):
+    """c_proj(relu(c_fc(x))²) with its six GEMMs in float8, torchao's casts and GEMM settings as `_Float8Matmul`'s,
+    as one autograd function so that the backward's middle is one pass (`kernels.relu2_fp8_backward`): grad_h in
+    e5m2 in both layouts its two GEMMs read and relu(h)² in e4m3 transposed, written coalesced, where torch.compile
+    fuses the same casts with transposed 1-byte stores (1.45 ms a call at d12, 64 rows on an H100, for ~0.9 ms of
+    traffic). Saves x, h and the two input scales, as the two `_Float8Matmul`s with a ReLU² between them do."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, mm_config, config):
+        x2 = x.reshape(-1, x.size(-1))
+        x8 = _cast(x2, "input", mm_config, config)
+        h = torch.mm(x8, _cast(w_fc.t(), "weight", mm_config, config))
+        r8 = _cast(torch.relu(h).square(), "input", mm_config, config)
+        y = torch.mm(r8, _cast(w_proj.t(), "weight", mm_config, config))
+        ctx.save_for_backward(x, x8._scale, h, r8._scale, w_fc, w_proj)
+        ctx.mm_config, ctx.config = mm_config, config
+        return y.reshape(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torchao.float8.float8_training_tensor import (Float8TrainingTensor, GemmInputRole,
+                                                           hp_tensor_and_scale_to_float8)
+        from torchao.float8.float8_utils import amax_to_scale
+        from nanoray.kernels import relu2_fp8_backward
+        x, x_scale, h, r_scale, w_fc, w_proj = ctx.saved_tensors
+        mm_config, config = ctx.mm_config, ctx.config
+        grad_dtype = config.cast_config_grad_output.target_dtype
+        g8 = _cast(grad.reshape(-1, grad.size(-1)), "grad", mm_config, config)
+        grad_r = torch.mm(g8, _cast(w_proj.t(), "weight", mm_config, config).t())
+        amax = (grad_r.float() * (2 * torch.relu(h.float()))).abs().max()  # the one pass before the cast
+        grad_scale = amax_to_scale(amax, grad_dtype, config.round_scales_to_power_of_2)
+        gh, gh_t, r_t = relu2_fp8_backward(grad_r, h, grad_scale, r_scale)
+
+        def fp8(data, scale, role):
+            return Float8TrainingTensor(data, scale, grad.dtype, mm_config, role)
+        grad_h = fp8(gh, grad_scale, GemmInputRole.GRAD_OUTPUT)
+        grad_w_proj = torch.mm(g8.t(), fp8(r_t, r_scale, GemmInputRole.INPUT).t())  # r_t.t(): column-major r
+        grad_x = torch.mm(grad_h, _cast(w_fc.t(), "weight", mm_config, config).t())
+        x8 = hp_tensor_and_scale_to_float8(x.reshape(-1, x.size(-1)), x_scale, config.cast_config_input.target_dtype,
+                                           mm_config, GemmInputRole.INPUT)
+        grad_w_fc = torch.mm(fp8(gh_t, grad_scale, GemmInputRole.GRAD_OUTPUT), x8)
+        return grad_x.reshape(x.shape), grad_w_fc, grad_w_proj, None, None
+
+
 def _cast(t: torch.Tensor, role: str, mm_config, config) -> torch.Tensor:
     """`t` in float8 with one dynamic scale, as torchao's Float8Linear casts its GEMM operands: "input" and "weight"
     to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs torch._scaled_mm)."""
@@ -130,6 +177,15 @@ def _float8_matmul(config):
     def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return function.apply(x, w.t(), mm_config, config)
     return matmul
+
+
+def _float8_mlp(config):
+    """(x, w_fc, w_proj) -> relu(x @ w_fc.T)² @ w_proj.T in float8 (`_Float8MLP`)."""
+    mm_config = _mm_config(config)
+
+    def mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
+        return _Float8MLP.apply(x, w_fc, w_proj, mm_config, config)
+    return mlp
 
 
 class Float8Linear(Linear):
@@ -185,13 +241,15 @@ def _relu_square(h: torch.Tensor) -> torch.Tensor:
     return torch.relu(h).square()
 
 
-def enable_fp8(model: GPT) -> GPT:
+def enable_fp8(model: GPT, mlp: str = MLP) -> GPT:
     """Swap the block matrices of `model` for Float8Linears (torchao's tensorwise dynamic scaling), give each
     attention an fp8 fused q/k/v GEMM, each fp8 c_proj a plain ReLU² before it (`_relu_square`) and the fused
     cross-entropy fp8 lm_head operands, in place. The new modules hold the old Parameters, so optimizers and
-    checkpoints see the same tensors and names."""
+    checkpoints see the same tensors and names. `mlp`: "modules" or "fused" (`MLP`)."""
+    if mlp not in ("fused", "modules"):
+        raise Fp8Error(f"NANORAY_FP8_MLP: {mlp!r} is neither 'fused' nor 'modules'")
     config = _config(_torchao())
-    matmul = _float8_matmul(config)
+    matmul, fused_mlp = _float8_matmul(config), _float8_mlp(config)
     swaps = []
     for fqn, plain in [(fqn, m) for fqn, m in model.named_modules() if converts(m, fqn)]:
         parent_name, _, name = fqn.rpartition(".")
@@ -202,6 +260,9 @@ def enable_fp8(model: GPT) -> GPT:
         if isinstance(block.mlp.c_proj, Float8Linear):  # its input is cast to fp8
             swaps.append((block.mlp, "activation", block.mlp.activation, _relu_square))
             block.mlp.activation = _relu_square
+            if mlp == "fused" and isinstance(block.mlp.c_fc, Float8Linear):
+                block.mlp.fused = fused_mlp
+                swaps.append((block.mlp, "fused", None, fused_mlp))
         attn = block.attn
         if all(fits(linear) for linear in (attn.c_q, attn.c_k, attn.c_v)):
             attn.qkv_linear = matmul

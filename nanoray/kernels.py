@@ -444,3 +444,64 @@ def mix_norm(x_prev: Tensor, x0: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
 
 def fused_mix_norm_available(x: Tensor) -> bool:
     return x.is_cuda and _FAST.get("mix_norm", False)
+
+
+# ------------------------------------------------------------- fp8 MLP backward: ReLU² gradient + casts
+# In an fp8 MLP's backward one pass over the (tokens x 4·width) tensors gives the three fp8 operands the weight and
+# input gradients' GEMMs read: grad_h = grad_r · 2·relu(h) in e5m2, row-major (for grad x) and transposed (for
+# grad W_fc), and relu(h)² in e4m3 transposed (for grad W_proj), each at a scale computed before (grad_h's from
+# its amax pass, relu²'s from the forward). The transposed tiles go through shared memory (tl.trans), so every
+# store is coalesced; torch.compile's fusion of the same work writes the transposes 1 byte at a stride.
+E5M2_MAX, E4M3_MAX = torch.finfo(torch.float8_e5m2).max, torch.finfo(torch.float8_e4m3fn).max
+
+if triton is not None:
+    @triton.jit
+    def _relu2_fp8_bwd_kernel(grad_r_ptr, h_ptr, grad_scale_ptr, r_scale_ptr, gh_ptr, gh_t_ptr, r_t_ptr, M, N,
+                              E5M2_MAX: tl.constexpr, E4M3_MAX: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        at = rows[:, None].to(tl.int64) * N + cols[None, :]
+        g = tl.load(grad_r_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        a = tl.maximum(tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32), 0.0)
+        gh = g * (2.0 * a) * tl.load(grad_scale_ptr)
+        gh = tl.minimum(tl.maximum(gh, -E5M2_MAX), E5M2_MAX).to(gh_ptr.dtype.element_ty)
+        r = tl.minimum(a * a * tl.load(r_scale_ptr), E4M3_MAX).to(r_t_ptr.dtype.element_ty)
+        tl.store(gh_ptr + at, gh, mask=mask)
+        at_t = cols[:, None].to(tl.int64) * M + rows[None, :]
+        mask_t = (cols[:, None] < N) & (rows[None, :] < M)
+        tl.store(gh_t_ptr + at_t, tl.trans(gh), mask=mask_t)
+        tl.store(r_t_ptr + at_t, tl.trans(r), mask=mask_t)
+
+
+@torch.library.custom_op("nanoray::relu2_fp8_bwd", mutates_args=())
+def _relu2_fp8_bwd(grad_r: Tensor, h: Tensor, grad_scale: Tensor, r_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    M, N = h.shape
+    gh = torch.empty(M, N, dtype=torch.float8_e5m2, device=h.device)
+    gh_t = torch.empty(N, M, dtype=torch.float8_e5m2, device=h.device)
+    r_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=h.device)
+    if _use_triton(h):
+        grid = (triton.cdiv(M, 128), triton.cdiv(N, 64))
+        _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N, E5M2_MAX, E4M3_MAX,
+                                    BLOCK_M=128, BLOCK_N=64, num_warps=8)
+        return gh, gh_t, r_t
+    a = torch.relu(h.float())
+    gh.copy_((grad_r.float() * (2 * a) * grad_scale).clamp(-E5M2_MAX, E5M2_MAX))
+    gh_t.copy_(gh.t())
+    r_t.copy_((a * a * r_scale).clamp(max=E4M3_MAX).t())
+    return gh, gh_t, r_t
+
+
+@_relu2_fp8_bwd.register_fake
+def _(grad_r, h, grad_scale, r_scale):
+    M, N = h.shape
+    return (h.new_empty(M, N, dtype=torch.float8_e5m2), h.new_empty(N, M, dtype=torch.float8_e5m2),
+            h.new_empty(N, M, dtype=torch.float8_e4m3fn))
+
+
+def relu2_fp8_backward(grad_r: Tensor, h: Tensor, grad_scale: Tensor, r_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For an fp8 MLP's backward, from grad_r = d loss / d relu(h)² and h (both (M, N), bf16) and two fp32 scalar
+    scales: grad_h·grad_scale in e5m2 as (M, N) and as its (N, M) transpose, and relu(h)²·r_scale in e4m3 as
+    (N, M), each clamped to its format's range (torchao's cast). One pass, a Triton kernel on CUDA."""
+    return _relu2_fp8_bwd(grad_r.contiguous(), h.contiguous(), grad_scale, r_scale)

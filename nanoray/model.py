@@ -233,8 +233,11 @@ class MLP(nn.Module):
         # ReLU² saving its output (bf16 c_proj reads that output anyway); fp8 training sets a plain ReLU² instead,
         # whose output only the fp8 cast reads, so the compiler fuses the two (nanoray.fp8)
         self.activation = relu_square
+        self.fused = None  # (x, w_fc, w_proj) -> the MLP as one autograd function: set by fp8 training (nanoray.fp8)
 
     def forward(self, x):
+        if self.fused is not None:
+            return self.fused(x, self.c_fc.weight, self.c_proj.weight)
         return self.c_proj(self.activation(self.c_fc(x)))
 
 

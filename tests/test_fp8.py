@@ -32,12 +32,12 @@ def cpu_fp8_matmul():
         pytest.skip("this CPU's fp8 matmul is oneDNN's reference implementation: too slow to train on")
 
 
-def losses(depth: int, fp8: bool, steps: int = 12) -> list[float]:
+def losses(depth: int, fp8: bool, steps: int = 12, mlp: str = "modules") -> list[float]:
     """Training losses of a tiny model on fixed markov batches."""
     run = plan(depth, "tiny", Horizon(iterations=steps))
     model = build_model(run.model, "cpu", seed=1)
     if fp8:
-        enable_fp8(model)
+        enable_fp8(model, mlp=mlp)
     optimizers = build_optimizers(model, run, compile=False)
     data = SyntheticTokens(run.model.vocab_size, run.model.seq_len, "markov", seed=3)
     out = []
@@ -62,6 +62,34 @@ def test_fp8_training_follows_the_high_precision_loss(depth, cpu_fp8_matmul):
     for step, (a, b) in enumerate(zip(exact, fp8)):
         assert b == pytest.approx(a, rel=2e-3), step
     assert fp8 != exact  # and the matmuls did run in fp8
+
+
+@pytest.mark.parametrize("depth", [4, 6])
+def test_the_fused_fp8_mlp_follows_the_two_modules(depth, cpu_fp8_matmul):
+    """Each MLP as one fp8 autograd function (its backward's middle one pass, kernels.relu2_fp8_backward: the
+    PyTorch path here) trains exactly as two fp8 Linears with a ReLU² between do, at two depths: the same casts at
+    the same scales; with fp32 activations (the CPU's) the same rounding too. (With bf16 activations grad_h is
+    rounded to bf16 before its e5m2 cast in the eager two-module path, not in the fused one.)"""
+    modules, fused = losses(depth, True), losses(depth, True, mlp="fused")
+    assert fused == modules and modules != losses(depth, False)
+
+
+def test_fp8_relu2_backward_pass_is_the_casts_it_replaces():
+    """kernels.relu2_fp8_backward (PyTorch path): grad_h's and relu(h)²'s fp8 casts as torchao makes them, at the
+    given scales, in the layouts the GEMMs read."""
+    from torchao.float8.float8_utils import amax_to_scale
+    from nanoray.kernels import relu2_fp8_backward
+    gen = torch.Generator().manual_seed(0)
+    h, grad_r = torch.randn(96, 160, generator=gen).bfloat16(), torch.randn(96, 160, generator=gen).bfloat16()
+    a = torch.relu(h.float())
+    grad_h, r = grad_r.float() * 2 * a, a * a
+    s_g, s_r = amax_to_scale(grad_h.abs().max(), torch.float8_e5m2), amax_to_scale(r.max(), torch.float8_e4m3fn)
+    gh, gh_t, r_t = relu2_fp8_backward(grad_r, h, s_g, s_r)
+    assert gh.dtype == gh_t.dtype == torch.float8_e5m2 and r_t.dtype == torch.float8_e4m3fn
+    assert torch.equal(gh.float(), (grad_h * s_g).to(torch.float8_e5m2).float())
+    assert torch.equal(gh_t.float(), gh.float().t()) and gh_t.is_contiguous()
+    assert torch.equal(r_t.float(), (r * s_r).to(torch.float8_e4m3fn).float().t()) and r_t.is_contiguous()
+    assert gh.float().abs().max() == torch.finfo(torch.float8_e5m2).max  # the amax element lands on the top
 
 
 def test_only_the_block_matrices_convert_and_names_stay():
