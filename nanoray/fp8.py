@@ -241,11 +241,12 @@ def _relu_square(h: torch.Tensor) -> torch.Tensor:
     return torch.relu(h).square()
 
 
-def enable_fp8(model: GPT, mlp: str = MLP) -> GPT:
+def enable_fp8(model: GPT, mlp: str | None = None) -> GPT:
     """Swap the block matrices of `model` for Float8Linears (torchao's tensorwise dynamic scaling), give each
     attention an fp8 fused q/k/v GEMM, each fp8 c_proj a plain ReLU² before it (`_relu_square`) and the fused
     cross-entropy fp8 lm_head operands, in place. The new modules hold the old Parameters, so optimizers and
-    checkpoints see the same tensors and names. `mlp`: "modules" or "fused" (`MLP`)."""
+    checkpoints see the same tensors and names. `mlp`: "modules" or "fused" (default `MLP`)."""
+    mlp = mlp or MLP
     if mlp not in ("fused", "modules"):
         raise Fp8Error(f"NANORAY_FP8_MLP: {mlp!r} is neither 'fused' nor 'modules'")
     config = _config(_torchao())

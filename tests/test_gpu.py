@@ -125,11 +125,14 @@ def test_window_attention_matches_reference(window, n_kv_head):
         assert rel_err(a, b) < 2e-2
 
 
-def test_fp8_training_on_gpu_follows_bf16():
+@pytest.mark.parametrize("mlp", ["modules", "fused"])
+def test_fp8_training_on_gpu_follows_bf16(mlp, monkeypatch):
     """The compiled trainer with --fp8 (torchao float8 block matrices) on the same batches as bf16: both learn,
-    their losses stay within 1%, and evaluation ran in bf16 (the modules are swapped back and forth)."""
+    their losses stay within 1%, and evaluation ran in bf16 (the modules are swapped back and forth). Both fp8
+    MLPs: two Float8Linears, and one autograd function with the Triton backward pass (NANORAY_FP8_MLP)."""
     pytest.importorskip("torchao.float8")
     check_fp8(torch.device("cuda", 0))
+    monkeypatch.setattr("nanoray.fp8.MLP", mlp)
     runs = {}
     for fp8 in (False, True):
         session = LocalSession("cuda")
@@ -143,6 +146,18 @@ def test_fp8_training_on_gpu_follows_bf16():
     for a, b in zip(bf16, fp8):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
     assert fp8[-1]["val_loss"] == pytest.approx(bf16[-1]["val_loss"], rel=1e-2)
+
+
+def test_fp8_relu2_backward_kernel_is_its_pytorch_path():
+    """The fp8 MLP backward's Triton pass against the op's PyTorch path (the CPU's): bit for bit (both compute in
+    fp32 and round to nearest even), on a shape with ragged edges in both dimensions."""
+    from nanoray.kernels import _relu2_fp8_bwd
+    h, grad_r = (torch.randn(3000, 1000, device="cuda").bfloat16() for _ in range(2))
+    grad_scale, r_scale = torch.tensor(3.0e3, device="cuda"), torch.tensor(25.0, device="cuda")
+    got = _relu2_fp8_bwd(grad_r, h, grad_scale, r_scale)
+    want = _relu2_fp8_bwd(grad_r.cpu(), h.cpu(), grad_scale.cpu(), r_scale.cpu())
+    for name, g, w in zip(("grad_h", "grad_h.T", "relu2.T"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g.cpu().float(), w.float()), name
 
 
 def test_training_on_gpu_learns():
