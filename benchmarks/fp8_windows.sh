@@ -6,8 +6,11 @@
 #   export OUT TESTS="fused_decode or pdl or e5m2 or fp8_training"; timeout 570 bash -c 'bash benchmarks/fp8_windows.sh
 #     setup tests; DEPTHS=12 bash benchmarks/fp8_windows.sh serve; bash benchmarks/fp8_windows.sh speed-l' > $OUT/run.log 2>&1
 #   (session 14's first call: ~9 min on a cold H200); then, warm: DEPTHS=12 PROFILE_ARGS=--fp8 ... profile, speed-d20
-#   Next session, first: TESTS="fused_decode or pdl or mix_norm or e5m2" tests (the lanes kernel is gone and the
-#   fused norms' epsilon changed since the last GPU run), then speed-l (d12 against 576,414 / 622,110).
+#   Next session (16), first call (session 15 got only H100s; the fused MLP trained to NaN on the GPU):
+#     export OUT TESTS="relu2 or fp8_training"; timeout 570 bash -c 'bash benchmarks/fp8_windows.sh setup;
+#       python dev/debug_fused_mlp.py; bash benchmarks/fp8_windows.sh tests speed-l fused-mlp' > $OUT/run.log 2>&1
+#   then speed-d20 (d20 fp8 with the kept input scales against 203,129). A cold machine needs ~2.5 min before a
+#   d12 run's first step (Ray, compile): give each run >= 250 s.
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1      # call 1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 > $OUT/run.log 2>&1          # call 2
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-sssl > $OUT/run.log 2>&1         # call 3
