@@ -2,6 +2,8 @@
 _scaled_mm), the bf16 evaluation swap, checkpoints that load without fp8, and the refusals that name --fp8.
 The GPU path (torch.compile, the fused kernels, speed) is tests/test_gpu.py's and benchmarks/'."""
 
+import functools
+
 import pytest
 import torch
 
@@ -32,8 +34,9 @@ def cpu_fp8_matmul():
         pytest.skip("this CPU's fp8 matmul is oneDNN's reference implementation: too slow to train on")
 
 
+@functools.cache
 def losses(depth: int, fp8: bool, steps: int = 12, mlp: str = "modules") -> list[float]:
-    """Training losses of a tiny model on fixed markov batches."""
+    """Training losses of a tiny model on fixed markov batches (deterministic: cached for the tests that compare)."""
     run = plan(depth, "tiny", Horizon(iterations=steps))
     model = build_model(run.model, "cpu", seed=1)
     if fp8:
