@@ -99,14 +99,11 @@ class _Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from torchao.float8.float8_training_tensor import GemmInputRole, hp_tensor_and_scale_to_float8
         x, x_scale, w_t = ctx.saved_tensors
         mm_config, config = ctx.mm_config, ctx.config
         g8 = _cast(grad.reshape(-1, grad.size(-1)), "grad", mm_config, config)
         grad_x = torch.mm(g8, _cast(w_t, "weight", mm_config, config).t())
-        x8 = hp_tensor_and_scale_to_float8(x.reshape(-1, x.size(-1)), x_scale, config.cast_config_input.target_dtype,
-                                           mm_config, GemmInputRole.INPUT)
-        grad_w = torch.mm(g8.t(), x8)
+        grad_w = torch.mm(g8.t(), _cast(x.reshape(-1, x.size(-1)), "input", mm_config, config, scale=x_scale))
         return grad_x.reshape(x.shape), grad_w.t(), None, None
 
 
@@ -130,8 +127,7 @@ class _Float8MLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from torchao.float8.float8_training_tensor import (Float8TrainingTensor, GemmInputRole,
-                                                           hp_tensor_and_scale_to_float8)
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
         from torchao.float8.float8_utils import amax_to_scale
         from nanoray.kernels import relu2_fp8_backward
         x, x_scale, h, r_scale, w_fc, w_proj = ctx.saved_tensors
@@ -148,20 +144,22 @@ class _Float8MLP(torch.autograd.Function):
         grad_h = fp8(gh, grad_scale, GemmInputRole.GRAD_OUTPUT)
         grad_w_proj = torch.mm(g8.t(), fp8(r_t, r_scale, GemmInputRole.INPUT).t())  # r_t.t(): column-major r
         grad_x = torch.mm(grad_h, _cast(w_fc.t(), "weight", mm_config, config).t())
-        x8 = hp_tensor_and_scale_to_float8(x.reshape(-1, x.size(-1)), x_scale, config.cast_config_input.target_dtype,
-                                           mm_config, GemmInputRole.INPUT)
+        x8 = _cast(x.reshape(-1, x.size(-1)), "input", mm_config, config, scale=x_scale)
         grad_w_fc = torch.mm(fp8(gh_t, grad_scale, GemmInputRole.GRAD_OUTPUT), x8)
         return grad_x.reshape(x.shape), grad_w_fc, grad_w_proj, None, None
 
 
-def _cast(t: torch.Tensor, role: str, mm_config, config) -> torch.Tensor:
-    """`t` in float8 with one dynamic scale, as torchao's Float8Linear casts its GEMM operands: "input" and "weight"
-    to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs torch._scaled_mm)."""
+def _cast(t: torch.Tensor, role: str, mm_config, config, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`t` in float8 with one dynamic scale (or `scale`, one computed before), as torchao's Float8Linear casts its
+    GEMM operands: "input" and "weight" to e4m3, "grad" to e5m2 (torchao's tensor subclass: `a @ b` of two runs
+    torch._scaled_mm)."""
     from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
-    from torchao.float8.float8_training_tensor import GemmInputRole
+    from torchao.float8.float8_training_tensor import GemmInputRole, hp_tensor_and_scale_to_float8
     cast_config, gemm_role = {"input": (config.cast_config_input, GemmInputRole.INPUT),
                               "weight": (config.cast_config_weight, GemmInputRole.WEIGHT),
                               "grad": (config.cast_config_grad_output, GemmInputRole.GRAD_OUTPUT)}[role]
+    if scale is not None:
+        return hp_tensor_and_scale_to_float8(t, scale, cast_config.target_dtype, mm_config, gemm_role)
     return hp_tensor_to_float8_dynamic(t, cast_config.target_dtype, mm_config, gemm_input_role=gemm_role,
                                        round_scales_to_power_of_2=config.round_scales_to_power_of_2)
 
