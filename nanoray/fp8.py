@@ -26,6 +26,7 @@ import os
 import torch
 import torch.nn as nn
 
+from nanoray.kernels import relu2_fp8_backward
 from nanoray.model import GPT, Linear
 
 # Which of the three GEMMs accumulate fast (in lower precision, cuBLAS's CUBLASLT_MATMUL_DESC_FAST_ACCUM): torchao's
@@ -129,7 +130,6 @@ class _Float8MLP(torch.autograd.Function):
     def backward(ctx, grad):
         from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
         from torchao.float8.float8_utils import amax_to_scale
-        from nanoray.kernels import relu2_fp8_backward
         x, x_scale, h, r_scale, w_fc, w_proj = ctx.saved_tensors
         mm_config, config = ctx.mm_config, ctx.config
         grad_dtype = config.cast_config_grad_output.target_dtype
