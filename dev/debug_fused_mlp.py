@@ -40,3 +40,27 @@ for zero_proj in (True, False):
             diff = ((u - v).norm() / u.norm().clamp(min=1e-30)).item()
             print(f"zero c_proj {zero_proj!s:5} compiled {compiled!s:5} {name:12} modules finite "
                   f"{bool(u.isfinite().all())!s:5} fused finite {bool(v.isfinite().all())!s:5} rel diff {diff:.2e}")
+
+# The whole model: a tiny d4 trained compiled in bf16 on the GPU, fused against modules, loss per step and the
+# first parameters whose gradient is not finite.
+from nanoray.data import SyntheticTokens  # noqa: E402
+from nanoray.dial import Horizon, plan  # noqa: E402
+from nanoray.model import build_model  # noqa: E402
+from nanoray.optim import apply_schedule, build_optimizers  # noqa: E402
+
+for mode in ("modules", "fused"):
+    run = plan(4, "tiny", Horizon(iterations=6))
+    model = fp8.enable_fp8(build_model(run.model, "cuda", seed=1), mlp=mode)
+    optimizers = build_optimizers(model, run, compile=False)
+    forward = torch.compile(model, dynamic=False)
+    data = SyntheticTokens(run.model.vocab_size, run.model.seq_len, "markov", seed=3)
+    for step in range(6):
+        x, y = (t.cuda() for t in data.batch(step, 8))
+        loss = forward(x, y)
+        loss.backward()
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+        apply_schedule(optimizers, step, run)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        print(f"{mode} step {step} loss {loss.item():.4f} non-finite grads {bad[:4]}")
