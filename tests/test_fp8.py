@@ -28,9 +28,12 @@ def cpu_fp8_matmul():
     a = torch.randn(256, 256).to(torch.float8_e4m3fn)
     one = torch.tensor(1.0)
     torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)  # first call: oneDNN builds its primitive
-    start = time.perf_counter()
-    torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)
-    if time.perf_counter() - start > 0.05:
+    seconds = []
+    for _ in range(3):  # the fastest of three: a busy 2-core CI machine can stall any one call past the limit
+        start = time.perf_counter()
+        torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)
+        seconds.append(time.perf_counter() - start)
+    if min(seconds) > 0.05:
         pytest.skip("this CPU's fp8 matmul is oneDNN's reference implementation: too slow to train on")
 
 
