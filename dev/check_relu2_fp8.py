@@ -15,6 +15,8 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (module docstring)"
 
+from torchao.float8.float8_utils import amax_to_scale  # noqa: E402
+
 from nanoray import kernels  # noqa: E402
 
 
@@ -31,15 +33,16 @@ def interpreter_rounding(got: torch.Tensor, want: torch.Tensor, mantissa_bits: i
     return differ.float().mean().item()
 
 
-for M, N in ((128, 64), (300, 200), (96, 130)):
+for M, N in ((128, 64), (300, 200), (96, 130), (256, 192)):
     gen = torch.Generator().manual_seed(M + N)
     h, grad_r = torch.randn(M, N, generator=gen).bfloat16(), torch.randn(M, N, generator=gen).bfloat16()
-    grad_scale, r_scale = torch.tensor(2.0e3), torch.tensor(30.0)
+    a = torch.relu(h.float())  # the scales as the backward takes them: from the amaxes (values within the range)
+    grad_scale = amax_to_scale((grad_r.float() * 2 * a).abs().max(), torch.float8_e5m2)
+    r_scale = amax_to_scale((a * a).max(), torch.float8_e4m3fn)
     want = kernels._relu2_fp8_bwd(grad_r, h, grad_scale, r_scale)  # CPU tensors: the PyTorch branch
     got = [torch.empty_like(t) for t in want]
     grid = (-(-M // 128), -(-N // 64))
-    kernels._relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, *got, M, N, kernels.E5M2_MAX,
-                                        kernels.E4M3_MAX, BLOCK_M=128, BLOCK_N=64)
+    kernels._relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, *got, M, N, BLOCK_M=128, BLOCK_N=64)
     for name, g, w, bits in zip(("grad_h", "grad_h.T", "relu2.T"), got, want, (2, 2, 3)):
         assert g.shape == w.shape, (name, g.shape, w.shape)
         share = interpreter_rounding(g, w, bits)

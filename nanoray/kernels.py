@@ -457,17 +457,18 @@ E5M2_MAX, E4M3_MAX = torch.finfo(torch.float8_e5m2).max, torch.finfo(torch.float
 if triton is not None:
     @triton.jit
     def _relu2_fp8_bwd_kernel(grad_r_ptr, h_ptr, grad_scale_ptr, r_scale_ptr, gh_ptr, gh_t_ptr, r_t_ptr, M, N,
-                              E5M2_MAX: tl.constexpr, E4M3_MAX: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         at = rows[:, None].to(tl.int64) * N + cols[None, :]
         g = tl.load(grad_r_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        a = tl.maximum(tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32), 0.0)
-        gh = g * (2.0 * a) * tl.load(grad_scale_ptr)
-        gh = tl.minimum(tl.maximum(gh, -E5M2_MAX), E5M2_MAX).to(gh_ptr.dtype.element_ty)
-        r = tl.minimum(a * a * tl.load(r_scale_ptr), E4M3_MAX).to(r_t_ptr.dtype.element_ty)
+        h = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        a = tl.where(h > 0, h, 0.0)
+        # No clamps: the GPU's fp32 -> fp8 conversions saturate (cvt.rn.satfinite), as torchao's clamp does, and
+        # min/max beside a transposed fp8 store is what trips Triton's store miscompile (triton-lang/triton#11111)
+        gh = (g * (2.0 * a) * tl.load(grad_scale_ptr)).to(gh_ptr.dtype.element_ty)
+        r = (a * a * tl.load(r_scale_ptr)).to(r_t_ptr.dtype.element_ty)
         tl.store(gh_ptr + at, gh, mask=mask)
         at_t = cols[:, None].to(tl.int64) * M + rows[None, :]
         mask_t = (cols[:, None] < N) & (rows[None, :] < M)
@@ -483,7 +484,7 @@ def _relu2_fp8_bwd(grad_r: Tensor, h: Tensor, grad_scale: Tensor, r_scale: Tenso
     r_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=h.device)
     if _use_triton(h):
         grid = (triton.cdiv(M, 128), triton.cdiv(N, 64))
-        _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N, E5M2_MAX, E4M3_MAX,
+        _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N,
                                     BLOCK_M=128, BLOCK_N=64, num_warps=8)
         return gh, gh_t, r_t
     a = torch.relu(h.float())
