@@ -3,7 +3,9 @@ trainer's loss was NaN from its first report with it, while the CPU (eager fp32,
 optimizer steps) trains bit-identically to the two-module path, and the Triton pass alone matches its PyTorch path
 bit for bit on the GPU (tests/test_gpu.py). This runs one MLP, eager then compiled, fused against modules, on the
 GPU, with c_proj zero (the model's init: grad_h is exactly zero, its scale 57344 / 1e-12) and random, and prints
-each output's and gradient's finiteness and relative difference.
+each output's and gradient's finiteness and relative difference. The lead (found after that device call): Triton
+mis-lowers a transposed, vectorized fp8 store beside min/max (triton-lang/triton#11111); the kernel since has no
+min/max, and tests/test_gpu.py's kernel test now runs a shape of multiples of 16, where such stores vectorize.
 
     python dev/debug_fused_mlp.py          # on the GPU machine, seconds
 """
