@@ -48,7 +48,8 @@ def steady_state(history: list[dict], skip_windows: int) -> dict:
     tok_per_s = tokens / seconds
     mfu = windows[-1]["mfu"] / windows[-1]["tok_per_s"] * tok_per_s
     return dict(tok_per_s=round(tok_per_s), mfu=round(mfu, 4), step_s=round(seconds / steps, 4),
-                measured_steps=steps, peak_mem_gb=round(max(m["peak_mem_gb"] for m in history), 2))
+                measured_steps=steps, peak_mem_gb=round(max(m["peak_mem_gb"] for m in history), 2),
+                last_loss=round(history[-1]["train_loss"], 4))  # random tokens: ~ln(vocab) and finite, or a broken step
 
 
 def main() -> None:
