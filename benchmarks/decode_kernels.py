@@ -29,7 +29,9 @@ GEMV_TILES = [(1, 2048), (1, 8192), (2, 2048), (2, 4096), (4, 1024), (4, 2048), 
 # _linear_kernel at many rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 GEMM_TILES = [(16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3)]
 # the attention's (BLOCK_J, stages, warps)
-ATTENTION_TILES = [(32, 2, 4), (64, 3, 4), (64, 3, 8), (64, 2, 8), (128, 2, 8)]
+ATTENTION_TILES = [(32, 2, 4), (64, 3, 4), (64, 3, 8), (64, 2, 8), (128, 2, 8), (64, 4, 8), (64, 5, 8), (32, 4, 4)]
+# at 128 rows also each row's window in this many equal splits (FusedDecoder.attention_splits)
+ATTENTION_SPLITS = [1, 2, 3, 4, 6]
 
 
 def graph_us(fn) -> float:
@@ -66,6 +68,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, required=True)
     p.add_argument("--position", type=int, default=640, help="each row's position (context) in the attention")
     p.add_argument("--forward-only", action="store_true", help="only the whole step (rows 1, 8, 128)")
+    p.add_argument("--attention-only", action="store_true", help="only the attention sweeps")
     p.add_argument("--gemv-sweep", action="store_true",
                    help="time every GEMV at %d tilings; the whole step then also runs with each shape's fastest"
                    % len(GEMV_TILES))
@@ -86,7 +89,7 @@ def main() -> None:
                   fc=(fd.x, layer["fc"], fd.h, dict(PRO=1, EPI=1)), proj=(fd.h, layer["proj"], fd.x, dict(EPI=2)),
                   lm_head=(fd.x, fd.lm_head, fd.logits, dict(PRO=2, EPI=3)))
     picks = {}  # (N, K) -> the fastest (BLOCK_N, BLOCK_K, warps) of the sweep
-    for name, (x, w, out, kw) in () if args.forward_only else shapes.items():
+    for name, (x, w, out, kw) in () if args.forward_only or args.attention_only else shapes.items():
         N, K = (config.vocab_size if name == "lm_head" else w.shape[0]), w.shape[1]
         default = fd._gemv_tiles(N, K, kw.get("EPI", 0))
         configs = [default] + [(bn, bk, 8 if bk >= 2048 else 4) for bn, bk in GEMV_TILES if args.gemv_sweep]
@@ -107,8 +110,16 @@ def main() -> None:
                 print(json.dumps(dict(kernel="attention", default=tiles is None, tiles=tiles, rows=B, chunk=chunk,
                                       us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
+        for splits in ATTENTION_SPLITS if B > FusedDecoder.narrow_rows else ():
+            fd.attention_splits = splits
+            for tiles in [None, (64, 4, 8), (64, 3, 4), (32, 4, 4)]:
+                fd.attention_tiles = tiles
+                us = graph_us(lambda: fd._attention(B, 0))
+                print(json.dumps(dict(kernel="attention", default=False, tiles=tiles, rows=B, splits=splits,
+                                      us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
+        fd.attention_splits = FusedDecoder.attention_splits
     pdl = fd.pdl
-    for B in (1, 8, rows):  # the whole step: PDL off and on, the swept GEMV tiles, and wide steps through
+    for B in () if args.attention_only else (1, 8, rows):  # the whole step: PDL off and on, the swept GEMV tiles, and wide steps through
         # _linear_kernel (the narrow path) at several GEMM tilings
         runs = [dict(pdl=False), dict(pdl=pdl)]
         runs += [dict(pdl=pdl, gemv="swept")] if picks and B == 1 else []

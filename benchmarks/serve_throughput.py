@@ -190,8 +190,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: 16-token prompts, 8 tokens per stream")
     p.add_argument("--narrow-rows", type=int, default=FusedDecoder.narrow_rows,
                    help="the fused path's widest step with every GEMM in _linear_kernel (wider: cuBLAS)")
+    p.add_argument("--attention-splits", type=int, default=FusedDecoder.attention_splits,
+                   help="wide steps: each row's attention window in this many equal splits (default: fixed-length)")
     args = p.parse_args()
-    FusedDecoder.narrow_rows = args.narrow_rows
+    FusedDecoder.narrow_rows, FusedDecoder.attention_splits = args.narrow_rows, args.attention_splits
     if args.quick:
         args.prompt, args.tokens, args.score_batch = 16, 8, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,7 +248,7 @@ def main() -> None:
         weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token,
         peak_bandwidth=None if bandwidth == float("inf") else bandwidth,
         prompt_tokens=args.prompt, decode_tokens=args.tokens, max_batch=max_batch, cuda_graphs=engine.cuda_graphs,
-        decode_path=engine.decode_path, narrow_rows=args.narrow_rows,
+        decode_path=engine.decode_path, narrow_rows=args.narrow_rows, attention_splits=args.attention_splits,
         steps_per_launch=args.steps_per_launch, checkpoint=args.checkpoint, gpu=gpu,
         torch=torch.__version__, date=datetime.date.today().isoformat())))
 

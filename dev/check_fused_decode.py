@@ -8,7 +8,8 @@ on a GPU:
   1.5e-2 and its output within 2e-2 (relative): measured <= 1e-2, a few bf16 roundings, since the interpreter
   truncates fp32 to bf16 where a GPU rounds to nearest; a window 8 keys too long gives 4-6e-2;
 - the whole step, through _linear_kernel (the narrow path) and through torch.mm (the wide path) at 20 rows and
-  at the attention's tilings at 8 rows: logits within 2e-2, the caches within 2e-3.
+  at the attention's tilings at 8 rows, and with balanced attention splits at 20 rows: logits within 2e-2, the
+  caches within 2e-3.
 
 Catches indexing and masking mistakes before a device call. Needs Triton and a numpy the interpreter works with
 (numpy 2.3+ breaks its loop bounds):
@@ -36,7 +37,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def attention(tiles, H, KVH, window, chunk, has_ve, C=32, T=256, positions=(0, 5, 63, 64, 70, 130, 200, 255)):
+def attention(tiles, H, KVH, window, chunk, has_ve, C=32, T=256, positions=(0, 5, 63, 64, 70, 130, 200, 255),
+              splits=None):
     """One layer's attention of len(positions) rows through FusedDecoder._attention on a stand-in decoder, and
     the same in torch: ((y, new keys, new values) of the kernel, the same of the reference)."""
     torch.manual_seed(0)
@@ -49,10 +51,10 @@ def attention(tiles, H, KVH, window, chunk, has_ve, C=32, T=256, positions=(0, 5
         xn=torch.randn(B, D).to(bf), o=torch.zeros(B, H, fused_decode.MAX_SPLITS, C),
         l=torch.zeros(B, H, fused_decode.MAX_SPLITS), count=torch.zeros(B, KVH, dtype=torch.int32),
         y=torch.zeros(B, H * C, dtype=bf), eps=kernels.norm_eps(bf), bound=QK_GAIN ** 2 * math.sqrt(C) * 1.01,
-        pdl=False, attention_tiles=tiles, chunk=lambda rows: chunk,
+        pdl=False, attention_tiles=tiles, attention_splits=splits, chunk=lambda rows: chunk,
         cache=types.SimpleNamespace(k=(k / k.norm(dim=-1, keepdim=True) * QK_GAIN * math.sqrt(C) * 0.9).to(bf),
                                     v=torch.randn(1, B, KVH, T, C).to(bf)),
-        layers=[dict(window=window, ve=torch.randn(16, KVH * C).to(bf) if has_ve else None,
+        layers=[dict(window=window, ve=torch.randn(B + 3, KVH * C).to(bf) if has_ve else None,
                      gate=torch.randn(KVH, 12).to(bf) if has_ve else None)])
     pos = torch.tensor(positions)
     fd.state[0], fd.state[1] = torch.arange(B) + 3, pos
@@ -88,6 +90,15 @@ def check_attention() -> None:
                     errors = [rel(a, b) for a, b in zip(got, ref)]
                     assert errors[0] < 2e-2 and max(errors[1:]) < 1.5e-2, (H, KVH, chunk, window, tiles, errors)
                     worst = [max(w, e) for w, e in zip(worst, errors)]
+    # balanced splits (above NARROW rows): each row's window in `splits` equal parts, rows at 20 positions
+    positions = tuple(range(0, 256, 13)) + (255,)
+    assert len(positions) > fused_decode.NARROW
+    for H, KVH in ((4, 4), (4, 2)):
+        for splits, window, has_ve in ((1, 256, False), (3, 256, False), (7, 100, True)):
+            got, ref = attention(None, H, KVH, window, 64, has_ve, positions=positions, splits=splits)
+            errors = [rel(a, b) for a, b in zip(got, ref)]
+            assert errors[0] < 2e-2 and max(errors[1:]) < 1.5e-2, (H, KVH, splits, window, errors)
+            worst = [max(w, e) for w, e in zip(worst, errors)]
     print("attention against the model's math: y, new keys, new values within " + ", ".join(f"{e:.1e}" for e in worst))
 
 
@@ -146,5 +157,6 @@ if __name__ == "__main__":
                 check(label, model, 8, chunk=lambda rows, chunk=chunk: chunk, attention_tiles=tiles)
     model = served_model(2)
     check("wide path (torch.mm) at 20 rows", model, 20)
+    check("wide path at 20 rows, 3 balanced attention splits", model, 20, attention_splits=3)
     for tiles in ((16, 32, 128, 4, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3)):
         check(f"narrow path at 20 rows, tiles {tiles}", model, 20, narrow_rows=20, gemm_tiles=tiles)

@@ -261,7 +261,7 @@ if triton is not None:
                           chunk, n_split, eps, gain, scale, bound, H: tl.constexpr, KVH: tl.constexpr,
                           C: tl.constexpr, HAS_VE: tl.constexpr, VE_CH: tl.constexpr, BLOCK_J: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_VE: tl.constexpr, BLOCK_G: tl.constexpr,
-                          ONE_TILE: tl.constexpr, PDL: tl.constexpr):
+                          ONE_TILE: tl.constexpr, BALANCED: tl.constexpr, PDL: tl.constexpr):
         """Program (b, g, s): the G query heads of kv group g of row b (rows of a (BLOCK_G >= 16, C) tile, the
         unused ones zero) over positions [s·chunk, (s+1)·chunk) of their window, with rotary + QK-norm of q and of
         the new k, and the gated value embedding of the new v, done here. Each K/V tile is read once per group and
@@ -277,7 +277,11 @@ if triton is not None:
         ONE_TILE (BLOCK_J >= chunk: few rows, short splits): the split's keys and values load before the PDL wait.
         They, and the row's position, were written by earlier steps, whose kernels have all finished by then: each
         kernel waits for its predecessor before it lets the next one launch. Only q (the previous kernel's output)
-        and the new token wait."""
+        and the new token wait.
+
+        BALANCED (many rows): each row's window is cut into as many equal splits as the grid has (its third
+        dimension), `chunk` unused: rows at any position give programs of equal work, where fixed `chunk`-long
+        splits leave a short last one (position 640 in 512-long splits: 512 and 129 keys)."""
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
@@ -285,13 +289,19 @@ if triton is not None:
         HALF: tl.constexpr = C // 2
         pos = tl.load(pos_ptr + b)
         lo = tl.maximum(pos - window, 0)
-        start = tl.maximum(s * chunk, lo)
-        end = tl.minimum(s * chunk + chunk, pos + 1)
+        if BALANCED:  # split s of the row's window [lo, pos]; first = 0
+            span = tl.cdiv(pos + 1 - lo, tl.num_programs(2))
+            base = lo
+        else:  # split s of the positions [s·chunk, (s+1)·chunk)
+            span = chunk
+            base = lo * 0
+        start = tl.maximum(base + s * span, lo)
+        end = tl.minimum(base + s * span + span, pos + 1)
         stop = tl.minimum(end, pos)  # the cache holds positions < pos; pos itself comes from registers
         kc = k_cache + b * stride_cb + g * stride_cg
         vcache = v_cache + b * stride_cb + g * stride_cg
         if ONE_TILE:
-            j = s * chunk + tl.arange(0, BLOCK_J)
+            j = s * span + tl.arange(0, BLOCK_J)
             live = (j >= start) & (j < stop)
             k, v = _kv_tile(kc, vcache, j, live, C)
         _pdl_start(PDL)
@@ -318,7 +328,8 @@ if triton is not None:
                     live = j < stop
                     k, v = _kv_tile(kc, vcache, j, live, C)
                     l_i, o = _attend(qb, k, v, live, scale, bound, l_i, o)
-            if s == pos // chunk:  # the new token: its key and value, then into the cache
+            first, last = (lo - base) // span, (pos - base) // span
+            if s == last:  # the new token: its key and value, then into the cache
                 k_at = row + (H + g) * C
                 kn = _rope_norm_heads(tl.load(k_at + c).to(tl.float32), tl.load(k_at + swap).to(tl.float32), cos, sin,
                                       eps, gain, C)
@@ -333,7 +344,6 @@ if triton is not None:
                 tl.store(kc + pos * C + c, kn.to(tl.bfloat16))
                 tl.store(vcache + pos * C + c, vn.to(tl.bfloat16))
             y = y_ptr + b * (H * C) + heads[:, None] * C + c
-            first, last = lo // chunk, pos // chunk
             if first == last:  # one split: it is the output
                 tl.store(y, (o / l_i[:, None]).to(tl.bfloat16), mask=in_group)
             else:
@@ -421,6 +431,8 @@ class FusedDecoder:
     # The attention's (BLOCK_J, pipeline stages, warps); None: the fastest measured (H200, d20, benchmarks/RESULTS.md):
     # (64, 3, 4) up to NARROW rows (6.3 us a layer at 1 row, 8 warps 6.6), (64, 3, 8) above (114 us at 128 rows)
     attention_tiles: tuple[int, int, int] | None = None
+    # Above NARROW rows: each row's window in this many equal splits (the kernel's BALANCED); None: `chunk`-long ones
+    attention_splits: int | None = None
     narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
     gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row
 
@@ -510,14 +522,18 @@ class FusedDecoder:
                 layer["gate"] if has_ve else self.xn, layer["ve"] if has_ve else self.xn, k, v, self.o, self.l,
                 self.count, self.y, k.stride(0), k.stride(1), self.D, layer["window"], chunk, MAX_SPLITS, self.eps,
                 QK_GAIN, 1 / math.sqrt(self.C), self.bound)
-        meta = dict(H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve, VE_CH=VE_GATE_CHANNELS,
-                    BLOCK_S=_pow2(triton.cdiv(self.seq_len, chunk)), BLOCK_VE=_pow2(VE_GATE_CHANNELS), PDL=self.pdl,
-                    launch_pdl=self.pdl)
-        n_split = triton.cdiv(self.seq_len, chunk)
+        balanced = self.attention_splits is not None and B > NARROW
+        n_split = self.attention_splits if balanced else triton.cdiv(self.seq_len, chunk)
+        if not 1 <= n_split <= MAX_SPLITS:
+            raise ValueError(f"attention_splits: 1 to {MAX_SPLITS} (or None), got {self.attention_splits}")
         block_j, stages, warps = self.attention_tiles or ((64, 3, 4) if B <= NARROW else (64, 3, 8))
-        _attention_kernel[(B, self.KVH, n_split)](*args, BLOCK_J=block_j, num_stages=stages, num_warps=warps,
+        _attention_kernel[(B, self.KVH, n_split)](*args, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
+                                                  VE_CH=VE_GATE_CHANNELS, BLOCK_J=block_j, BLOCK_S=_pow2(n_split),
+                                                  BLOCK_VE=_pow2(VE_GATE_CHANNELS),
                                                   BLOCK_G=max(16, _pow2(self.H // self.KVH)),
-                                                  ONE_TILE=block_j >= chunk, **meta)
+                                                  ONE_TILE=not balanced and block_j >= chunk, BALANCED=balanced,
+                                                  PDL=self.pdl, num_stages=stages, num_warps=warps,
+                                                  launch_pdl=self.pdl)
 
     def _mix_norm(self, B: int, lam: torch.Tensor) -> None:
         """x = lam[0]·x + lam[1]·x0 in place and xn = RMSNorm(x): nanoray.kernels' mix_norm kernel."""
