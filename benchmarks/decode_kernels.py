@@ -101,7 +101,7 @@ def main() -> None:
                                   gb_s=round(N * K * 2 / us / 1e3, 1), **base)), flush=True)
         picks[(N, K)] = min(times, key=times.get)
     for B in () if args.forward_only else (1, rows):
-        for chunk in (64, 128) if B == 1 else (256, 512):
+        for chunk in (64, 128, 256, 1024) if B == 1 else (256, 512, 1024):
             kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
             fd.chunk = lambda _, chunk=chunk: chunk
             for tiles in [None] + ATTENTION_TILES:
