@@ -29,8 +29,13 @@ D12 = dict(H=6, KVH=6, C=128, HAS_VE=True, VE_CH=12, BLOCK_VE=16, PDL=True)  # t
 
 def ptxas_info(kernel, constants: dict, **options) -> str:
     names = kernel.arg_names
+    # as a launch specializes them: pointers and the integers that are multiples of 16 marked so (the cache strides,
+    # D; window and chunk are too at the gpt2 preset's sizes), which decides what loads vectorize and pipeline
+    aligned = [n for n in names if TYPES.get(n, "").startswith("*") or n in ("stride_cb", "stride_cg", "D", "window",
+                                                                              "chunk", "n_split")]
     source = ASTSource(fn=kernel, signature={n: TYPES.get(n, "constexpr") for n in names},
-                       constexprs={(names.index(n),): v for n, v in constants.items()})
+                       constexprs={(names.index(n),): v for n, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(launch_pdl=True, **options))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(compiled.asm["ptx"])
@@ -44,9 +49,10 @@ def ptxas_info(kernel, constants: dict, **options) -> str:
 
 
 if __name__ == "__main__":
-    for rows, block_s in (("1 row (chunk 64)", 32), ("128 rows (chunk 512)", 4)):
-        for block_j, stages, warps in [(64, 3, 4), (64, 3, 8), (128, 2, 8)]:
+    for rows, block_s, balanced in (("1 row (chunk 64)", 32, False), ("128 rows (chunk 512)", 4, False),
+                                    ("128 rows (2 balanced splits)", 2, True)):
+        for block_j, stages, warps in [(64, 3, 4), (64, 3, 8), (128, 2, 8), (64, 4, 8), (64, 5, 8), (32, 4, 4)]:
             one_tile = block_s == 32 and block_j >= 64
-            constants = dict(D12, BLOCK_J=block_j, BLOCK_S=block_s, BLOCK_G=16, ONE_TILE=one_tile)
+            constants = dict(D12, BLOCK_J=block_j, BLOCK_S=block_s, BLOCK_G=16, ONE_TILE=one_tile, BALANCED=balanced)
             print(f"attention {block_j}x{stages}x{warps}, {rows}: "
                   + ptxas_info(fused_decode._attention_kernel, constants, num_warps=warps, num_stages=stages))
