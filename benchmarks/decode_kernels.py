@@ -29,7 +29,9 @@ GEMV_TILES = [(1, 2048), (1, 8192), (2, 2048), (2, 4096), (4, 1024), (4, 2048), 
 # _linear_kernel at many rows: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 GEMM_TILES = [(16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3)]
 # the attention's (BLOCK_J, stages, warps)
-ATTENTION_TILES = [(32, 2, 4), (64, 3, 4), (64, 3, 8), (64, 2, 8), (128, 2, 8), (64, 4, 8), (64, 5, 8), (32, 4, 4)]
+# the attention's (BLOCK_J, stages, warps), besides the default (None), at 1 row and at 128
+ATTENTION_TILES = {1: [(64, 3, 8), (32, 2, 4)], 128: [(64, 4, 8), (64, 5, 8), (64, 3, 4), (32, 4, 4)]}
+ATTENTION_CHUNKS = {1: (64, 128, 256, 1024), 128: (256, 512, 1024)}
 # at 128 rows also each row's window in this many equal splits (FusedDecoder.attention_splits)
 ATTENTION_SPLITS = [1, 2, 3, 4, 6]
 
@@ -100,27 +102,37 @@ def main() -> None:
             print(json.dumps(dict(kernel=f"gemv_{name}", default=tiles == default, tiles=tiles, us=round(us, 2),
                                   gb_s=round(N * K * 2 / us / 1e3, 1), **base)), flush=True)
         picks[(N, K)] = min(times, key=times.get)
+    wide = {}  # (serve_throughput option, its value, tiles) -> us, at the last row count
     for B in () if args.forward_only else (1, rows):
-        for chunk in (64, 128, 256, 1024) if B == 1 else (256, 512, 1024):
-            kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
+        wide.clear()
+        kv = 2 * B * config.n_kv_head * args.position * config.head_dim * 2
+        for chunk in ATTENTION_CHUNKS[B]:
             fd.chunk = lambda _, chunk=chunk: chunk
-            for tiles in [None] + ATTENTION_TILES:
+            for tiles in [None] + ATTENTION_TILES[B]:
                 fd.attention_tiles = tiles
                 us = graph_us(lambda: fd._attention(B, 0))
+                wide[("--attention-chunk", chunk, tiles)] = us
                 print(json.dumps(dict(kernel="attention", default=tiles is None, tiles=tiles, rows=B, chunk=chunk,
                                       us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         del fd.chunk
         for splits in ATTENTION_SPLITS if B > FusedDecoder.narrow_rows else ():
             fd.attention_splits = splits
-            for tiles in [None, (64, 4, 8), (64, 3, 4), (32, 4, 4)]:
+            for tiles in [None] + ATTENTION_TILES[B][:3]:
                 fd.attention_tiles = tiles
                 us = graph_us(lambda: fd._attention(B, 0))
+                wide[("--attention-splits", splits, tiles)] = us
                 print(json.dumps(dict(kernel="attention", default=False, tiles=tiles, rows=B, splits=splits,
                                       us=round(us, 2), gb_s=round(kv / us / 1e3, 1), **base)), flush=True)
         fd.attention_splits = FusedDecoder.attention_splits
+    if wide:  # the fastest at 128 rows, as serve_throughput.py's options
+        option, value, tiles = min(wide, key=wide.get)
+        serve = f"{option} {value}" + (f" --attention-tiles {','.join(map(str, tiles))}" if tiles else "")
+        print(json.dumps(dict(kernel="attention_best", rows=rows, us=round(wide[(option, value, tiles)], 2),
+                              serve_args=serve, **base)), flush=True)
     pdl = fd.pdl
-    for B in () if args.attention_only else (1, 8, rows):  # the whole step: PDL off and on, the swept GEMV tiles, and wide steps through
-        # _linear_kernel (the narrow path) at several GEMM tilings
+    # the whole step: PDL off and on, the swept GEMV tiles, and wide steps through _linear_kernel (the narrow
+    # path) at several GEMM tilings
+    for B in () if args.attention_only else (1, 8, rows):
         runs = [dict(pdl=False), dict(pdl=pdl)]
         runs += [dict(pdl=pdl, gemv="swept")] if picks and B == 1 else []
         runs += [dict(pdl=pdl, path="narrow", gemm=t) for t in GEMM_TILES] if B > FusedDecoder.narrow_rows else []

@@ -192,8 +192,21 @@ def main() -> None:
                    help="the fused path's widest step with every GEMM in _linear_kernel (wider: cuBLAS)")
     p.add_argument("--attention-splits", type=int, default=FusedDecoder.attention_splits,
                    help="wide steps: each row's attention window in this many equal splits (default: fixed-length)")
+    p.add_argument("--attention-chunk", type=int, default=FusedDecoder.wide_chunk,
+                   help="positions per attention split from 64 rows up (without --attention-splits)")
+    p.add_argument("--attention-tiles", default=None,
+                   help="the attention's BLOCK_J,stages,warps above 16 rows, e.g. 64,4,8 (default: the kernel's)")
     args = p.parse_args()
     FusedDecoder.narrow_rows, FusedDecoder.attention_splits = args.narrow_rows, args.attention_splits
+    FusedDecoder.wide_chunk = args.attention_chunk
+    if args.attention_tiles:
+        try:
+            tiles = tuple(int(t) for t in args.attention_tiles.split(","))
+            assert len(tiles) == 3
+        except (ValueError, AssertionError):
+            p.error(f"--attention-tiles: three integers BLOCK_J,stages,warps, e.g. 64,4,8; "
+                    f"got {args.attention_tiles!r}")
+        FusedDecoder.wide_attention_tiles = tiles
     if args.quick:
         args.prompt, args.tokens, args.score_batch = 16, 8, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,6 +262,7 @@ def main() -> None:
         peak_bandwidth=None if bandwidth == float("inf") else bandwidth,
         prompt_tokens=args.prompt, decode_tokens=args.tokens, max_batch=max_batch, cuda_graphs=engine.cuda_graphs,
         decode_path=engine.decode_path, narrow_rows=args.narrow_rows, attention_splits=args.attention_splits,
+        attention_chunk=args.attention_chunk, attention_tiles=args.attention_tiles,
         steps_per_launch=args.steps_per_launch, checkpoint=args.checkpoint, gpu=gpu,
         torch=torch.__version__, date=datetime.date.today().isoformat())))
 

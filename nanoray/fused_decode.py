@@ -433,6 +433,8 @@ class FusedDecoder:
     attention_tiles: tuple[int, int, int] | None = None
     # Above NARROW rows: each row's window in this many equal splits (the kernel's BALANCED); None: `chunk`-long ones
     attention_splits: int | None = None
+    wide_chunk = 512  # positions per attention split from 64 rows up (`chunk`)
+    wide_attention_tiles = (64, 3, 8)  # the attention's tiles above NARROW rows, where attention_tiles is None
     narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
     gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row
 
@@ -510,7 +512,7 @@ class FusedDecoder:
         """Positions per attention split: short splits for few rows (more programs), long ones for many. H200,
         d20 at position 640 (decode_kernels.py): 1 row 6.3 us at 64 (6.4 at 128); 128 rows 113-114 us at 512,
         120-127 at 256."""
-        target = 64 if B <= NARROW else 256 if B < 64 else 512
+        target = 64 if B <= NARROW else 256 if B < 64 else self.wide_chunk
         return max(target, triton.cdiv(self.seq_len, MAX_SPLITS))
 
     def _attention(self, B: int, i: int) -> None:
@@ -526,7 +528,7 @@ class FusedDecoder:
         n_split = self.attention_splits if balanced else triton.cdiv(self.seq_len, chunk)
         if not 1 <= n_split <= MAX_SPLITS:
             raise ValueError(f"attention_splits: 1 to {MAX_SPLITS} (or None), got {self.attention_splits}")
-        block_j, stages, warps = self.attention_tiles or ((64, 3, 4) if B <= NARROW else (64, 3, 8))
+        block_j, stages, warps = self.attention_tiles or ((64, 3, 4) if B <= NARROW else self.wide_attention_tiles)
         _attention_kernel[(B, self.KVH, n_split)](*args, H=self.H, KVH=self.KVH, C=self.C, HAS_VE=has_ve,
                                                   VE_CH=VE_GATE_CHANNELS, BLOCK_J=block_j, BLOCK_S=_pow2(n_split),
                                                   BLOCK_VE=_pow2(VE_GATE_CHANNELS),
