@@ -90,6 +90,15 @@ for stage in "$@"; do
       timeout 270 python benchmarks/decode_kernels.py --depth $d $sweep 2>&1 | tee "$OUT/sweep-d$d.log" | grep -E '^\{|Error'
     done
     ;;
+  attention)  # issue 15's 128 streams: the attention's splits and tiles at d12 (1 and 128 rows), then the engine
+    # with the fastest at 128 rows against its defaults
+    timeout 200 python benchmarks/decode_kernels.py --depth 12 --attention-only > "$OUT/attention-d12.log" 2>&1
+    grep -E 'rows": 128|attention_best|Error' "$OUT/attention-d12.log" | cut -c1-150
+    best=$(grep attention_best "$OUT/attention-d12.log" | python -c 'import json, sys; print(json.load(sys.stdin)["serve_args"])')
+    for args in "$best" ""; do
+      timeout 150 python benchmarks/serve_throughput.py --depth 12 $args 2>&1 | tee -a "$OUT/serve-d12.log" | grep -E '^\{|Error'
+    done
+    ;;
   serve)  # issue 15's bar: the engine's whole batch-1 step and 128 streams, d12 and d20
     for d in ${DEPTHS:-12 20}; do
       timeout 200 python benchmarks/serve_throughput.py --depth $d ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/serve-d$d.log" | grep -E '^\{|Error'
