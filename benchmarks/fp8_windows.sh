@@ -57,7 +57,9 @@ for stage in "$@"; do
     ;;
   fused-mlp)  # fp8 with each MLP one autograd function, its backward's middle one Triton pass (DEPTH; TRANSPOSE:
     # the kernel's transposed tiles as fp8 or fp32, kernels.RELU2_TRANSPOSE)
-    NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=${TRANSPOSE:-fp8} tt d${DEPTH:-12}-fp8-fused --depth ${DEPTH:-12} --steps 20 --log-every 5 --fp8 --window-pattern L
+    # d20: 8 steps of ~5 s, windows of 2
+    steps=$([ "${DEPTH:-12}" = 20 ] && echo "--steps 8 --log-every 2" || echo "--steps 20 --log-every 5")
+    NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=${TRANSPOSE:-fp8} tt d${DEPTH:-12}-fp8-fused --depth ${DEPTH:-12} $steps --fp8 --window-pattern L
     ;;
   cdt)  # inductor's coordinate-descent tuning of its generated kernels' tiles (DEPTH; ARGS: e.g. --fp8)
     TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 tt d${DEPTH:-12}-cdt --depth ${DEPTH:-12} --steps 20 --log-every 5 --window-pattern L ${ARGS:---fp8}
