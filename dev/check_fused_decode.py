@@ -52,6 +52,7 @@ def attention(tiles, H, KVH, window, chunk, has_ve, C=32, T=256, positions=(0, 5
         l=torch.zeros(B, H, fused_decode.MAX_SPLITS), count=torch.zeros(B, KVH, dtype=torch.int32),
         y=torch.zeros(B, H * C, dtype=bf), eps=kernels.norm_eps(bf), bound=QK_GAIN ** 2 * math.sqrt(C) * 1.01,
         pdl=False, attention_tiles=tiles, attention_splits=splits, chunk=lambda rows: chunk,
+        wide_attention_tiles=fused_decode.FusedDecoder.wide_attention_tiles,
         cache=types.SimpleNamespace(k=(k / k.norm(dim=-1, keepdim=True) * QK_GAIN * math.sqrt(C) * 0.9).to(bf),
                                     v=torch.randn(1, B, KVH, T, C).to(bf)),
         layers=[dict(window=window, ve=torch.randn(B + 3, KVH * C).to(bf) if has_ve else None,
