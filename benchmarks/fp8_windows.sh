@@ -6,11 +6,17 @@
 #   export OUT TESTS="fused_decode or pdl or e5m2 or fp8_training"; timeout 570 bash -c 'bash benchmarks/fp8_windows.sh
 #     setup tests; DEPTHS=12 bash benchmarks/fp8_windows.sh serve; bash benchmarks/fp8_windows.sh speed-l' > $OUT/run.log 2>&1
 #   (session 14's first call: ~9 min on a cold H200); then, warm: DEPTHS=12 PROFILE_ARGS=--fp8 ... profile, speed-d20
-#   Next session (16), first call (session 15 got only H100s; the fused MLP trained to NaN on the GPU):
-#     export OUT TESTS="relu2 or fp8_training"; timeout 570 bash -c 'bash benchmarks/fp8_windows.sh setup;
-#       python dev/debug_fused_mlp.py; bash benchmarks/fp8_windows.sh tests speed-l fused-mlp' > $OUT/run.log 2>&1
-#   then speed-d20 (d20 fp8 with the kept input scales against 203,129). A cold machine needs ~2.5 min before a
-#   d12 run's first step (Ray, compile): give each run >= 250 s.
+#   Next session (17), first call (session 16 got no machine; the fused MLP trained to NaN on an H100 in 15):
+#     export OUT; timeout 590 bash -c 'bash benchmarks/fp8_windows.sh setup; . benchmarks/fp8_windows.sh
+#       timeout 120 python -m pytest -q --tb=line tests/test_gpu.py -k relu2 -p no:cacheprovider | tee $OUT/tests.log
+#       timeout 90 python dev/debug_fused_mlp.py > $OUT/debug.log 2>&1
+#       T=fp8; grep -q "FAILED.*shape1-fp8\]" $OUT/tests.log && T=fp32
+#       NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=$T tt d12-fp8-fused --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
+#       then, if its line's last_loss is finite, the same at --depth 20 --steps 8 --log-every 2; else tt d12-fp8 ...'
+#     > $OUT/run.log 2>&1          (the whole command: dev/LOG.md, session 16)
+#   second call: the `attention` stage (issue 15: splits/tiles sweep at d12, the engine with the fastest at 128
+#   streams against the defaults), then speed-d20's bf16 line. A cold machine needs ~2.5 min before a d12 run's
+#   first step (Ray, compile): give each run >= 250 s.
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-l serve > $OUT/run.log 2>&1      # call 1
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-d20 > $OUT/run.log 2>&1          # call 2
 #   OUT=$OUT timeout 570 bash benchmarks/fp8_windows.sh setup speed-sssl > $OUT/run.log 2>&1         # call 3
