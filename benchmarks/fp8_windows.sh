@@ -7,13 +7,7 @@
 #     setup tests; DEPTHS=12 bash benchmarks/fp8_windows.sh serve; bash benchmarks/fp8_windows.sh speed-l' > $OUT/run.log 2>&1
 #   (session 14's first call: ~9 min on a cold H200); then, warm: DEPTHS=12 PROFILE_ARGS=--fp8 ... profile, speed-d20
 #   Next session (17), first call (session 16 got no machine; the fused MLP trained to NaN on an H100 in 15):
-#     export OUT; timeout 590 bash -c 'bash benchmarks/fp8_windows.sh setup; . benchmarks/fp8_windows.sh
-#       timeout 120 python -m pytest -q --tb=line tests/test_gpu.py -k relu2 -p no:cacheprovider | tee $OUT/tests.log
-#       timeout 90 python dev/debug_fused_mlp.py > $OUT/debug.log 2>&1
-#       T=fp8; grep -q "FAILED.*shape1-fp8\]" $OUT/tests.log && T=fp32
-#       NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=$T tt d12-fp8-fused --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
-#       then, if its line's last_loss is finite, the same at --depth 20 --steps 8 --log-every 2; else tt d12-fp8 ...'
-#     > $OUT/run.log 2>&1          (the whole command: dev/LOG.md, session 16)
+#     OUT=$OUT timeout 590 bash benchmarks/fp8_windows.sh setup fused-check > $OUT/run.log 2>&1; tail -c 7000 $OUT/run.log
 #   second call: the `attention` stage (issue 15: splits/tiles sweep at d12, the engine with the fastest at 128
 #   streams against the defaults), then speed-d20's bf16 line. A cold machine needs ~2.5 min before a d12 run's
 #   first step (Ray, compile): give each run >= 250 s.
@@ -66,6 +60,19 @@ for stage in "$@"; do
     # d20: 8 steps of ~5 s, windows of 2
     steps=$([ "${DEPTH:-12}" = 20 ] && echo "--steps 8 --log-every 2" || echo "--steps 20 --log-every 5")
     NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=${TRANSPOSE:-fp8} tt d${DEPTH:-12}-fp8-fused --depth ${DEPTH:-12} $steps --fp8 --window-pattern L
+    ;;
+  fused-check)  # the fused MLP on the GPU: the kernel's tests over both transposes, dev/debug_fused_mlp.py, d12 with
+    # it (the transpose whose aligned-shape test passed), then d20 with it if d12's loss stays finite, else d12's
+    # modules path (~9 min on a cold machine)
+    timeout 120 python -m pytest -q --tb=line tests/test_gpu.py -k relu2 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -vi warn | tail -4
+    timeout 90 python dev/debug_fused_mlp.py > "$OUT/debug.log" 2>&1; grep -E "step|finite False" "$OUT/debug.log" | head -24
+    t=fp8; grep -q "FAILED.*shape1-fp8\]" "$OUT/tests.log" && t=fp32; echo "transpose $t"
+    NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=$t tt d12-fp8-fused --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
+    if grep -q '"last_loss": [0-9]' "$OUT/d12-fp8-fused.log"; then
+      NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=$t tt d20-fp8-fused --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
+    else
+      tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
+    fi
     ;;
   cdt)  # inductor's coordinate-descent tuning of its generated kernels' tiles (DEPTH; ARGS: e.g. --fp8)
     TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 tt d${DEPTH:-12}-cdt --depth ${DEPTH:-12} --steps 20 --log-every 5 --window-pattern L ${ARGS:---fp8}
