@@ -61,16 +61,16 @@ for stage in "$@"; do
     steps=$([ "${DEPTH:-12}" = 20 ] && echo "--steps 8 --log-every 2" || echo "--steps 20 --log-every 5")
     NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=${TRANSPOSE:-fp8} tt d${DEPTH:-12}-fp8-fused --depth ${DEPTH:-12} $steps --fp8 --window-pattern L
     ;;
-  fused-check)  # the fused MLP on the GPU: the kernel's tests over both transposes, dev/debug_fused_mlp.py, d12 with
-    # it (the transpose whose aligned-shape test passed), then d20 with it if d12's loss stays finite, else d12's
-    # modules path (~9 min on a cold machine)
+  fused-check)  # the fused MLP on the GPU: the kernel's tests over both transposes, d12 with it (the transpose
+    # whose aligned-shape test passed), then d20 with it if d12's loss stays finite, else dev/debug_fused_mlp.py and
+    # d12's modules path (~9 min on a cold machine)
     timeout 120 python -m pytest -q --tb=line tests/test_gpu.py -k relu2 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -vi warn | tail -4
-    timeout 90 python dev/debug_fused_mlp.py > "$OUT/debug.log" 2>&1; grep -E "step|finite False" "$OUT/debug.log" | head -24
     t=fp8; grep -q "FAILED.*shape1-fp8\]" "$OUT/tests.log" && t=fp32; echo "transpose $t"
     NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=$t tt d12-fp8-fused --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
     if grep -q '"last_loss": [0-9]' "$OUT/d12-fp8-fused.log"; then
       NANORAY_FP8_MLP=fused NANORAY_RELU2_TRANSPOSE=$t tt d20-fp8-fused --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
     else
+      timeout 90 python dev/debug_fused_mlp.py > "$OUT/debug.log" 2>&1; grep -E "step|finite False" "$OUT/debug.log" | head -24
       tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
     fi
     ;;
