@@ -114,7 +114,7 @@ def main() -> None:
 def experiment_knobs() -> dict:
     """The environment variables of an A/B run (nanoray's fp8 knobs, inductor's tuning switches), for its line."""
     return {k: v for k, v in os.environ.items()
-            if k.startswith(("NANORAY_FP8_", "NANORAY_RELU2_"))
+            if k.startswith("NANORAY_FP8_")
             or (k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR")}
 
 

@@ -453,14 +453,11 @@ def fused_mix_norm_available(x: Tensor) -> bool:
 # its amax pass, relu²'s from the forward). The transposed tiles go through shared memory (tl.trans), so every
 # store is coalesced; torch.compile's fusion of the same work writes the transposes 1 byte at a stride.
 E5M2_MAX, E4M3_MAX = torch.finfo(torch.float8_e5m2).max, torch.finfo(torch.float8_e4m3fn).max
-# The transposed tiles as fp8 ("fp8": a quarter of the shared-memory bytes) or as fp32, cast after the transpose
-# ("fp32"): an A/B while the fused fp8 MLP's GPU NaN is open (nanoray.fp8.MLP)
-RELU2_TRANSPOSE = os.environ.get("NANORAY_RELU2_TRANSPOSE", "fp8")
 
 if triton is not None:
     @triton.jit
     def _relu2_fp8_bwd_kernel(grad_r_ptr, h_ptr, grad_scale_ptr, r_scale_ptr, gh_ptr, gh_t_ptr, r_t_ptr, M, N,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSE_FP32: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -469,18 +466,16 @@ if triton is not None:
         h = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
         a = tl.where(h > 0, h, 0.0)
         # No clamps: the GPU's fp32 -> fp8 conversions saturate (cvt.rn.satfinite), as torchao's clamp does, and
-        # min/max beside a transposed fp8 store is what trips Triton's store miscompile (triton-lang/triton#11111)
+        # min/max beside a transposed fp8 store is what trips Triton's store miscompile (triton-lang/triton#11111).
+        # (The ReLU's select still compiles to max.f32, not the max.NaN of that issue: sm_90, Triton 3.6.)
         gh = g * (2.0 * a) * tl.load(grad_scale_ptr)
         r = a * a * tl.load(r_scale_ptr)
         tl.store(gh_ptr + at, gh.to(gh_ptr.dtype.element_ty), mask=mask)
         at_t = cols[:, None].to(tl.int64) * M + rows[None, :]
         mask_t = (cols[:, None] < N) & (rows[None, :] < M)
-        if TRANSPOSE_FP32:  # the fp32 tiles through shared memory, cast after: 4x the bytes, no fp8 shuffles
-            tl.store(gh_t_ptr + at_t, tl.trans(gh).to(gh_t_ptr.dtype.element_ty), mask=mask_t)
-            tl.store(r_t_ptr + at_t, tl.trans(r).to(r_t_ptr.dtype.element_ty), mask=mask_t)
-        else:
-            tl.store(gh_t_ptr + at_t, tl.trans(gh.to(gh_t_ptr.dtype.element_ty)), mask=mask_t)
-            tl.store(r_t_ptr + at_t, tl.trans(r.to(r_t_ptr.dtype.element_ty)), mask=mask_t)
+        # (casting before or after tl.trans compiles to the same PTX: sm_90, Triton 3.6)
+        tl.store(gh_t_ptr + at_t, tl.trans(gh.to(gh_t_ptr.dtype.element_ty)), mask=mask_t)
+        tl.store(r_t_ptr + at_t, tl.trans(r.to(r_t_ptr.dtype.element_ty)), mask=mask_t)
 
 
 @torch.library.custom_op("nanoray::relu2_fp8_bwd", mutates_args=())
@@ -492,7 +487,7 @@ def _relu2_fp8_bwd(grad_r: Tensor, h: Tensor, grad_scale: Tensor, r_scale: Tenso
     if _use_triton(h):
         grid = (triton.cdiv(M, 128), triton.cdiv(N, 64))
         _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N,
-                                    BLOCK_M=128, BLOCK_N=64, TRANSPOSE_FP32=RELU2_TRANSPOSE == "fp32", num_warps=8)
+                                    BLOCK_M=128, BLOCK_N=64, num_warps=8)
         return gh, gh_t, r_t
     a = torch.relu(h.float())
     gh.copy_((grad_r.float() * (2 * a) * grad_scale).clamp(-E5M2_MAX, E5M2_MAX))
