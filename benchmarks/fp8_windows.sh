@@ -55,20 +55,24 @@ for stage in "$@"; do
   fast-accum)  # fp8 with fast accumulation also in the backward GEMMs (FAST: NANORAY_FP8_FAST_ACCUM; DEPTH)
     NANORAY_FP8_FAST_ACCUM=${FAST:-output,grad_input} tt d${DEPTH:-12}-fp8-fast --depth ${DEPTH:-12} --steps 20 --log-every 5 --fp8 --window-pattern L
     ;;
-  fused-mlp)  # fp8 with each MLP one autograd function, its backward's middle one Triton pass (DEPTH)
+  fused-mlp)  # fp8 with each MLP one autograd function, its backward's middle one Triton pass (DEPTH; TRANSPOSES:
+    # triton or torch, kernels.RELU2_TRANSPOSES)
     # d20: 8 steps of ~5 s, windows of 2
     steps=$([ "${DEPTH:-12}" = 20 ] && echo "--steps 8 --log-every 2" || echo "--steps 20 --log-every 5")
-    NANORAY_FP8_MLP=fused tt d${DEPTH:-12}-fp8-fused --depth ${DEPTH:-12} $steps --fp8 --window-pattern L
+    NANORAY_FP8_MLP=fused NANORAY_FP8_MLP_TRANSPOSES=${TRANSPOSES:-triton} tt d${DEPTH:-12}-fp8-fused --depth ${DEPTH:-12} $steps --fp8 --window-pattern L
     ;;
-  fused-check)  # the fused MLP on the GPU: the kernel's tests (a ragged and an aligned shape), d12 with it, then d20
-    # with it if d12's loss stays finite, else dev/debug_fused_mlp.py and d12's modules path (~9 min, cold machine)
+  fused-check)  # the fused MLP on the GPU: the kernel's tests (a ragged and an aligned shape; the transposes written
+    # by the kernel or by torch), d12 with it, then d20 if d12's loss stays finite, else dev/debug_fused_mlp.py and
+    # d12 with the other transposes (~9 min on a cold machine)
     timeout 120 python -m pytest -q --tb=line tests/test_gpu.py -k relu2 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -vi warn | tail -4
-    NANORAY_FP8_MLP=fused tt d12-fp8-fused --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
+    t=triton; grep -q "FAILED.*shape1-triton\]" "$OUT/tests.log" && t=torch; echo "transposes: $t"
+    NANORAY_FP8_MLP=fused NANORAY_FP8_MLP_TRANSPOSES=$t tt d12-fp8-fused --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
     if grep -q '"last_loss": [0-9]' "$OUT/d12-fp8-fused.log"; then
-      NANORAY_FP8_MLP=fused tt d20-fp8-fused --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
+      NANORAY_FP8_MLP=fused NANORAY_FP8_MLP_TRANSPOSES=$t tt d20-fp8-fused --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
     else
       timeout 90 python dev/debug_fused_mlp.py > "$OUT/debug.log" 2>&1; grep -E "step|finite False" "$OUT/debug.log" | head -24
-      tt d12-fp8 --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
+      other=$([ $t = triton ] && echo torch || echo triton)
+      NANORAY_FP8_MLP=fused NANORAY_FP8_MLP_TRANSPOSES=$other tt d12-fp8-fused-$other --depth 12 --steps 20 --log-every 5 --fp8 --window-pattern L
     fi
     ;;
   cdt)  # inductor's coordinate-descent tuning of its generated kernels' tiles (DEPTH; ARGS: e.g. --fp8)

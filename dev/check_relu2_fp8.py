@@ -42,7 +42,13 @@ for M, N in ((128, 64), (300, 200), (96, 130), (256, 192)):
     want = kernels._relu2_fp8_bwd(grad_r, h, grad_scale, r_scale)  # CPU tensors: the PyTorch branch
     got = [torch.empty_like(t) for t in want]
     grid = (-(-M // 128), -(-N // 64))
-    kernels._relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, *got, M, N, BLOCK_M=128, BLOCK_N=64)
+    kernels._relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, *got, M, N, BLOCK_M=128, BLOCK_N=64,
+                                        TRANSPOSED=True)
+    r = torch.empty(M, N, dtype=torch.float8_e4m3fn)  # the other form: both row-major (torch transposes them)
+    gh = torch.empty_like(got[0])
+    kernels._relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh, r, M, N, BLOCK_M=128, BLOCK_N=64,
+                                        TRANSPOSED=False)
+    assert torch.equal(gh.float(), got[0].float()) and torch.equal(r.t().float(), got[2].float())
     for name, g, w, bits in zip(("grad_h", "grad_h.T", "relu2.T"), got, want, (2, 2, 3)):
         assert g.shape == w.shape, (name, g.shape, w.shape)
         share = interpreter_rounding(g, w, bits)

@@ -13,7 +13,7 @@ min/max, and tests/test_gpu.py's kernel test now runs a shape of multiples of 16
 import torch
 
 import torchao.float8
-from nanoray import fp8
+from nanoray import fp8, kernels
 
 config = fp8._config(torchao.float8)
 matmul, mlp = fp8._float8_matmul(config), fp8._float8_mlp(config)
@@ -34,14 +34,17 @@ def run(fused: bool, compiled: bool, zero_proj: bool, M=8192, D=768):
     return {"y": y, "x.grad": x.grad, "w_fc.grad": w_fc.grad, "w_proj.grad": w_proj.grad}
 
 
-for zero_proj in (True, False):
-    for compiled in (False, True):
-        a, b = run(False, compiled, zero_proj), run(True, compiled, zero_proj)
-        for name in a:
-            u, v = a[name].float(), b[name].float()
-            diff = ((u - v).norm() / u.norm().clamp(min=1e-30)).item()
-            print(f"zero c_proj {zero_proj!s:5} compiled {compiled!s:5} {name:12} modules finite "
-                  f"{bool(u.isfinite().all())!s:5} fused finite {bool(v.isfinite().all())!s:5} rel diff {diff:.2e}")
+for transposes in ("triton", "torch"):  # kernels.RELU2_TRANSPOSES: who writes the transposed fp8 operands
+    kernels.RELU2_TRANSPOSES = transposes
+    for zero_proj in (True, False):
+        for compiled in (False, True):
+            a, b = run(False, compiled, zero_proj), run(True, compiled, zero_proj)
+            for name in a:
+                u, v = a[name].float(), b[name].float()
+                diff = ((u - v).norm() / u.norm().clamp(min=1e-30)).item()
+                print(f"transposes {transposes:6} zero c_proj {zero_proj!s:5} compiled {compiled!s:5} {name:12} "
+                      f"modules finite {bool(u.isfinite().all())!s:5} fused finite {bool(v.isfinite().all())!s:5} "
+                      f"rel diff {diff:.2e}")
 
 # The whole model: a tiny d4 trained compiled in bf16 on the GPU, fused against modules, loss per step and the
 # first parameters whose gradient is not finite.
@@ -50,9 +53,10 @@ from nanoray.dial import Horizon, plan  # noqa: E402
 from nanoray.model import build_model  # noqa: E402
 from nanoray.optim import apply_schedule, build_optimizers  # noqa: E402
 
-for mode in ("modules", "fused"):
+for mode in ("modules", "fused-triton", "fused-torch"):
+    kernels.RELU2_TRANSPOSES = mode.split("-")[-1]
     run = plan(4, "tiny", Horizon(iterations=6))
-    model = fp8.enable_fp8(build_model(run.model, "cuda", seed=1), mlp=mode)
+    model = fp8.enable_fp8(build_model(run.model, "cuda", seed=1), mlp=mode.split("-")[0])
     optimizers = build_optimizers(model, run, compile=False)
     forward = torch.compile(model, dynamic=False)
     data = SyntheticTokens(run.model.vocab_size, run.model.seq_len, "markov", seed=3)

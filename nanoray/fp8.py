@@ -36,7 +36,8 @@ FAST_ACCUM = tuple(os.environ.get("NANORAY_FP8_FAST_ACCUM", "output").split(",")
 # Issue 14's A/B: "0" runs torchao's own autograd function (an amax of each input again in backward)
 KEEP_INPUT_SCALE = os.environ.get("NANORAY_FP8_KEEP_INPUT_SCALE", "1") == "1"
 # "fused": each MLP as one autograd function (`_Float8MLP`, its backward's middle one Triton pass); "modules": two
-# Float8Linears with a ReLU² between. Off: on an H100 its training loss went NaN (dev/debug_fused_mlp.py; issue 14).
+# Float8Linears with a ReLU² between. Off: on an H100 its training loss went NaN (dev/debug_fused_mlp.py; issue 14;
+# NANORAY_FP8_MLP_TRANSPOSES=torch has torch write the transposed operands instead: nanoray.kernels).
 MLP = os.environ.get("NANORAY_FP8_MLP", "modules")
 MIN_FP8_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: the GPUs with fp8 tensor cores
 _SWAPS = "_fp8_swaps"  # GPT attribute: [(parent, attribute, bf16 value, fp8 value)]

@@ -453,11 +453,16 @@ def fused_mix_norm_available(x: Tensor) -> bool:
 # its amax pass, relu²'s from the forward). The transposed tiles go through shared memory (tl.trans), so every
 # store is coalesced; torch.compile's fusion of the same work writes the transposes 1 byte at a stride.
 E5M2_MAX, E4M3_MAX = torch.finfo(torch.float8_e5m2).max, torch.finfo(torch.float8_e4m3fn).max
+# Who writes the two transposed operands: the kernel ("triton": one pass) or torch's fp8 copies after a kernel that
+# writes both row-major ("torch": two more passes over 1-byte data, no transposes in Triton). An A/B while the fused
+# fp8 MLP's GPU NaN (nanoray.fp8.MLP) is open: if it is Triton's transposed fp8 stores, "torch" trains.
+RELU2_TRANSPOSES = os.environ.get("NANORAY_FP8_MLP_TRANSPOSES", "triton")
 
 if triton is not None:
     @triton.jit
     def _relu2_fp8_bwd_kernel(grad_r_ptr, h_ptr, grad_scale_ptr, r_scale_ptr, gh_ptr, gh_t_ptr, r_t_ptr, M, N,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """TRANSPOSED: gh_t and r_t are (N, M), written through tl.trans; else r_t is r, (M, N), and gh_t unused."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -471,11 +476,14 @@ if triton is not None:
         gh = g * (2.0 * a) * tl.load(grad_scale_ptr)
         r = a * a * tl.load(r_scale_ptr)
         tl.store(gh_ptr + at, gh.to(gh_ptr.dtype.element_ty), mask=mask)
-        at_t = cols[:, None].to(tl.int64) * M + rows[None, :]
-        mask_t = (cols[:, None] < N) & (rows[None, :] < M)
-        # (casting before or after tl.trans compiles to the same PTX: sm_90, Triton 3.6)
-        tl.store(gh_t_ptr + at_t, tl.trans(gh.to(gh_t_ptr.dtype.element_ty)), mask=mask_t)
-        tl.store(r_t_ptr + at_t, tl.trans(r.to(r_t_ptr.dtype.element_ty)), mask=mask_t)
+        if TRANSPOSED:
+            at_t = cols[:, None].to(tl.int64) * M + rows[None, :]
+            mask_t = (cols[:, None] < N) & (rows[None, :] < M)
+            # (casting before or after tl.trans compiles to the same PTX: sm_90, Triton 3.6)
+            tl.store(gh_t_ptr + at_t, tl.trans(gh.to(gh_t_ptr.dtype.element_ty)), mask=mask_t)
+            tl.store(r_t_ptr + at_t, tl.trans(r.to(r_t_ptr.dtype.element_ty)), mask=mask_t)
+        else:
+            tl.store(r_t_ptr + at, r.to(r_t_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("nanoray::relu2_fp8_bwd", mutates_args=())
@@ -486,8 +494,15 @@ def _relu2_fp8_bwd(grad_r: Tensor, h: Tensor, grad_scale: Tensor, r_scale: Tenso
     r_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=h.device)
     if _use_triton(h):
         grid = (triton.cdiv(M, 128), triton.cdiv(N, 64))
-        _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N,
-                                    BLOCK_M=128, BLOCK_N=64, num_warps=8)
+        if RELU2_TRANSPOSES == "triton":
+            _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N,
+                                        BLOCK_M=128, BLOCK_N=64, TRANSPOSED=True, num_warps=8)
+        else:
+            r = torch.empty(M, N, dtype=torch.float8_e4m3fn, device=h.device)
+            _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh, r, M, N,
+                                        BLOCK_M=128, BLOCK_N=64, TRANSPOSED=False, num_warps=8)
+            gh_t.copy_(gh.t())
+            r_t.copy_(r.t())
         return gh, gh_t, r_t
     a = torch.relu(h.float())
     gh.copy_((grad_r.float() * (2 * a) * grad_scale).clamp(-E5M2_MAX, E5M2_MAX))

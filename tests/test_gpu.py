@@ -148,13 +148,16 @@ def test_fp8_training_on_gpu_follows_bf16(mlp, monkeypatch):
     assert fp8[-1]["val_loss"] == pytest.approx(bf16[-1]["val_loss"], rel=1e-2)
 
 
+@pytest.mark.parametrize("transposes", ["triton", "torch"])
 @pytest.mark.parametrize("shape", [(3000, 1000), (4096, 3072)])
-def test_fp8_relu2_backward_kernel_is_its_pytorch_path(shape):
+def test_fp8_relu2_backward_kernel_is_its_pytorch_path(shape, transposes, monkeypatch):
     """The fp8 MLP backward's Triton pass against the op's PyTorch path (the CPU's): bit for bit (both compute in
     fp32 and round to nearest even, saturating), at the scales the backward takes (from the amaxes), on a shape with
     ragged edges and on one of multiples of 16 (where Triton may vectorize the transposed 1-byte stores)."""
     from torchao.float8.float8_utils import amax_to_scale
+    from nanoray import kernels
     from nanoray.kernels import _relu2_fp8_bwd
+    monkeypatch.setattr(kernels, "RELU2_TRANSPOSES", transposes)
     h, grad_r = (torch.randn(*shape, device="cuda").bfloat16() for _ in range(2))
     a = torch.relu(h.float())
     grad_scale = amax_to_scale((grad_r.float() * 2 * a).abs().max(), torch.float8_e5m2)
