@@ -494,6 +494,8 @@ def _relu2_fp8_bwd(grad_r: Tensor, h: Tensor, grad_scale: Tensor, r_scale: Tenso
     r_t = torch.empty(N, M, dtype=torch.float8_e4m3fn, device=h.device)
     if _use_triton(h):
         grid = (triton.cdiv(M, 128), triton.cdiv(N, 64))
+        if RELU2_TRANSPOSES not in ("triton", "torch"):
+            raise ValueError(f"NANORAY_FP8_MLP_TRANSPOSES: 'triton' or 'torch', got {RELU2_TRANSPOSES!r}")
         if RELU2_TRANSPOSES == "triton":
             _relu2_fp8_bwd_kernel[grid](grad_r, h, grad_scale, r_scale, gh, gh_t, r_t, M, N,
                                         BLOCK_M=128, BLOCK_N=64, TRANSPOSED=True, num_warps=8)
