@@ -85,6 +85,12 @@ for stage in "$@"; do
     tt d20-fp8 --depth 20 --steps 8 --log-every 2 --fp8 --window-pattern L
     tt d20-bf16 --depth 20 --steps 8 --log-every 2 --window-pattern L
     ;;
+  d20-bf16)  # the bar's "bf16 no slower than today" at d20
+    tt d20-bf16 --depth 20 --steps 8 --log-every 2 --window-pattern L
+    ;;
+  d12-bf16)
+    tt d12-bf16 --depth 12 --steps 20 --log-every 5 --window-pattern L
+    ;;
   speed-sssl)  # SSSL against L on one machine (the windows default waits on this: DESIGN.md)
     tt d12-bf16 --depth 12 --steps 20 --log-every 5 --window-pattern L
     tt d12-bf16-sssl --depth 12 --steps 20 --log-every 5 --window-pattern SSSL
