@@ -121,6 +121,18 @@ for stage in "$@"; do
       timeout 150 python benchmarks/serve_throughput.py --depth 12 $args 2>&1 | tee -a "$OUT/serve-d12.log" | grep -E '^\{|Error'
     done
     ;;
+  forward-sweep)  # issue 15's d20 step: the one-row GEMV tiles picked by the whole forward's time, then the
+    # engine with the picks against its defaults (DEPTH)
+    d=${DEPTH:-20}
+    timeout 240 python benchmarks/decode_kernels.py --depth $d --forward-sweep > "$OUT/fsweep-d$d.log" 2>&1
+    grep -E 'gemv": "default|forward_sweep_best|Error' "$OUT/fsweep-d$d.log" | cut -c1-300
+    picks=$(grep forward_sweep_best "$OUT/fsweep-d$d.log" | python -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["picks"], separators=(",", ":")))')
+    if [ -n "$picks" ] && [ "$picks" != "{}" ]; then
+      for args in "--gemv-picks=$picks" ""; do
+        timeout 150 python benchmarks/serve_throughput.py --depth $d $args 2>&1 | tee -a "$OUT/serve-d$d.log" | grep -E '^\{|Error'
+      done
+    fi
+    ;;
   serve)  # issue 15's bar: the engine's whole batch-1 step and 128 streams, d12 and d20
     for d in ${DEPTHS:-12 20}; do
       timeout 200 python benchmarks/serve_throughput.py --depth $d ${SERVE_ARGS:-} 2>&1 | tee -a "$OUT/serve-d$d.log" | grep -E '^\{|Error'

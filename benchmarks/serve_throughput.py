@@ -196,7 +196,18 @@ def main() -> None:
                    help="positions per attention split from 64 rows up (without --attention-splits)")
     p.add_argument("--attention-tiles", default=None,
                    help="the attention's BLOCK_J,stages,warps above 16 rows, e.g. 64,4,8 (default: the kernel's)")
+    p.add_argument("--gemv-picks", default=None,
+                   help='one-row GEMV tiles by weight shape, JSON {"NxK": [BLOCK_N, BLOCK_K, warps]} '
+                   "(decode_kernels.py --forward-sweep prints them)")
     args = p.parse_args()
+    if args.gemv_picks:
+        try:
+            picks = {tuple(int(n) for n in shape.split("x")): tuple(int(t) for t in tiles)
+                     for shape, tiles in json.loads(args.gemv_picks).items()}
+            assert all(len(shape) == 2 and len(tiles) == 3 for shape, tiles in picks.items())
+        except (ValueError, AssertionError, AttributeError, TypeError):
+            p.error(f'--gemv-picks: JSON {{"NxK": [BLOCK_N, BLOCK_K, warps], ...}}; got {args.gemv_picks!r}')
+        FusedDecoder.gemv_tuned = picks
     FusedDecoder.narrow_rows, FusedDecoder.attention_splits = args.narrow_rows, args.attention_splits
     FusedDecoder.wide_chunk = args.attention_chunk
     if args.attention_tiles:
@@ -262,7 +273,7 @@ def main() -> None:
         peak_bandwidth=None if bandwidth == float("inf") else bandwidth,
         prompt_tokens=args.prompt, decode_tokens=args.tokens, max_batch=max_batch, cuda_graphs=engine.cuda_graphs,
         decode_path=engine.decode_path, narrow_rows=args.narrow_rows, attention_splits=args.attention_splits,
-        attention_chunk=args.attention_chunk, attention_tiles=args.attention_tiles,
+        attention_chunk=args.attention_chunk, attention_tiles=args.attention_tiles, gemv_picks=args.gemv_picks,
         steps_per_launch=args.steps_per_launch, checkpoint=args.checkpoint, gpu=gpu,
         torch=torch.__version__, date=datetime.date.today().isoformat())))
 

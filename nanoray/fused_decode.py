@@ -437,6 +437,9 @@ class FusedDecoder:
     wide_attention_tiles = (64, 3, 8)  # the attention's tiles above NARROW rows, where attention_tiles is None
     narrow_rows = NARROW  # steps of up to this many rows run every GEMM in _linear_kernel, wider ones on cuBLAS
     gemm_tiles = (16, 32, 128, 4, 3)  # _linear_kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above one row
+    # the one-row GEMV's measured (BLOCK_N, BLOCK_K, warps) by weight shape (N, K); others by _gemv_blocks.
+    # Assigned whole, never mutated (a class default shared by every instance)
+    gemv_tuned: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     def __init__(self, model, cache, state: torch.Tensor, fstate: torch.Tensor):
         """state (6, slots) int64: token, pos, step, hashed seed, top_k, active; fstate (2, slots) fp32:
@@ -482,7 +485,6 @@ class FusedDecoder:
         self.lm_blocks = (32, 256)  # 1024 programs over a 32k vocabulary
         self.stats = torch.zeros(n, triton.cdiv(self.V, 32), 3, device=dev)
         self.n_blocks = 0  # column blocks of the last lm_head (its stats' row length)
-        self.gemv_tuned: dict[tuple[int, int], tuple[int, int, int]] = {}  # (N, K) -> (BLOCK_N, BLOCK_K, warps)
         self.row_lse = torch.zeros(n, device=dev)
 
     def _gemv_tiles(self, N: int, K: int, EPI: int) -> tuple[int, int, int]:
