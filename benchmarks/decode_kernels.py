@@ -166,6 +166,7 @@ def forward_sweep(fd: FusedDecoder, shapes: dict, config, base: dict) -> None:
     picks = {}
     best = graph_us(lambda: fd.forward(1))
     print(json.dumps(dict(kernel="forward", rows=1, gemv="default", us=round(best, 2), **base)), flush=True)
+    ablate(fd, shapes, best, base)
     for name, (_, w, _, kw) in shapes.items():
         N, K = (config.vocab_size if name == "lm_head" else w.shape[0]), w.shape[1]
         # the lm_head's blocks must be >= 32 wide: its sampler stats hold V / 32 blocks a row
@@ -182,6 +183,23 @@ def forward_sweep(fd: FusedDecoder, shapes: dict, config, base: dict) -> None:
     json_picks = {f"{n}x{k}": t for (n, k), t in picks.items()}
     print(json.dumps(dict(kernel="forward_sweep_best", rows=1, us=round(us, 2), picks=json_picks,
                           serve_args=f"--gemv-picks '{json.dumps(json_picks)}'" if picks else "", **base)), flush=True)
+
+
+def ablate(fd: FusedDecoder, shapes: dict, full: float, base: dict) -> None:
+    """What each kind of kernel costs inside the one-row forward (PDL, weights from HBM): the forward's time with
+    every launch of that kind left out (the outputs are then garbage; the time is what counts)."""
+    linear, attention = fd._linear, fd._attention
+    for name, (_, w, _, _) in [("attention", (None, None, None, None))] + list(shapes.items()):
+        if name == "attention":
+            fd._attention = lambda B, i: None
+        else:
+            fd._linear = lambda x, w_, out, B, shape=w.shape, **kw: (fd.n_blocks if w_.shape == shape
+                                                                      else linear(x, w_, out, B, **kw))
+        us = graph_us(lambda: fd.forward(1))
+        fd._linear, fd._attention = linear, attention
+        print(json.dumps(dict(kernel="forward_without", rows=1, left_out=name, us=round(us, 2),
+                              saves_us=round(full - us, 2), **base)), flush=True)
+    del fd._linear, fd._attention  # back to the class's methods
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ for stage in "$@"; do
     # engine with the picks against its defaults (DEPTH)
     d=${DEPTH:-20}
     timeout 240 python benchmarks/decode_kernels.py --depth $d --forward-sweep > "$OUT/fsweep-d$d.log" 2>&1
-    grep -E 'gemv": "default|forward_sweep_best|Error' "$OUT/fsweep-d$d.log" | cut -c1-300
+    grep -E 'gemv": "default|forward_without|forward_sweep_best|Error' "$OUT/fsweep-d$d.log" | cut -c1-300
     picks=$(grep forward_sweep_best "$OUT/fsweep-d$d.log" | python -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["picks"], separators=(",", ":")))')
     if [ -n "$picks" ] && [ "$picks" != "{}" ]; then
       for args in "--gemv-picks=$picks" ""; do

@@ -489,8 +489,9 @@ class FusedDecoder:
 
     def _gemv_tiles(self, N: int, K: int, EPI: int) -> tuple[int, int, int]:
         """(BLOCK_N, BLOCK_K, warps) of the one-row GEMV of an (N, K) weight: measured picks (`gemv_tuned`) first."""
-        if (N, K) in self.gemv_tuned:
-            return self.gemv_tuned[(N, K)]
+        tuned = self.gemv_tuned.get((N, K))
+        if tuned and (EPI != 3 or tuned[0] >= 32):  # the lm_head's sampler stats hold V / 32 blocks a row
+            return tuned
         block_n, block_k = self.lm_blocks if EPI == 3 else _gemv_blocks(N, K)
         return block_n, block_k, 8 if block_k >= 2048 else 4
 
