@@ -24,6 +24,7 @@ from nanoray.fused_decode import FusedDecoder  # noqa: E402
 from nanoray.model import KVCache, build_model  # noqa: E402
 
 REPS = 20
+WIDE_ROWS = 128  # the bar's concurrent streams
 GEMV_TILES = [(1, 2048), (1, 8192), (2, 2048), (2, 4096), (4, 1024), (4, 2048), (8, 512), (8, 1024), (16, 512),
               (32, 256)]
 LM_HEAD_TILES = [(32, 128, 4), (32, 512, 4), (32, 256, 8), (64, 128, 4), (64, 256, 8)]
@@ -81,7 +82,7 @@ def main() -> None:
     args = p.parse_args()
     config = plan(args.depth, "gpt2").model
     model = build_model(config, device="cuda").prepare_inference(torch.bfloat16)
-    rows = 128
+    rows = WIDE_ROWS
     cache = KVCache(config, rows, config.seq_len, "cuda", torch.bfloat16)
     cache.k.normal_(), cache.v.normal_()
     state = torch.zeros(6, rows, dtype=torch.long, device="cuda")
@@ -180,24 +181,29 @@ def forward_sweep(fd: FusedDecoder, shapes: dict, config, base: dict) -> None:
                 best, picks[(N, K)] = us, tiles
     fd.gemv_tuned = picks
     us = graph_us(lambda: fd.forward(1))
+    wide = graph_us(lambda: fd.forward(WIDE_ROWS))
+    print(json.dumps(dict(kernel="forward", rows=WIDE_ROWS, us=round(wide, 2), **base)), flush=True)
+    ablate(fd, shapes, wide, base, WIDE_ROWS)
     json_picks = {f"{n}x{k}": t for (n, k), t in picks.items()}
     print(json.dumps(dict(kernel="forward_sweep_best", rows=1, us=round(us, 2), picks=json_picks,
                           serve_args=f"--gemv-picks '{json.dumps(json_picks)}'" if picks else "", **base)), flush=True)
 
 
-def ablate(fd: FusedDecoder, shapes: dict, full: float, base: dict) -> None:
-    """What each kind of kernel costs inside the one-row forward (PDL, weights from HBM): the forward's time with
-    every launch of that kind left out (the outputs are then garbage; the time is what counts)."""
+def ablate(fd: FusedDecoder, shapes: dict, full: float, base: dict, rows: int = 1) -> None:
+    """What each kind of kernel costs inside the forward of `rows` rows (PDL, weights from HBM): the forward's
+    time with every launch of that kind left out (the outputs are then garbage; the time is what counts). Above
+    the narrow path's rows only the attention (the GEMMs are cuBLAS's)."""
     linear, attention = fd._linear, fd._attention
-    for name, (_, w, _, _) in [("attention", (None, None, None, None))] + list(shapes.items()):
+    kinds = [("attention", (None,) * 4)] + (list(shapes.items()) if rows <= fd.narrow_rows else [])
+    for name, (_, w, _, _) in kinds:
         if name == "attention":
             fd._attention = lambda B, i: None
         else:
             fd._linear = lambda x, w_, out, B, shape=w.shape, **kw: (fd.n_blocks if w_.shape == shape
                                                                       else linear(x, w_, out, B, **kw))
-        us = graph_us(lambda: fd.forward(1))
+        us = graph_us(lambda: fd.forward(rows))
         fd._linear, fd._attention = linear, attention
-        print(json.dumps(dict(kernel="forward_without", rows=1, left_out=name, us=round(us, 2),
+        print(json.dumps(dict(kernel="forward_without", rows=rows, left_out=name, us=round(us, 2),
                               saves_us=round(full - us, 2), **base)), flush=True)
     del fd._linear, fd._attention  # back to the class's methods
 
