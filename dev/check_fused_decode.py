@@ -25,6 +25,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+import triton
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (module docstring)"
 
@@ -103,6 +104,27 @@ def check_attention() -> None:
     print("attention against the model's math: y, new keys, new values within " + ", ".join(f"{e:.1e}" for e in worst))
 
 
+def check_softcap() -> None:
+    """The wide path's lm_head epilogue (NB blocks a program) against torch: logits, each 32-wide block's max,
+    sum-exp and argmax, at vocabularies that do and do not fill the last program or the last block."""
+    gen = torch.Generator().manual_seed(0)
+    for V, B in ((512, 3), (1000, 2), (32768, 2)):
+        n_blocks = triton.cdiv(V, 32)
+        logits_bf = (20 * torch.randn(B, V, generator=gen)).bfloat16()
+        out, stats = torch.zeros(B, V), torch.zeros(B, n_blocks, 3)
+        fused_decode._softcap_kernel[(triton.cdiv(n_blocks, 64), B)](logits_bf, V, out, stats, V, n_blocks, 15.0,
+                                                                     BLOCK_N=32, NB=64)
+        z = 15.0 * torch.tanh(logits_bf.float() / 15.0)
+        blocks = torch.full((B, n_blocks * 32), -float("inf"))
+        blocks[:, :V] = z
+        top, arg = blocks.view(B, n_blocks, 32).max(-1)
+        sum_exp = (blocks.view(B, n_blocks, 32) - top[..., None]).exp().sum(-1)
+        assert (out - z).abs().max() < 1e-5 and (stats[..., 0] - top).abs().max() < 1e-5, V
+        assert ((stats[..., 1] - sum_exp).abs() / sum_exp).max() < 1e-5, V
+        assert torch.equal(stats[..., 2].long(), arg + 32 * torch.arange(n_blocks)), V
+    print("softcap epilogue: logits and block stats match torch")
+
+
 def served_model(n_kv_head: int):
     """A 2-layer bf16 model, layer 0 a short window (pattern SL), value embeddings where the model puts them,
     weights perturbed off their init (zero-initialized projections would hide mistakes)."""
@@ -149,6 +171,7 @@ def check(label: str, model, B: int, **settings) -> None:
 
 if __name__ == "__main__":
     with torch.no_grad():
+        check_softcap()
         check_attention()
     for n_kv_head in (4, 2, 1):
         model = served_model(n_kv_head)
