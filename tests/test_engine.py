@@ -312,6 +312,16 @@ def test_serve_throughput_benchmark_smoke():
     assert result["kernels_per_step"] > 0  # the profiled step ran (its call follows the engine's signature)
 
 
+@pytest.mark.parametrize("option, value", [("--gemv-picks", '{"1280x1280": [4, 2048]}'), ("--gemv-picks", "4,2048"),
+                                           ("--attention-tiles", "64,3")])
+def test_serve_throughput_names_a_malformed_option(option, value):
+    """Kernel options that decode_kernels.py prints for serve_throughput.py: a malformed one stops before any
+    model is built, naming the option and its form."""
+    out = subprocess.run([sys.executable, "benchmarks/serve_throughput.py", "--depth", "2", "--preset", "tiny",
+                          option, value], capture_output=True, text=True)
+    assert out.returncode == 2 and f"{option}: " in out.stderr and value in out.stderr
+
+
 needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
                                reason="torch.compile on CPU needs a C++ compiler")
 
