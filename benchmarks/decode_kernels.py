@@ -186,26 +186,24 @@ def forward_sweep(fd: FusedDecoder, shapes: dict, config, base: dict) -> None:
     ablate(fd, shapes, wide, base, WIDE_ROWS)
     json_picks = {f"{n}x{k}": t for (n, k), t in picks.items()}
     print(json.dumps(dict(kernel="forward_sweep_best", rows=1, us=round(us, 2), picks=json_picks,
-                          serve_args=f"--gemv-picks '{json.dumps(json_picks)}'" if picks else "", **base)), flush=True)
+                          serve_args=f"--gemv-picks '{json.dumps(json_picks, separators=(',', ':'))}'" if picks else "", **base)), flush=True)
 
 
 def ablate(fd: FusedDecoder, shapes: dict, full: float, base: dict, rows: int = 1) -> None:
     """What each kind of kernel costs inside the forward of `rows` rows (PDL, weights from HBM): the forward's
     time with every launch of that kind left out (the outputs are then garbage; the time is what counts). Above
     the narrow path's rows only the attention (the GEMMs are cuBLAS's)."""
-    linear, attention = fd._linear, fd._attention
     kinds = [("attention", (None,) * 4)] + (list(shapes.items()) if rows <= fd.narrow_rows else [])
     for name, (_, w, _, _) in kinds:
         if name == "attention":
             fd._attention = lambda B, i: None
         else:
-            fd._linear = lambda x, w_, out, B, shape=w.shape, **kw: (fd.n_blocks if w_.shape == shape
-                                                                      else linear(x, w_, out, B, **kw))
+            fd._linear = lambda x, w_, out, B, shape=w.shape, **kw: (
+                fd.n_blocks if w_.shape == shape else FusedDecoder._linear(fd, x, w_, out, B, **kw))
         us = graph_us(lambda: fd.forward(rows))
-        fd._linear, fd._attention = linear, attention
+        vars(fd).pop("_linear", None), vars(fd).pop("_attention", None)  # back to the class's methods
         print(json.dumps(dict(kernel="forward_without", rows=rows, left_out=name, us=round(us, 2),
                               saves_us=round(full - us, 2), **base)), flush=True)
-    del fd._linear, fd._attention  # back to the class's methods
 
 
 if __name__ == "__main__":

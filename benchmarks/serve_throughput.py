@@ -204,8 +204,9 @@ def main() -> None:
         try:
             picks = {tuple(int(n) for n in shape.split("x")): tuple(int(t) for t in tiles)
                      for shape, tiles in json.loads(args.gemv_picks).items()}
-            assert all(len(shape) == 2 and len(tiles) == 3 for shape, tiles in picks.items())
-        except (ValueError, AssertionError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError):
+            picks = None
+        if not picks or any(len(shape) != 2 or len(tiles) != 3 for shape, tiles in picks.items()):
             p.error(f'--gemv-picks: JSON {{"NxK": [BLOCK_N, BLOCK_K, warps], ...}}; got {args.gemv_picks!r}')
         FusedDecoder.gemv_tuned = picks
     FusedDecoder.narrow_rows, FusedDecoder.attention_splits = args.narrow_rows, args.attention_splits
@@ -213,8 +214,9 @@ def main() -> None:
     if args.attention_tiles:
         try:
             tiles = tuple(int(t) for t in args.attention_tiles.split(","))
-            assert len(tiles) == 3
-        except (ValueError, AssertionError):
+        except ValueError:
+            tiles = ()
+        if len(tiles) != 3:
             p.error(f"--attention-tiles: three integers BLOCK_J,stages,warps, e.g. 64,4,8; "
                     f"got {args.attention_tiles!r}")
         FusedDecoder.wide_attention_tiles = tiles
