@@ -16,6 +16,7 @@ from nanoray.hardware import cluster_gpu_memory_gib
 from nanoray.family import FamilyCore, family_results, prepare_family, write_family_report
 from nanoray.storage import RunStore, StorageError, check_writable
 from nanoray.sweep import CHECKPOINT_MINUTES, ResumeMismatch, SweepConfig, Trial, check_resume, run_sweep, trials
+from nanoray.train import ray_train_settings
 from nanoray.trackers import TRACKERS, TrackerError, Tracking, parse_trackers
 from serve.app import ServeArgs, serve_family
 
@@ -100,11 +101,7 @@ def init_ray() -> None:
     """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local one. The workers' output stays in
     their nodes' logs (the driver prints each trial's progress itself, nanoray.sweep.ProgressLines): a
     successful run shows its plan, its progress and its summary, and Ray's own chatter stays out."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
-    # A trial waits for its GPUs (an autoscaler adding a node, a CORE evaluation holding a share) rather
-    # than failing after Train's default 60 s. Reaches a local cluster started below; a cluster's nodes
-    # set it themselves (cluster.yaml).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
+    ray_train_settings()  # reaches a local cluster started below
     if ray.is_initialized():
         return
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):  # INFO lines of the driver's own Ray libraries

@@ -295,6 +295,20 @@ def progress_line(m: dict) -> str:
 # On Ray Train
 
 
+def ray_train_settings() -> None:
+    """Ray Train's settings for a local cluster this process starts: its workers inherit the environment (a
+    cluster's nodes set their own: cluster.yaml). Call before Ray starts; a variable already set wins.
+    - Worker prints shown once, not twice.
+    - A trial waits for its GPUs (an autoscaler adding a node, a CORE evaluation holding a share) rather than
+      failing after Train's default 60 s.
+    - The controller takes each report within 0.5 s, not Train's 2 s: a worker's report waits until the
+      controller has taken the one before (Train's result queue holds one), so reports closer together than the
+      controller's poll stall training. A tiny CPU run reporting every 0.4 s of steps stepped at 2 s."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def train_loop_per_worker(config: TrainConfig, corpus: Corpus | None) -> None:
     """Ray Train entry point (bound with functools.partial by fit())."""
     from ray.train.v2._internal.execution import context  # Ray only in Train workers (see RaySession)
@@ -399,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     except PlanError as e:
         p.error(str(e).replace("window_pattern:", "--window-pattern:"))
     print(run.table(), flush=True)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints shown once, not twice
+    ray_train_settings()
     data = (DataSpec(kind=args.data) if args.data in SYNTHETIC_KINDS else
             DataSpec(kind="corpus", source=args.data, data_dir=args.data_dir, actors=args.tokenizer_actors,
                      cpus_per_actor=machine.cpus_per_actor))
