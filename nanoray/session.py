@@ -7,6 +7,7 @@ Ray's overhead on the loop is the difference between the two (DESIGN.md).
 """
 
 import contextlib
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -26,12 +27,16 @@ class Session:
     device: torch.device
 
     def placement(self) -> dict:
-        """Where this worker runs, for its reports: the machine's hostname (and Ray's node id). Not `hostname`:
-        Tune fills that key of every result with the trial driver's host."""
-        return dict(worker_host=socket.gethostname())
+        """Where this worker runs, for its reports: the machine's hostname (and Ray's node id), and torch's CPU
+        threads. Not `hostname`: Tune fills that key of every result with the trial driver's host."""
+        return dict(worker_host=socket.gethostname(), torch_threads=torch.get_num_threads())
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    def cpu_threads(self) -> int | None:
+        """Torch's threads for this worker when it trains on CPUs; None: torch's own default (every core)."""
+        return None
 
     def rows(self, split: str, batch_size: int, position=None):
         """This worker's rows of a corpus split, as numpy batches {tokens, slot, unit, row, ...}; the last
@@ -61,6 +66,14 @@ class RaySession(Session):
         import ray
 
         return dict(super().placement(), worker_node_id=ray.get_runtime_context().get_node_id())
+
+    def cpu_threads(self):
+        """The node's cores shared by this run's workers on it. Not Ray's default, which sets OMP_NUM_THREADS to a
+        worker's logical CPUs (1 for a trial on a laptop's cluster: one core of a 2-core machine trained a tiny
+        d3 at 1.6 s a step, both at 1.1 s). CPU trials run one at a time (nanoray.sweep.default_concurrency)."""
+        import ray.train
+
+        return max(1, len(os.sched_getaffinity(0)) // ray.train.get_context().get_local_world_size())
 
     def rows(self, split, batch_size, position=None):
         import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)

@@ -1,5 +1,6 @@
 """The Ray Data token stream: rows, positions, and exact resume through a real Ray Train run."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,7 @@ def test_training_on_the_stream_resumes_at_the_next_row(ray_cluster, corpus, tmp
     fit(corpus_run(data_dir, 1, max_steps=2), "resumed", storage, cpus_per_worker=1)
     resumed = fit(corpus_run(data_dir, 1), "resumed", storage, cpus_per_worker=1)
     assert straight.metrics["step"] == resumed.metrics["step"] == 4
+    assert straight.metrics["torch_threads"] == len(os.sched_getaffinity(0))  # the node's cores, not Ray's 1
     assert position_of(resumed) == position_of(straight)
     a, b = weights_of(straight), weights_of(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,7 @@ def test_ddp_on_ray_reports_checkpoints_and_resumes(ray_cluster, tmp_path):
                  callbacks=[metrics_log(log1)])
     assert [json.loads(line)["step"] for line in open(log1)] == [2, 4]
     assert result.metrics["step"] == 4 and result.metrics["tokens"] == 4 * 4096
+    assert result.metrics["torch_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # two workers share the cores
     with result.checkpoint.as_directory() as d:
         assert read_meta(Path(d))["step"] == 4 and read_meta(Path(d))["data"]["position"] == 8
 
