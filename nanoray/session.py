@@ -73,7 +73,8 @@ class RaySession(Session):
         d3 at 1.6 s a step, both at 1.1 s). CPU trials run one at a time (nanoray.sweep.default_concurrency)."""
         import ray.train
 
-        return max(1, len(os.sched_getaffinity(0)) // ray.train.get_context().get_local_world_size())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+        return max(1, cores // ray.train.get_context().get_local_world_size())
 
     def rows(self, split, batch_size, position=None):
         import ray.train  # the dataset was built from the checkpoint's position already (Corpus.datasets)
