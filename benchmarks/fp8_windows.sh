@@ -6,7 +6,7 @@
 #   export OUT TESTS="fused_decode or pdl or e5m2 or fp8_training"; timeout 570 bash -c 'bash benchmarks/fp8_windows.sh
 #     setup tests; DEPTHS=12 bash benchmarks/fp8_windows.sh serve; bash benchmarks/fp8_windows.sh speed-l' > $OUT/run.log 2>&1
 #   (session 14's first call: ~9 min on a cold H200); then, warm: DEPTHS=12 PROFILE_ARGS=--fp8 ... profile, speed-d20
-#   Next session (18), first call (sessions 16 and 17 got no machine; the fused MLP trained to NaN on an H100 in 15):
+#   Next session, first call (sessions 16-18 got no machine; the fused MLP trained to NaN on an H100 in 15):
 #     OUT=$OUT timeout 590 bash benchmarks/fp8_windows.sh setup fused-check > $OUT/run.log 2>&1; tail -c 7000 $OUT/run.log
 #   second call, at once (a machine goes back after 30 s idle): `setup attention forward-sweep` (issue 15: the
 #   128-row attention's splits/tiles and the engine with the pick; d20's GEMV tiles by the whole forward's time,
