@@ -185,8 +185,9 @@ def forward_sweep(fd: FusedDecoder, shapes: dict, config, base: dict) -> None:
     print(json.dumps(dict(kernel="forward", rows=WIDE_ROWS, us=round(wide, 2), **base)), flush=True)
     ablate(fd, shapes, wide, base, WIDE_ROWS)
     json_picks = {f"{n}x{k}": t for (n, k), t in picks.items()}
+    serve_args = f"--gemv-picks '{json.dumps(json_picks, separators=(',', ':'))}'" if picks else ""
     print(json.dumps(dict(kernel="forward_sweep_best", rows=1, us=round(us, 2), picks=json_picks,
-                          serve_args=f"--gemv-picks '{json.dumps(json_picks, separators=(',', ':'))}'" if picks else "", **base)), flush=True)
+                          serve_args=serve_args, **base)), flush=True)
 
 
 def ablate(fd: FusedDecoder, shapes: dict, full: float, base: dict, rows: int = 1) -> None:

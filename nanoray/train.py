@@ -41,10 +41,6 @@ from nanoray.stream import Corpus, CorpusData, check_fingerprint, latest_positio
 from nanoray.trackers import Trackers, TrackerError, Tracking, parse_trackers
 
 GC_EVERY = 5000  # steps between the loop's garbage collections (nanochat's)
-# A CPU worker's OpenMP threads sleep when idle instead of spinning (read when torch loads, so set on the worker's
-# process). Spinning threads starve the rest of the node (the data stream, Ray's reports) on few cores: a tiny d1
-# on 2 cores stepped at 1.0-1.3 s spinning, 0.55 s passive; d3 at 1.07 s either way.
-CPU_WORKER_ENV = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
 
 
 class TrainConfig(BaseModel):
@@ -315,6 +311,14 @@ def ray_train_settings() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+def cpu_worker_env() -> dict:
+    """A CPU worker's runtime env: its OpenMP threads sleep when idle instead of spinning (OpenMP reads this when
+    torch loads, so it must be in the worker process's environment; the caller's own setting wins). Spinning threads
+    starve the rest of the node (the data stream, Ray's reports) on few cores: a tiny d1 on 2 cores stepped at
+    1.0-1.3 s spinning, 0.55 s passive; d3 at 1.07 s either way."""
+    return {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+
+
 def train_loop_per_worker(config: TrainConfig, corpus: Corpus | None) -> None:
     """Ray Train entry point (bound with functools.partial by fit())."""
     from ray.train.v2._internal.execution import context  # Ray only in Train workers (see RaySession)
@@ -360,7 +364,7 @@ def fit(config: TrainConfig, name: str, store: RunStore | str, use_gpu: bool = F
         run_config=ray.train.RunConfig(name=name, storage_path=store.train_root, callbacks=callbacks,
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                       worker_runtime_env=None if use_gpu else CPU_WORKER_ENV),
+                                       worker_runtime_env=None if use_gpu else cpu_worker_env()),
     )
     return trainer.fit()
 
